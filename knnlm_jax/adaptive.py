@@ -1,0 +1,200 @@
+"""Adaptive input (Baevski & Auli 2019) and adaptive softmax (Grave et al. 2017), Flax NNX.
+
+The vocabulary is cut into bands ``[0, c1), [c1, c2), ..., [ck, V)``; band ``i`` has
+embedding size ``d / factor**i``. With ``tie_adaptive_weights`` the softmax reuses the
+input embeddings as output word vectors, and with ``tie_adaptive_proj`` it reuses the
+input projections (transposed), as in fairseq's ``transformer_lm_wiki103``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def band_edges(vocab_size: int, cutoffs: Sequence[int]) -> tuple[int, ...]:
+    """``(0, c1, ..., ck, V)``, keeping only cutoffs strictly inside ``(0, V)``."""
+    inner = sorted({int(c) for c in cutoffs if 0 < int(c) < vocab_size})
+    return (0, *inner, vocab_size)
+
+
+def band_dims(d_model: int, n_bands: int, factor: int) -> tuple[int, ...]:
+    return tuple(max(1, int(d_model // factor**i)) for i in range(n_bands))
+
+
+class AdaptiveInput(nnx.Module):
+    """Token ids -> ``d_model`` vectors, with smaller embeddings for rarer bands."""
+
+    def __init__(self, vocab_size: int, d_model: int, cutoffs, factor: int, *, rngs: nnx.Rngs):
+        self.edges = band_edges(vocab_size, cutoffs)
+        self.dims = band_dims(d_model, len(self.edges) - 1, factor)
+        self.embeddings = nnx.List()
+        self.projections = nnx.List()
+        for i, dim in enumerate(self.dims):
+            size = self.edges[i + 1] - self.edges[i]
+            init = nnx.initializers.normal(stddev=dim**-0.5)
+            self.embeddings.append(nnx.Embed(size, dim, embedding_init=init, rngs=rngs))
+            self.projections.append(
+                nnx.Linear(dim, d_model, use_bias=False, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+            )
+
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        out_BxTxD = None
+        for i, (embed, proj) in enumerate(zip(self.embeddings, self.projections)):
+            lo, hi = self.edges[i], self.edges[i + 1]
+            in_band_BxT = (tokens_BxT >= lo) & (tokens_BxT < hi)
+            local_BxT = jnp.clip(tokens_BxT - lo, 0, hi - lo - 1)
+            vec_BxTxE = embed(local_BxT) * in_band_BxT[..., None].astype(embed.embedding.dtype)
+            band_BxTxD = proj(vec_BxTxE)
+            out_BxTxD = band_BxTxD if out_BxTxD is None else out_BxTxD + band_BxTxD
+        return out_BxTxD
+
+    def band_weights(self, i: int) -> tuple[jax.Array, jax.Array]:
+        """(embedding ``size x dim_i``, projection kernel ``dim_i x d_model``) of band ``i``."""
+        return self.embeddings[i].embedding[...], self.projections[i].kernel[...]
+
+
+class AdaptiveSoftmax(nnx.Module):
+    """Hidden states -> log-probabilities over the vocabulary, factored into bands.
+
+    The head scores the first band's words plus one "cluster" entry per tail band;
+    ``log p(w in tail i) = log p_head(cluster i) + log p_tail_i(w)``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        cutoffs,
+        factor: int,
+        *,
+        dropout: float,
+        adaptive_input: AdaptiveInput | None,
+        tie_proj: bool,
+        rngs: nnx.Rngs,
+    ):
+        self.edges = band_edges(vocab_size, cutoffs)
+        self.dims = band_dims(d_model, len(self.edges) - 1, factor)
+        self.tied = adaptive_input is not None
+        self.tie_proj = bool(tie_proj and self.tied)
+        n_tails = len(self.edges) - 2
+        head_size = self.edges[1]
+        xavier = nnx.initializers.xavier_uniform()
+        if self.tied:
+            if adaptive_input.edges != self.edges or adaptive_input.dims != self.dims:
+                raise ValueError("tied adaptive softmax needs the adaptive input's cutoffs and factor")
+            self.head_words = None
+            self.head_classes = nnx.Linear(d_model, n_tails, use_bias=False, rngs=rngs) if n_tails else None
+            # the head's word vectors are the band-0 embeddings; project first when their dim differs
+            self.head_proj = (
+                nnx.Linear(d_model, self.dims[0], use_bias=False, rngs=rngs) if self.dims[0] != d_model else None
+            )
+        else:
+            self.head_words = nnx.Linear(d_model, head_size + n_tails, use_bias=False, kernel_init=xavier, rngs=rngs)
+            self.head_classes = None
+            self.head_proj = None
+        self.tail_proj = nnx.List()
+        self.tail_out = nnx.List()
+        for i in range(n_tails):
+            dim, size = self.dims[i + 1], self.edges[i + 2] - self.edges[i + 1]
+            self.tail_proj.append(
+                None if self.tie_proj else nnx.Linear(d_model, dim, use_bias=False, kernel_init=xavier, rngs=rngs)
+            )
+            self.tail_out.append(
+                None if self.tied else nnx.Linear(dim, size, use_bias=False, kernel_init=xavier, rngs=rngs)
+            )
+        self.dropout = nnx.Dropout(dropout)
+
+    def _head_logits(self, h_BxTxD, adaptive_input):
+        if not self.tied:
+            return self.head_words(h_BxTxD)
+        emb_WxE, _ = adaptive_input.band_weights(0)
+        x = self.head_proj(h_BxTxD) if self.head_proj is not None else h_BxTxD
+        words = x @ emb_WxE.T
+        if self.head_classes is None:
+            return words
+        return jnp.concatenate([words, self.head_classes(h_BxTxD)], axis=-1)
+
+    def _tail_logits(self, i, h_BxTxD, adaptive_input, deterministic, rngs):
+        if self.tied:
+            emb_SxE, proj_ExD = adaptive_input.band_weights(i + 1)
+        x = h_BxTxD @ proj_ExD.T if self.tie_proj else self.tail_proj[i](h_BxTxD)
+        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        return x @ emb_SxE.T if self.tied else self.tail_out[i](x)
+
+    def target_log_probs(
+        self, h_BxTxD, targets_BxT, adaptive_input=None, *, capacities=None, deterministic=True, rngs=None
+    ):
+        """``log p(target)`` at every position, without materialising the full distribution.
+
+        ``capacities`` (one static int per tail band, see :func:`band_capacities`) computes
+        each tail only for the positions whose target is in it, as fairseq does; each must be
+        at least that count. ``None`` computes every tail densely at every position.
+        """
+        head_lp = jax.nn.log_softmax(self._head_logits(h_BxTxD, adaptive_input).astype(jnp.float32), axis=-1)
+        head_size = self.edges[1]
+        idx = jnp.clip(targets_BxT, 0, head_size - 1)
+        logp_BxT = jnp.take_along_axis(head_lp, idx[..., None], axis=-1)[..., 0]
+        n_tails = len(self.edges) - 2
+        if capacities is not None and len(capacities) != n_tails:
+            raise ValueError(f"{len(capacities)} capacities for {n_tails} tail bands")
+        shape = targets_BxT.shape
+        for i in range(n_tails):
+            lo, hi = self.edges[i + 1], self.edges[i + 2]
+            in_band_BxT = (targets_BxT >= lo) & (targets_BxT < hi)
+            if capacities is None:
+                tail = self._tail_logits(i, h_BxTxD, adaptive_input, deterministic, rngs).astype(jnp.float32)
+                local = jnp.clip(targets_BxT - lo, 0, hi - lo - 1)
+                tail_lp = jnp.take_along_axis(jax.nn.log_softmax(tail, axis=-1), local[..., None], axis=-1)[..., 0]
+                logp_BxT = jnp.where(in_band_BxT, head_lp[..., head_size + i] + tail_lp, logp_BxT)
+                continue
+            n = in_band_BxT.size
+            cap = int(capacities[i])
+            if cap <= 0:
+                continue
+            (rows_C,) = jnp.nonzero(in_band_BxT.reshape(n), size=cap, fill_value=n)
+            safe_C = jnp.minimum(rows_C, n - 1)
+            h_CxD = h_BxTxD.reshape(n, -1)[safe_C]
+            tail = self._tail_logits(i, h_CxD, adaptive_input, deterministic, rngs).astype(jnp.float32)
+            local_C = jnp.clip(targets_BxT.reshape(n)[safe_C] - lo, 0, hi - lo - 1)
+            tail_lp_C = jnp.take_along_axis(jax.nn.log_softmax(tail, axis=-1), local_C[:, None], axis=-1)[:, 0]
+            band_lp_C = head_lp.reshape(n, -1)[safe_C, head_size + i] + tail_lp_C
+            logp_BxT = logp_BxT.reshape(n).at[rows_C].set(band_lp_C, mode="drop").reshape(shape)
+        return logp_BxT
+
+    def full_log_probs(self, h_BxTxD, adaptive_input=None, *, deterministic=True, rngs=None):
+        """``log p(w)`` for every word: ``B x T x V`` (use only where the full distribution is needed)."""
+        head_lp = jax.nn.log_softmax(self._head_logits(h_BxTxD, adaptive_input).astype(jnp.float32), axis=-1)
+        head_size = self.edges[1]
+        parts = [head_lp[..., :head_size]]
+        for i in range(len(self.edges) - 2):
+            tail = self._tail_logits(i, h_BxTxD, adaptive_input, deterministic, rngs).astype(jnp.float32)
+            parts.append(head_lp[..., head_size + i : head_size + i + 1] + jax.nn.log_softmax(tail, axis=-1))
+        return jnp.concatenate(parts, axis=-1)
+
+
+def band_capacities(targets, edges, mask=None, granularity: int | None = None) -> tuple[int, ...]:
+    """Static per-tail capacities for a batch of targets (host NumPy): each band's count rounded up.
+
+    Rounding to multiples of ``granularity`` (default ``n // 16``) keeps the number of
+    distinct shapes, hence recompilations, small. ``targets`` may have a leading
+    micro-batch axis ``F x ...``: the maximum over micro-batches is taken.
+    """
+    import numpy as np
+
+    targets = np.asarray(targets)
+    per_micro = targets.reshape(-1, *targets.shape[-2:]) if targets.ndim > 2 else targets[None]
+    valid = None if mask is None else np.asarray(mask, bool).reshape(per_micro.shape)
+    n = per_micro[0].size
+    g = granularity or max(8, n // 16)
+    caps = []
+    for i in range(len(edges) - 2):
+        in_band = (per_micro >= edges[i + 1]) & (per_micro < edges[i + 2])
+        if valid is not None:
+            in_band &= valid
+        count = int(in_band.reshape(len(per_micro), -1).sum(axis=1).max())
+        caps.append(min(n, -(-count // g) * g))
+    return tuple(caps)

@@ -1,0 +1,57 @@
+"""The paper's base LM (Baevski & Auli 2019, as used by Khandelwal et al. 2020) on WikiText-103.
+
+16 layers, d 1024, 16 heads, FFN 4096, pre-norm, sinusoidal positions, adaptive input
+and softmax (cutoffs 20000/60000, factor 4, tied weights and projections), dropout
+0.3 / attention 0.1 / activation 0.1, 3072 tokens per sample, NAG lr 1.0 with a
+cosine schedule and 16000 warm-up steps, clipping 0.1, 286k updates.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.name = "wt103"
+    # data
+    c.data_dir = ""  # "" = the embedded demo corpus; else a WikiText-format directory
+    c.seed = 1
+    # model
+    c.vocab_size = 0  # 0 = size of the vocabulary built from the training split
+    c.num_layers = 16
+    c.d_model = 1024
+    c.num_heads = 16
+    c.d_ff = 4096
+    c.cutoffs = (20000, 60000)
+    c.adaptive_factor = 4
+    c.tie_adaptive_weights = True
+    c.tie_adaptive_proj = True
+    c.dropout = 0.3
+    c.attention_dropout = 0.1
+    c.activation_dropout = 0.1
+    c.adaptive_softmax_dropout = 0.2
+    c.final_norm = False  # fairseq's transformer_lm_wiki103 has no final LayerNorm
+    c.scale_embedding = True
+    c.key_type = "ffn_input_after_ln"
+    # training (fairseq: 8 GPUs x 1 sample x 3072 tokens x update_freq 3 = 73,728 tokens/update)
+    c.tokens_per_sample = 3072
+    c.batch_size = 8  # sequences per micro-batch, summed over all devices
+    c.update_freq = 3  # gradient accumulation: micro-batches per update
+    c.optimizer = "nag"
+    c.lr = 1.0
+    c.momentum = 0.99
+    c.beta1 = 0.9
+    c.beta2 = 0.98
+    c.weight_decay = 0.0
+    c.warmup_steps = 16000
+    c.warmup_init_lr = 1e-7
+    c.min_lr = 1e-4
+    c.max_steps = 286000
+    c.clip_norm = 0.1
+    # evaluation, logging, checkpoints
+    c.eval_every = 2000
+    c.eval_batch_size = 8
+    c.max_eval_tokens = 0  # 0 = the whole valid split
+    c.log_every = 100
+    c.checkpoint_every = 2000
+    c.keep_checkpoints = 2
+    return c

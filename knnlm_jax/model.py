@@ -1,0 +1,189 @@
+"""Decoder-only pre-norm Transformer LM with adaptive input and adaptive softmax (Flax NNX).
+
+``TransformerLM.__call__`` returns the hidden states; the softmax methods turn them into
+target or full log-probabilities. When asked for a ``key_type`` the model sows that
+state of the last block (``nnx.Intermediate``) so that ``nnx.capture`` can return it as
+the kNN key of every position; nothing is sown otherwise, so training pays nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from knnlm_jax.adaptive import AdaptiveInput, AdaptiveSoftmax
+
+KEY_TYPES = (
+    "ffn_input_after_ln",  # the paper's best (Table 5): last block's FFN input after its LayerNorm
+    "ffn_input_before_ln",  # the same state before the LayerNorm (the residual stream after attention)
+    "attn_output",  # last block's self-attention sublayer output, before the residual add
+    "block_output",  # last block's output (the model output, before any final LayerNorm)
+    "final_output",  # what the softmax sees: block output after the final LayerNorm when there is one
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    d_ff: int
+    cutoffs: tuple[int, ...] = ()
+    adaptive_factor: int = 4
+    tie_adaptive_weights: bool = True
+    tie_adaptive_proj: bool = True
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    adaptive_softmax_dropout: float = 0.0
+    final_norm: bool = False
+    scale_embedding: bool = True
+
+    @classmethod
+    def from_config(cls, config, vocab_size: int | None = None) -> "ModelConfig":
+        """Take the model fields of a run config; ``vocab_size`` overrides ``config.vocab_size``."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: config[k] for k in fields if k in config}
+        values["cutoffs"] = tuple(int(c) for c in values.get("cutoffs", ()))
+        if vocab_size is not None:
+            values["vocab_size"] = int(vocab_size)
+        return cls(**values)
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        if self.vocab_size < 5:
+            raise ValueError(f"vocab_size {self.vocab_size} is too small")
+
+
+def sinusoidal_positions(length: int, dim: int, offset: int = 0) -> np.ndarray:
+    """fairseq-style sinusoidal embeddings: ``[sin | cos]`` halves, ``length x dim``."""
+    half = dim // 2
+    freq = np.exp(np.arange(half, dtype=np.float64) * -(math.log(10000.0) / max(half - 1, 1)))
+    angles = (np.arange(length, dtype=np.float64) + offset)[:, None] * freq[None, :]
+    table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2:
+        table = np.concatenate([table, np.zeros((length, 1))], axis=1)
+    return table.astype(np.float32)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        self.out = nnx.Linear(cfg.d_model, cfg.d_model, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        self.attn_dropout = nnx.Dropout(cfg.attention_dropout)
+
+    def __call__(self, x_BxTxD, *, deterministic, rngs):
+        b, t, d = x_BxTxD.shape
+        h, hd = self.num_heads, d // self.num_heads
+        q, k, v = jnp.split(self.qkv(x_BxTxD).reshape(b, t, 3 * h, hd), 3, axis=2)
+        scores_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * hd**-0.5
+        causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
+        scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(v.dtype)
+        probs = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
+        ctx_BxTxHxK = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return self.out(ctx_BxTxHxK.reshape(b, t, d))
+
+
+class Block(nnx.Module):
+    """Pre-norm block: ``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.ln1 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        xavier = nnx.initializers.xavier_uniform()
+        self.fc1 = nnx.Linear(cfg.d_model, cfg.d_ff, kernel_init=xavier, rngs=rngs)
+        self.fc2 = nnx.Linear(cfg.d_ff, cfg.d_model, kernel_init=xavier, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+        self.act_dropout = nnx.Dropout(cfg.activation_dropout)
+
+    def __call__(self, x_BxTxD, *, deterministic, rngs, states=None):
+        """``states``: an optional dict that receives this block's candidate key states."""
+        attn_BxTxD = self.attn(self.ln1(x_BxTxD), deterministic=deterministic, rngs=rngs)
+        x_BxTxD = x_BxTxD + self.dropout(attn_BxTxD, deterministic=deterministic, rngs=rngs)
+        ffn_in_BxTxD = self.ln2(x_BxTxD)
+        if states is not None:
+            states.update(attn_output=attn_BxTxD, ffn_input_before_ln=x_BxTxD, ffn_input_after_ln=ffn_in_BxTxD)
+        hidden = self.act_dropout(jax.nn.relu(self.fc1(ffn_in_BxTxD)), deterministic=deterministic, rngs=rngs)
+        return x_BxTxD + self.dropout(self.fc2(hidden), deterministic=deterministic, rngs=rngs)
+
+
+class TransformerLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = AdaptiveInput(cfg.vocab_size, cfg.d_model, cfg.cutoffs, cfg.adaptive_factor, rngs=rngs)
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        self.dropout = nnx.Dropout(cfg.dropout)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_ln = nnx.LayerNorm(cfg.d_model, rngs=rngs) if cfg.final_norm else None
+        self.softmax = AdaptiveSoftmax(
+            cfg.vocab_size,
+            cfg.d_model,
+            cfg.cutoffs,
+            cfg.adaptive_factor,
+            dropout=cfg.adaptive_softmax_dropout,
+            adaptive_input=self.embed if cfg.tie_adaptive_weights else None,
+            tie_proj=cfg.tie_adaptive_proj,
+            rngs=rngs,
+        )
+
+    def __call__(self, tokens_BxT, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, key_type=None):
+        """Hidden states ``B x T x D`` (the softmax input); sows ``key_type`` when given."""
+        return self.decode(self.embed_tokens(tokens_BxT), deterministic=deterministic, rngs=rngs, key_type=key_type)
+
+    def embed_tokens(self, tokens_BxT):
+        """Scaled adaptive-input embeddings plus sinusoidal positions: ``B x T x D``."""
+        t = tokens_BxT.shape[1]
+        return self.embed_scale * self.embed(tokens_BxT) + sinusoidal_positions(t, self.cfg.d_model)
+
+    def decode(self, x_BxTxD, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, key_type=None):
+        """The Transformer stack on embedded inputs; sows ``key_type`` when given."""
+        if key_type is not None and key_type not in KEY_TYPES:
+            raise ValueError(f"unknown key type {key_type!r}; choose one of {KEY_TYPES}")
+        x = self.dropout(x_BxTxD, deterministic=deterministic, rngs=rngs)
+        states: dict | None = {} if key_type is not None else None
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            x = block(x, deterministic=deterministic, rngs=rngs, states=states if last else None)
+        if states is not None:
+            states["block_output"] = x
+        if self.final_ln is not None:
+            x = self.final_ln(x)
+        if states is not None:
+            states["final_output"] = x
+            self.sow(nnx.Intermediate, key_type, states[key_type])
+        return x
+
+    def target_log_probs(self, h_BxTxD, targets_BxT, *, capacities=None, deterministic=True, rngs=None):
+        return self.softmax.target_log_probs(
+            h_BxTxD, targets_BxT, self.embed, capacities=capacities, deterministic=deterministic, rngs=rngs
+        )
+
+    def full_log_probs(self, h_BxTxD, *, deterministic=True, rngs=None):
+        return self.softmax.full_log_probs(h_BxTxD, self.embed, deterministic=deterministic, rngs=rngs)
+
+
+def forward_with_keys(model: TransformerLM, tokens_BxT, targets_BxT, key_type: str, capacities=None):
+    """Deterministic forward: ``(target log-probs B x T, keys B x T x D)``, keys via ``sow``/``capture``."""
+
+    def run(m, tokens):
+        return m(tokens, key_type=key_type)
+
+    hidden, inter = nnx.capture(run, nnx.Intermediate)(model, tokens_BxT)
+    keys_BxTxD = inter[key_type].get_value()[0]
+    return model.target_log_probs(hidden, targets_BxT, capacities=capacities), keys_BxTxD
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Exact number of parameters, computed abstractly (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nnx.state(abstract, nnx.Param))))

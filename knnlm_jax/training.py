@@ -1,0 +1,327 @@
+"""Training: pure train/eval steps, the loop, periodic evaluation and checkpoints.
+
+A step is a pure function ``(state, batch) -> (state, metrics)`` jitted with the state
+donated. ``state`` is a dict pytree: ``params`` (``nnx.State``), ``opt_state``, ``step``
+and ``rng``. The batch is sharded over a ``data`` mesh axis; parameters are replicated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from knnlm_jax import corpus
+from knnlm_jax.adaptive import band_capacities, band_edges
+from knnlm_jax.checkpoint import Checkpointer, abstract_like
+from knnlm_jax.data import BatchOrder, lm_blocks
+from knnlm_jax.model import ModelConfig, TransformerLM
+from knnlm_jax.optim import lr_schedule, make_optimizer
+from knnlm_jax.vocab import Vocab
+
+
+# ---------------------------------------------------------------------------------
+# model and steps
+
+
+def init_model(cfg: ModelConfig, seed: int):
+    """``(graphdef, params)`` of a freshly initialised model."""
+    model = TransformerLM(cfg, rngs=nnx.Rngs(params=seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def abstract_model(cfg: ModelConfig):
+    """``(graphdef, abstract params)`` without allocating anything."""
+    model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(model, nnx.Param)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation):
+    """``step(state, inputs FxBxT, targets FxBxT, capacities) -> (state, metrics)``.
+
+    F micro-batches are accumulated; ``capacities`` are the static adaptive-softmax tail
+    capacities (:func:`knnlm_jax.adaptive.band_capacities`), ``None`` for dense tails.
+    """
+
+    def step(state, inputs_FxBxT, targets_FxBxT, capacities=None):
+        def loss_fn(params, inputs, targets, key):
+            model = nnx.merge(graphdef, params)
+            rngs = nnx.Rngs(dropout=key)
+            hidden = model(inputs, deterministic=False, rngs=rngs)
+            logp = model.target_log_probs(hidden, targets, capacities=capacities, deterministic=False, rngs=rngs)
+            return -jnp.sum(logp)
+
+        grad_fn = jax.value_and_grad(loss_fn)
+
+        base = jax.random.fold_in(state["rng"], state["step"])
+
+        def micro(carry, xs):
+            grads, loss = carry
+            i, inputs, targets = xs
+            loss_i, grads_i = grad_fn(state["params"], inputs, targets, jax.random.fold_in(base, i))
+            return (jax.tree_util.tree_map(jnp.add, grads, grads_i), loss + loss_i), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+        n_micro = inputs_FxBxT.shape[0]
+        (grads, loss_sum), _ = jax.lax.scan(
+            micro, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(n_micro), inputs_FxBxT, targets_FxBxT)
+        )
+        n_tokens = inputs_FxBxT.size
+        grads = jax.tree_util.tree_map(lambda g: g / n_tokens, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = dict(
+            params=optax.apply_updates(state["params"], updates),
+            opt_state=opt_state,
+            step=state["step"] + 1,
+            rng=state["rng"],
+        )
+        return new_state, {"loss": loss_sum / n_tokens, "grad_norm": optax.global_norm(grads)}
+
+    return step
+
+
+def make_eval_step(graphdef):
+    """``eval_step(params, inputs, targets, mask) -> (sum of -log p over the mask, token count)``."""
+
+    def eval_step(params, inputs_BxT, targets_BxT, mask_BxT, capacities=None):
+        model = nnx.merge(graphdef, params)
+        logp = model.target_log_probs(model(inputs_BxT), targets_BxT, capacities=capacities)
+        return -jnp.sum(jnp.where(mask_BxT, logp, 0.0)), jnp.sum(mask_BxT)
+
+    return eval_step
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D ``data`` mesh over all local devices."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def evaluate(eval_step, params, blocks, batch_size: int, mesh, edges, max_tokens: int = 0) -> tuple[float, int]:
+    """Token-weighted ``(sum of NLL, count)`` over LM blocks; the last batch is padded with masked rows."""
+    inputs, targets, mask = blocks
+    if max_tokens:
+        keep = -(-max_tokens // inputs.shape[1])
+        inputs, targets, mask = inputs[:keep], targets[:keep], mask[:keep]
+    n = len(inputs)
+    pad = (-n) % batch_size
+    if pad:
+        inputs = np.concatenate([inputs, np.zeros((pad, inputs.shape[1]), inputs.dtype)])
+        targets = np.concatenate([targets, np.zeros((pad, targets.shape[1]), targets.dtype)])
+        mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
+    sharding = NamedSharding(mesh, P("data", None))
+    nll, count = 0.0, 0
+    for i in range(0, len(inputs), batch_size):
+        caps = band_capacities(targets[i : i + batch_size], edges, mask[i : i + batch_size])
+        batch = [jax.device_put(a[i : i + batch_size], sharding) for a in (inputs, targets, mask)]
+        s, c = eval_step(params, *batch, caps)
+        nll += float(s)
+        count += int(c)
+    return nll, count
+
+
+def unigram_perplexity(train_ids: np.ndarray, target_ids: np.ndarray, vocab_size: int) -> float:
+    """Perplexity of an add-one-smoothed unigram model of ``train_ids`` on ``target_ids``."""
+    counts = np.bincount(train_ids, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(np.exp(-logp[target_ids].mean()))
+
+
+# ---------------------------------------------------------------------------------
+# the run directory
+
+
+@dataclass
+class RunData:
+    vocab: Vocab
+    train_ids: np.ndarray
+    valid_ids: np.ndarray
+    train_sha256: str
+    corpus: str
+
+
+def prepare_data(config, workdir: str, *, need_valid: bool = True) -> RunData:
+    """Vocabulary (built once from the train split, saved) and cached token arrays."""
+    train = corpus.read_split(config.data_dir, "train")
+    vocab_path = os.path.join(workdir, "vocab.txt")
+    if os.path.isfile(vocab_path):
+        vocab = Vocab.load(vocab_path)
+    else:
+        vocab = Vocab.build(train.lines, max_size=config.vocab_size)
+        os.makedirs(workdir, exist_ok=True)
+        vocab.save(vocab_path)
+    cache = os.path.join(workdir, "tokens")
+    train_ids = corpus.load_tokens(cache, train, vocab)
+    valid_ids = corpus.load_tokens(cache, corpus.read_split(config.data_dir, "valid"), vocab) if need_valid else None
+    return RunData(vocab, train_ids, valid_ids, train.sha256, train.corpus)
+
+
+def resolved_config(config, data: RunData) -> dict:
+    """The config as saved in the run directory, with what was derived from the data."""
+    resolved = config.to_dict()
+    resolved["cutoffs"] = list(resolved["cutoffs"])
+    resolved["derived"] = {"vocab_size": len(data.vocab), "corpus": data.corpus, "train_sha256": data.train_sha256}
+    return resolved
+
+
+def check_run_config(workdir: str, resolved: dict) -> None:
+    """Save ``config.json``, or refuse to continue a run whose saved config differs."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        diff = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k))
+        if diff:
+            raise ValueError(
+                f"{workdir} holds a run with a different config ({', '.join(diff)}); "
+                "use another --workdir or --overwrite"
+            )
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(resolved, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop records written after ``step`` (a killed run's lost work is redone on resume)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------
+# the loop
+
+
+def train(config, workdir: str, *, progress: bool = True, log=print) -> dict:
+    """Train (or resume) the run in ``workdir``; returns the final metrics."""
+    data = prepare_data(config, workdir)
+    resolved = resolved_config(config, data)
+    check_run_config(workdir, resolved)
+    cfg = ModelConfig.from_config(config, vocab_size=len(data.vocab))
+    mesh = make_mesh()
+    n_dev = mesh.devices.size
+    if config.batch_size % n_dev or config.eval_batch_size % n_dev:
+        raise ValueError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
+
+    L = config.tokens_per_sample
+    train_in, train_tgt, _ = lm_blocks(data.train_ids, L, data.vocab.eos, pad_last=False)
+    valid_blocks = lm_blocks(data.valid_ids, L, data.vocab.eos, pad_last=True)
+    order = BatchOrder(len(train_in), config.batch_size * config.update_freq, config.seed)
+
+    tx = make_optimizer(config)
+    graphdef, params = init_model(cfg, config.seed)
+    replicated = NamedSharding(mesh, P())
+    state = dict(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(config.seed + 1),
+    )
+    state = jax.device_put(state, replicated)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    best_ckpt = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    meta = {"best_valid_ppl": math.inf, "best_step": -1}
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_like(state))
+        log(f"resumed from step {int(state['step'])} (checkpoint in {ckpt.directory})")
+    else:
+        _append_jsonl(metrics_path, {"step": 0, "event": "start", "parameters": count_params_of(params)})
+    start_step = int(state["step"])
+    _truncate_metrics(metrics_path, start_step)
+
+    train_step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0, static_argnums=3)
+    eval_step = jax.jit(make_eval_step(graphdef), static_argnums=4)
+    edges = band_edges(cfg.vocab_size, cfg.cutoffs)
+    batch_sharding = NamedSharding(mesh, P(None, "data", None))
+    schedule = lr_schedule(config)
+    F, B = config.update_freq, config.batch_size
+    tokens_per_update = F * B * L
+
+    def run_eval(step: int) -> float:
+        nll, count = evaluate(eval_step, state["params"], valid_blocks, config.eval_batch_size, mesh, edges,
+                              config.max_eval_tokens)
+        return math.exp(nll / count)
+
+    bar = tqdm(total=config.max_steps, initial=start_step, disable=not progress, unit="upd", dynamic_ncols=True)
+    t_last, tokens_since = time.time(), 0
+    valid_ppl = None
+    for step in range(start_step, config.max_steps):
+        idx = order.indices(step)
+        targets_np = train_tgt[idx].reshape(F, B, L)
+        caps = band_capacities(targets_np, edges)
+        inputs = jax.device_put(train_in[idx].reshape(F, B, L), batch_sharding)
+        targets = jax.device_put(targets_np, batch_sharding)
+        state, metrics = train_step(state, inputs, targets, caps)
+        tokens_since += tokens_per_update
+        done = step + 1
+        bar.update(1)
+        if done % config.log_every == 0 or done == config.max_steps:
+            loss = float(metrics["loss"])
+            elapsed = time.time() - t_last
+            tps = tokens_since / max(elapsed, 1e-9)
+            t_last, tokens_since = time.time(), 0
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+            epoch, _ = order.position(step)
+            _append_jsonl(metrics_path, {"step": done, "epoch": epoch, "loss": loss, "lr": float(schedule(step)),
+                                         "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps,
+                                         "time": time.time()})
+        is_eval = done % config.eval_every == 0 or done == config.max_steps
+        if is_eval:
+            valid_ppl = run_eval(done)
+            _append_jsonl(metrics_path, {"step": done, "valid_ppl": valid_ppl, "time": time.time()})
+            bar.write(f"step {done}: valid ppl {valid_ppl:.2f}")
+            if valid_ppl < meta["best_valid_ppl"]:
+                meta = {"best_valid_ppl": valid_ppl, "best_step": done}
+                best_ckpt.save(done, {"params": state["params"]}, meta)
+            t_last = time.time()
+        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            epoch, pos = order.position(done)
+            ckpt.save(done, state, dict(meta, epoch=epoch, position=pos, step=done))
+            t_last = time.time()
+    bar.close()
+    if valid_ppl is None:  # nothing left to train: report the final model
+        valid_ppl = run_eval(int(state["step"]))
+    _, valid_targets, valid_mask = valid_blocks
+    unigram = unigram_perplexity(data.train_ids, valid_targets[valid_mask], len(data.vocab))
+    ckpt.close()
+    best_ckpt.close()
+    result = {
+        "config": config.name,
+        "steps": int(state["step"]),
+        "valid_ppl": valid_ppl,
+        "best_valid_ppl": meta["best_valid_ppl"],
+        "best_step": meta["best_step"],
+        "unigram_valid_ppl": unigram,
+        "valid_tokens": int(valid_mask.sum()),
+        "vocab_size": len(data.vocab),
+        "parameters": count_params_of(state["params"]),
+    }
+    _append_jsonl(metrics_path, dict(result, step=int(state["step"]), event="end", time=time.time()))
+    return result
+
+
+def count_params_of(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

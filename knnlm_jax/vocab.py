@@ -1,0 +1,93 @@
+"""Word-level dictionary as in fairseq's WikiText-103 setup.
+
+Special symbols first (``<s>``, ``<pad>``, ``</s>``, ``<unk>``), then the training
+words ordered by count (descending), ties broken alphabetically. Every line end is
+the ``</s>`` token; unknown words map to ``<unk>``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+BOS, PAD, EOS, UNK = "<s>", "<pad>", "</s>", "<unk>"
+SPECIALS = (BOS, PAD, EOS, UNK)
+
+
+class Vocab:
+    """An immutable word <-> id mapping."""
+
+    def __init__(self, words: Sequence[str], counts: Sequence[int] | None = None):
+        if tuple(words[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"a vocabulary starts with the special symbols {SPECIALS}")
+        self.words = tuple(words)
+        self.counts = tuple(counts) if counts is not None else (0,) * len(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        if len(self.index) != len(self.words):
+            raise ValueError("a vocabulary has a repeated word")
+        self.bos, self.pad, self.eos, self.unk = (self.index[s] for s in SPECIALS)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocab) and self.words == other.words
+
+    @classmethod
+    def build(cls, lines: Iterable[str], max_size: int = 0) -> "Vocab":
+        """Count whitespace tokens (plus one ``</s>`` per line); keep ``max_size`` entries (0 = all)."""
+        counter: collections.Counter = collections.Counter()
+        n_lines = 0
+        for line in lines:
+            counter.update(line.split())
+            n_lines += 1
+        counter[EOS] += n_lines
+        for special in SPECIALS:
+            counter.setdefault(special, 0)
+        specials = {s: counter.pop(s) for s in SPECIALS}
+        ranked = sorted(counter.items(), key=lambda wc: (-wc[1], wc[0]))
+        if max_size:
+            ranked = ranked[: max(0, max_size - len(SPECIALS))]
+        words = list(SPECIALS) + [w for w, _ in ranked]
+        counts = [specials[s] for s in SPECIALS] + [c for _, c in ranked]
+        return cls(words, counts)
+
+    def encode_line(self, line: str) -> list[int]:
+        """Ids of a line's whitespace tokens followed by ``</s>``."""
+        get, unk = self.index.get, self.unk
+        return [get(w, unk) for w in line.split()] + [self.eos]
+
+    def encode(self, lines: Iterable[str]) -> np.ndarray:
+        ids: list[int] = []
+        for line in lines:
+            ids.extend(self.encode_line(line))
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(self.words[int(i)] for i in ids)
+
+    def fingerprint(self) -> str:
+        """sha256 of the ordered word list: identifies the vocabulary in manifests and caches."""
+        return hashlib.sha256("\n".join(self.words).encode("utf-8")).hexdigest()
+
+    def save(self, path: str) -> None:
+        """Write ``word count`` lines (fairseq dict.txt style, specials included) atomically."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for w, c in zip(self.words, self.counts):
+                f.write(f"{w} {c}\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Vocab":
+        words, counts = [], []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                w, c = line.rstrip("\n").rsplit(" ", 1)
+                words.append(w)
+                counts.append(int(c))
+        return cls(words, counts)

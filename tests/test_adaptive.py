@@ -1,0 +1,87 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from knnlm_jax.adaptive import AdaptiveInput, AdaptiveSoftmax, band_capacities, band_edges
+from knnlm_jax.model import ModelConfig, TransformerLM
+
+V = 53
+
+
+def make(cutoffs, tied=True, tie_proj=True, d=16, factor=2):
+    rngs = nnx.Rngs(0)
+    inp = AdaptiveInput(V, d, cutoffs, factor, rngs=rngs)
+    sm = AdaptiveSoftmax(V, d, cutoffs, factor, dropout=0.0, adaptive_input=inp if tied else None,
+                         tie_proj=tie_proj, rngs=rngs)
+    h = jax.random.normal(jax.random.key(1), (3, 7, d))
+    targets = jax.random.randint(jax.random.key(2), (3, 7), 0, V)
+    return inp, sm, h, targets
+
+
+CASES = [((), True, True), ((10, 30), True, True), ((10, 30), True, False), ((10, 30), False, False),
+         ((5, 20, 40), True, True)]
+
+
+@pytest.mark.parametrize("cutoffs,tied,tie_proj", CASES)
+def test_full_log_probs_normalised_at_every_position(cutoffs, tied, tie_proj):
+    inp, sm, h, _ = make(cutoffs, tied, tie_proj)
+    full = sm.full_log_probs(h, inp)
+    assert full.shape == (3, 7, V)
+    np.testing.assert_allclose(jax.nn.logsumexp(full, axis=-1), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cutoffs,tied,tie_proj", CASES)
+def test_target_log_probs_equal_gather_of_full(cutoffs, tied, tie_proj):
+    inp, sm, h, targets = make(cutoffs, tied, tie_proj)
+    full = sm.full_log_probs(h, inp)
+    gathered = jnp.take_along_axis(full, targets[..., None], axis=-1)[..., 0]
+    dense = sm.target_log_probs(h, targets, inp)
+    np.testing.assert_allclose(dense, gathered, atol=1e-5)
+    caps = band_capacities(np.asarray(targets), band_edges(V, cutoffs))
+    sparse = sm.target_log_probs(h, targets, inp, capacities=caps)
+    np.testing.assert_allclose(sparse, gathered, atol=1e-5)
+
+
+def test_capacities_cover_band_counts_and_round_up():
+    edges = band_edges(100, (10, 50))
+    targets = np.array([[1, 12, 13, 60], [70, 80, 90, 11]])
+    caps = band_capacities(targets, edges, granularity=4)
+    assert caps == (4, 4)  # 3 in [10,50) -> 4, 4 in [50,100) -> 4
+    assert band_capacities(targets, edges, mask=np.array([[1, 1, 0, 1], [0, 0, 0, 0]], bool), granularity=1) == (1, 1)
+    # the largest micro-batch decides
+    assert band_capacities(np.stack([targets, np.zeros_like(targets)]), edges, granularity=1) == (3, 4)
+
+
+def test_one_cluster_equals_plain_softmax():
+    inp, sm, h, targets = make((), tied=True)
+    emb, proj = inp.band_weights(0)
+    expected = jax.nn.log_softmax(h @ emb.T, axis=-1)
+    np.testing.assert_allclose(sm.full_log_probs(h, inp), expected, atol=1e-5)
+    _, sm_untied, _, _ = make((), tied=False)
+    expected = jax.nn.log_softmax(sm_untied.head_words(h), axis=-1)
+    np.testing.assert_allclose(sm_untied.full_log_probs(h), expected, atol=1e-5)
+
+
+def test_adaptive_input_uses_band_embeddings():
+    inp, _, _, _ = make((10, 30))
+    tokens = jnp.array([[0, 9, 10, 29, 30, 52]])
+    out = inp(tokens)
+    for j, t in enumerate(np.asarray(tokens[0])):
+        band = int(np.searchsorted(inp.edges, t, side="right") - 1)
+        emb, proj = inp.band_weights(band)
+        np.testing.assert_allclose(out[0, j], emb[t - inp.edges[band]] @ proj, atol=1e-5)
+
+
+def test_cutoffs_outside_the_vocabulary_are_dropped():
+    assert band_edges(50, (10, 60, 50, 0)) == (0, 10, 50)
+
+
+def test_tied_model_shares_weights_and_has_no_tail_matrices():
+    cfg = ModelConfig(vocab_size=V, num_layers=1, d_model=16, num_heads=2, d_ff=32, cutoffs=(10, 30))
+    untied = ModelConfig(**{**cfg.__dict__, "tie_adaptive_weights": False, "tie_adaptive_proj": False})
+    n = lambda c: sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(TransformerLM(c, rngs=nnx.Rngs(0)), nnx.Param)))
+    # untied adds head words (10 + 2 classes) x 16, tail projections and tail output matrices
+    extra = n(untied) - n(cfg)
+    assert extra == 16 * 12 - 16 * 2 + (16 * 4 + 4 * 20) + (16 * 1 + 1 * 23)

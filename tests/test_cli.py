@@ -1,0 +1,61 @@
+"""Command-line behaviour: bad input gives one clear line on stderr and a non-zero exit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=cwd or ROOT, timeout=300)
+
+
+def assert_user_error(out, *fragments):
+    assert out.returncode != 0
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_dry_run_prints_the_exact_parameter_count():
+    out = run("--config", "wt103", "--set", "vocab_size=267735", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "parameters: 246932928" in out.stdout.splitlines()
+
+
+def test_unknown_config_and_unknown_key():
+    assert_user_error(run("--config", "nope", "--dry-run"), "unknown config 'nope'")
+    assert_user_error(run("--config", "tiny", "--set", "nope=1", "--dry-run"), "unknown config key 'nope'")
+    assert_user_error(run("--config", "tiny", "--set", "lr=fast", "--dry-run"), "bad value for lr")
+
+
+def test_missing_data_dir_missing_split_and_empty_corpus(tmp_path, wikitext_dir):
+    assert_user_error(run("--data_dir", str(tmp_path / "nowhere"), "--dry-run"), "no such directory")
+    os.remove(os.path.join(wikitext_dir, "valid.txt"))
+    assert_user_error(run("--data_dir", wikitext_dir, "--workdir", str(tmp_path / "w")), "no valid split")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for split in ("train", "valid", "test"):
+        (empty / f"{split}.txt").write_text("")
+    assert_user_error(run("--data_dir", str(empty), "--dry-run"), "empty")
+
+
+def test_unreadable_checkpoint(tmp_path, wikitext_dir):
+    work = str(tmp_path / "run")
+    small = ["--set", "num_layers=1", "--set", "d_model=16", "--set", "num_heads=2", "--set", "d_ff=32",
+             "--set", "tokens_per_sample=16", "--set", "batch_size=4", "--set", "eval_batch_size=4",
+             "--set", "max_steps=2", "--set", "checkpoint_every=2", "--set", "eval_every=2"]
+    out = run("--data_dir", wikitext_dir, "--workdir", work, "--no-progress", *small)
+    assert out.returncode == 0, out.stderr
+    for root, _, files in os.walk(os.path.join(work, "checkpoints")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    assert_user_error(run("--data_dir", wikitext_dir, "--workdir", work, "--no-progress", *small), "unreadable")

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Train the base Transformer LM: ``python train.py --config NAME [--set key=value ...]``.
+
+Resumes automatically from the run directory's latest checkpoint.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from knnlm_jax.cli import add_config_args, load_config, user_errors
+
+    add_config_args(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and the exact parameter count, then exit")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    with user_errors("train.py"):
+        config, workdir = load_config(args)
+        if args.dry_run:
+            return dry_run(config)
+        if args.overwrite:
+            shutil.rmtree(workdir, ignore_errors=True)
+        from knnlm_jax.training import train
+
+        result = train(config, workdir, progress=not args.no_progress)
+        print(f"valid perplexity {result['valid_ppl']:.2f} (best {result['best_valid_ppl']:.2f} "
+              f"at step {result['best_step']}); add-one unigram {result['unigram_valid_ppl']:.2f}; "
+              f"ratio {result['valid_ppl'] / result['unigram_valid_ppl']:.3f}; "
+              f"{result['valid_tokens']} valid tokens, word level")
+        print(json.dumps(result))
+    return 0
+
+
+def dry_run(config) -> int:
+    from knnlm_jax.model import ModelConfig, count_params
+
+    vocab_size = config.vocab_size
+    if not vocab_size:
+        from knnlm_jax import corpus
+        from knnlm_jax.vocab import Vocab
+
+        vocab_size = len(Vocab.build(corpus.read_split(config.data_dir, "train").lines))
+    cfg = ModelConfig.from_config(config, vocab_size=vocab_size)
+    print(config.to_json(indent=2))
+    print(f"vocab_size: {vocab_size}")
+    print(f"parameters: {count_params(cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
