@@ -35,6 +35,22 @@ def load_config(args):
     return config, workdir
 
 
+def load_run(args):
+    """``(config, workdir)`` of a trained run: ``--workdir``, else ``runs/<--config>``, else the latest run.
+
+    The config is the run's saved one with ``--set`` overrides (which may not change the model).
+    """
+    from knnlm_jax import runs
+
+    if args.workdir:
+        workdir = args.workdir
+    elif args.config:
+        workdir = os.path.join(runs.RUNS_ROOT, args.config)
+    else:
+        workdir = runs.latest_run()
+    return runs.run_config(workdir, args.overrides), workdir
+
+
 @contextmanager
 def user_errors(prog: str):
     """Turn user errors into one line on stderr and exit status 2."""

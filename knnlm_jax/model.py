@@ -146,11 +146,10 @@ class TransformerLM(nnx.Module):
         return self.embed_scale * self.embed(tokens_BxT) + sinusoidal_positions(t, self.cfg.d_model)
 
     def decode(self, x_BxTxD, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, key_type=None):
-        """The Transformer stack on embedded inputs; sows ``key_type`` when given."""
-        if key_type is not None and key_type not in KEY_TYPES:
-            raise ValueError(f"unknown key type {key_type!r}; choose one of {KEY_TYPES}")
+        """The Transformer stack on embedded inputs; sows ``key_type`` (one name or a tuple) when given."""
+        key_types = _key_types(key_type)
         x = self.dropout(x_BxTxD, deterministic=deterministic, rngs=rngs)
-        states: dict | None = {} if key_type is not None else None
+        states: dict | None = {} if key_types else None
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
             x = block(x, deterministic=deterministic, rngs=rngs, states=states if last else None)
@@ -160,7 +159,8 @@ class TransformerLM(nnx.Module):
             x = self.final_ln(x)
         if states is not None:
             states["final_output"] = x
-            self.sow(nnx.Intermediate, key_type, states[key_type])
+            for name in key_types:
+                self.sow(nnx.Intermediate, name, states[name])
         return x
 
     def target_log_probs(self, h_BxTxD, targets_BxT, *, capacities=None, deterministic=True, rngs=None):
@@ -172,15 +172,31 @@ class TransformerLM(nnx.Module):
         return self.softmax.full_log_probs(h_BxTxD, self.embed, deterministic=deterministic, rngs=rngs)
 
 
-def forward_with_keys(model: TransformerLM, tokens_BxT, targets_BxT, key_type: str, capacities=None):
-    """Deterministic forward: ``(target log-probs B x T, keys B x T x D)``, keys via ``sow``/``capture``."""
+def _key_types(key_type) -> tuple[str, ...]:
+    """``key_type`` (``None``, one name or a tuple of names) as a tuple of distinct, known names."""
+    names = () if key_type is None else (key_type,) if isinstance(key_type, str) else tuple(key_type)
+    for name in names:
+        if name not in KEY_TYPES:
+            raise ValueError(f"unknown key type {name!r}; choose one of {KEY_TYPES}")
+    return tuple(dict.fromkeys(names))
+
+
+def forward_with_keys(model: TransformerLM, tokens_BxT, targets_BxT, key_type, capacities=None):
+    """Deterministic forward: ``(target log-probs B x T, keys B x T x D)``, keys via ``sow``/``capture``.
+
+    ``key_type`` may be a tuple of key types: the keys are then a tuple of ``B x T x D``
+    arrays in that order, all from the same forward pass.
+    """
 
     def run(m, tokens):
         return m(tokens, key_type=key_type)
 
     hidden, inter = nnx.capture(run, nnx.Intermediate)(model, tokens_BxT)
-    keys_BxTxD = inter[key_type].get_value()[0]
-    return model.target_log_probs(hidden, targets_BxT, capacities=capacities), keys_BxTxD
+    keys = {name: inter[name].get_value()[0] for name in _key_types(key_type)}
+    logp_BxT = model.target_log_probs(hidden, targets_BxT, capacities=capacities)
+    if isinstance(key_type, str):
+        return logp_BxT, keys[key_type]
+    return logp_BxT, tuple(keys[name] for name in key_type)
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -174,13 +174,17 @@ def resolved_config(config, data: RunData) -> dict:
     return resolved
 
 
+TRAINING_NEUTRAL = ("build_", "eval_")
+
+
 def check_run_config(workdir: str, resolved: dict) -> None:
     """Save ``config.json``, or refuse to continue a run whose saved config differs."""
     path = os.path.join(workdir, "config.json")
     if os.path.isfile(path):
         with open(path) as f:
             saved = json.load(f)
-        diff = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k))
+        # fields added since the run started, and build/eval-time fields, do not change training
+        diff = sorted(k for k in saved if not k.startswith(TRAINING_NEUTRAL) and saved[k] != resolved.get(k))
         if diff:
             raise ValueError(
                 f"{workdir} holds a run with a different config ({', '.join(diff)}); "
@@ -248,7 +252,8 @@ def train(config, workdir: str, *, progress: bool = True, log=print) -> dict:
         state, meta = ckpt.restore(abstract_like(state))
         log(f"resumed from step {int(state['step'])} (checkpoint in {ckpt.directory})")
     else:
-        _append_jsonl(metrics_path, {"step": 0, "event": "start", "parameters": count_params_of(params)})
+        _append_jsonl(metrics_path, {"step": 0, "event": "start", "parameters": count_params_of(params),
+                                     "time": time.time()})
     start_step = int(state["step"])
     _truncate_metrics(metrics_path, start_step)
 

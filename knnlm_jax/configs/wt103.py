@@ -54,4 +54,13 @@ def get_config() -> ConfigDict:
     c.log_every = 100
     c.checkpoint_every = 2000
     c.keep_checkpoints = 2
+    # datastore (build.py): windows of build_window tokens, each stored entry with at least
+    # build_context tokens of prior context (paper: 3072 and 1536 on WikiText-103)
+    c.build_window = 0  # 0 = tokens_per_sample
+    c.build_context = -1  # -1 = half the window
+    # evaluation (evaluate.py): windows of eval_window tokens scoring their last
+    # eval_window - eval_context tokens, each with at least eval_context tokens of prior
+    # context (paper: score 512 tokens with up to 2560 prior on WikiText-103)
+    c.eval_window = 3072  # 0 = tokens_per_sample
+    c.eval_context = 2560  # -1 = half the window
     return c

@@ -29,4 +29,7 @@ def get_config() -> ConfigDict:
     c.eval_batch_size = 16
     c.log_every = 50
     c.checkpoint_every = 250
+    # evaluation windows follow tokens_per_sample (wt103's 3072/2560 are longer than this model's training length)
+    c.eval_window = 0  # 0 = tokens_per_sample
+    c.eval_context = -1  # -1 = half the window
     return c

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Evaluate a trained LM with a kNN datastore (kNN-LM), optionally with a continuous cache.
+
+  python evaluate.py --datastore train                      # valid split, lambda tuned on valid
+  python evaluate.py --datastore train --split test         # tune on valid, report on test
+  python evaluate.py --datastore train --lmbda 0.25 --temperature auto --cache --show 5
+
+The run is --workdir, else runs/<--config>, else the latest run; the datastore is
+<workdir>/datastores/<NAME>. "auto" parameters are tuned on the valid split (never on
+test) from its saved per-token quantities. Outputs go to <workdir>/eval/<NAME>/:
+results.json, per-token log-probs (.npz), sweeps over k and lambda (JSON and PNG).
+"""
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from knnlm_jax.cli import add_config_args, user_errors
+
+    add_config_args(parser, default=None)
+    parser.add_argument("--datastore", required=True, metavar="NAME", help="datastore in <workdir>/datastores/")
+    parser.add_argument("--split", default="valid", help="split to evaluate: valid (default) or test")
+    parser.add_argument("--corpus", default=None, metavar="SPEC",
+                        help="WikiText-format directory or wiki-offline (default: the run's corpus)")
+    parser.add_argument("--k", type=int, default=1024, help="neighbours per query (default 1024)")
+    parser.add_argument("--lmbda", "--lambda", dest="lmbda", default="auto",
+                        help="interpolation weight of p_kNN in [0, 1], or auto: tuned on valid (default)")
+    parser.add_argument("--temperature", default="1.0", help="softmax temperature of -distance, or auto (default 1)")
+    parser.add_argument("--nprobe", type=int, default=None, help="inverted lists to probe (default: the index's)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--exact", dest="exact", action="store_true", default=True,
+                      help="re-rank FAISS's candidates by full-precision L2 to the stored keys (default)")
+    mode.add_argument("--approximate", dest="exact", action="store_false", help="use FAISS's distances as they are")
+    parser.add_argument("--cache", action="store_true", help="also evaluate the continuous cache (Grave et al. 2017)")
+    parser.add_argument("--cache-size", type=int, default=1024, help="cache memory in tokens, within the window")
+    parser.add_argument("--cache-lambda", default="auto", help="cache interpolation weight in [0, 1], or auto")
+    parser.add_argument("--cache-theta", default="auto", help="cache flatness theta: a number, a comma list "
+                                                              "(tuned on valid) or auto (a grid)")
+    parser.add_argument("--drop-self", default="auto", metavar="auto|yes|no",
+                        help="drop the neighbour that is the query's own entry when the evaluated split is the "
+                             "datastore's own text (auto: when detected by sha256)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N targets of each split")
+    parser.add_argument("--show", type=int, default=0, metavar="N",
+                        help="print the N tokens kNN helped most, with their neighbours' datastore text")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward (default eval_batch_size)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output directory (default <workdir>/eval/<NAME>)")
+    parser.add_argument("--recompute", action="store_true", help="do not reuse saved per-token files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    with user_errors("evaluate.py"):
+        return evaluate(args)
+
+
+def number_or_auto(text: str, flag: str):
+    from knnlm_jax.eval_settings import EvaluationError
+
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise EvaluationError(f"{flag} {text!r}: expected a number or auto") from None
+
+
+def settings_from(args, config):
+    from knnlm_jax.eval_settings import CACHE_THETAS, EvaluationError, Settings, eval_window_sizes
+
+    if args.cache_theta.strip().lower() == "auto":
+        thetas = CACHE_THETAS
+    else:
+        try:
+            thetas = tuple(float(t) for t in args.cache_theta.split(",") if t.strip())
+        except ValueError:
+            raise EvaluationError(f"--cache-theta {args.cache_theta!r}: expected numbers or auto") from None
+    window, context = eval_window_sizes(config)
+    settings = Settings(k=args.k, lmbda=number_or_auto(args.lmbda, "--lmbda"),
+                        temperature=number_or_auto(args.temperature, "--temperature"), nprobe=args.nprobe,
+                        exact=args.exact, cache=args.cache, cache_size=args.cache_size,
+                        cache_lambda=number_or_auto(args.cache_lambda, "--cache-lambda"), cache_thetas=thetas,
+                        drop_self=args.drop_self, max_tokens=args.max_tokens,
+                        batch_size=args.batch_size or config.eval_batch_size, window=window, context=context,
+                        recompute=args.recompute, show=args.show)
+    settings.check()
+    return settings
+
+
+def find_datastore(workdir: str, name: str) -> str:
+    from knnlm_jax.datastore import DatastoreError, datastore_dir
+
+    directory = datastore_dir(workdir, name)
+    if not os.path.isdir(directory):
+        root = os.path.dirname(directory)
+        have = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        raise DatastoreError(f"no datastore {name} in {root} (" + (f"have: {', '.join(have)}" if have else "none yet")
+                             + f"); build it with: python build.py --datastore {name}")
+    return directory
+
+
+def evaluate(args) -> int:
+    from knnlm_jax import corpus, runs
+    from knnlm_jax.cli import load_run
+    from knnlm_jax.datastore import DatastoreError, open_datastore
+
+    config, workdir = load_run(args)
+    settings = settings_from(args, config)  # bad numbers are refused before anything is loaded
+    vocab = runs.load_vocab(workdir, config)
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"--data_dir {args.data_dir}: no such directory")
+    directory = find_datastore(workdir, args.datastore)
+    store = open_datastore(directory, runs.signature(config, vocab))
+    if not store.index_path:
+        raise DatastoreError(f"datastore {store.name} has no FAISS index; index it with: "
+                             f"python build.py --datastore {store.name} --index-only")
+    source = args.corpus if args.corpus is not None else (args.data_dir or runs.run_corpus(config))
+    wanted = [args.split] + (["valid"] if settings.tunes and args.split != "valid" else [])
+    splits = {}
+    for split in wanted:
+        data = corpus.read_split(source, split)
+        splits[split] = (data, corpus.load_tokens(os.path.join(workdir, "tokens"), data, vocab))
+
+    from knnlm_jax import evaluation
+    from knnlm_jax.index import read_index
+    from knnlm_jax.report import write_json
+
+    trained = runs.load_model(workdir, config, vocab)
+    store = open_datastore(directory, runs.signature(config, vocab, trained.fingerprint, trained.step))
+    index = read_index(store.index_path)
+    out_dir = args.out or os.path.join(workdir, "eval", store.name)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    results = evaluation.run(out_dir, split=args.split, splits=splits, settings=settings, trained=trained,
+                             key_type=str(config.key_type), store=store, index=index, vocab=vocab,
+                             progress=not args.no_progress, log=log)
+    results.update(workdir=os.path.abspath(workdir), model=dict(step=trained.step, source=trained.source,
+                                                                  fingerprint=trained.fingerprint),
+                   config=config.to_dict(), datastore_manifest=store.manifest,
+                   settings={k: v for k, v in vars(settings).items()})
+    path = os.path.join(out_dir, "results.json")
+    write_json(path, evaluation.json_safe(results))
+    print(evaluation.format_table(results))
+    print(describe_tuning(results))
+    if results["examples"]:
+        print(evaluation.format_examples(results["examples"]))
+    print(f"results: {path}")
+    return 0
+
+
+def describe_tuning(r) -> str:
+    knn = r["knn"]
+    parts = [f"kNN-LM: lambda {knn['lmbda']:.2f} ({knn['lmbda_source']}), T {knn['temperature']:.3g} "
+             f"({knn['temperature_source']}), k {knn['k']}"]
+    for name, c in (r.get("cache") or {}).items():
+        parts.append(f"{'cache' if name == 'cache' else 'kNN-LM+cache'}: lambda_c {c['lmbda']:.2f} "
+                     f"({c['lmbda_source']}), theta {c['theta']:.3g} ({c['theta_source']}), size {c['size']}")
+    if r.get("valid"):
+        v = r["valid"]
+        parts.append(f"valid ({v['tokens']} tokens): base {v['base_ppl']:.3f}"
+                     + "".join(f", {k} {v[k]['ppl']:.3f}" for k in ("knn", "cache", "knn_cache") if k in v))
+    for split, speed in r["speed"].items():
+        parts.append(f"{split}: {speed['seconds']:.1f}s, {speed['tokens_per_s']:,.0f} tokens/s "
+                     "(forward, search, re-ranking and per-token files, compilation included)")
+    if r.get("self_dropped"):
+        parts.append(f"dropped {r['self_dropped']} self-retrievals (the split is the datastore's own text)")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

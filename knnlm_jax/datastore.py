@@ -1,0 +1,331 @@
+"""The kNN datastore on disk: windows over a token stream, a resumable writer and a checked reader.
+
+A datastore directory holds ``keys.npy`` (``N x D`` float16), ``vals.npy`` (``N`` int32),
+``manifest.json`` and, once indexed, ``index.faiss``. Entry ``n`` pairs the model's key at
+input position ``n`` of the stream ``[</s>] + tokens`` (context ``stream[:n+1]``) with the
+value ``tokens[n]``: the key of a context is paired with the token that follows it.
+
+The writer streams chunks into memmaps; after each chunk it flushes them and atomically
+advances ``progress`` in the manifest, so a killed build resumes where it stopped and ends
+byte-identical to an uninterrupted one. No JAX here: the evaluator and the index read this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_VERSION = 1
+KEYS, VALS, MANIFEST, INDEX = "keys.npy", "vals.npy", "manifest.json", "index.faiss"
+KEY_DTYPE, VAL_DTYPE = np.float16, np.int32
+# what must be equal for a partial build to be resumed rather than started afresh
+BUILD_IDENTITY = ("model_fingerprint", "key_type", "dim", "vocab_fingerprint", "corpus_sha256", "split",
+                  "num_entries", "window", "context", "batch_size")
+
+
+class DatastoreError(ValueError):
+    """A datastore that is missing, damaged, unfinished or built for another model."""
+
+
+# ---------------------------------------------------------------------------------
+# windows: which positions each forward pass scores
+
+
+def windows(n_tokens: int, length: int, context: int) -> np.ndarray:
+    """``W x 3`` int64 rows ``(input_start, span_start, span_end)`` covering entries ``[0, n_tokens)``.
+
+    A window feeds ``stream[input_start : input_start + length]`` and keeps the entries
+    ``[span_start, span_end)``. The first window keeps ``[0, length)``; each later one keeps
+    the next ``length - context`` entries with ``input_start = span_end - length``, so every
+    kept entry sees at least ``context`` earlier tokens. The last span stops at
+    ``n_tokens`` (its input starts at ``max(0, n_tokens - length)``). Spans tile
+    ``[0, n_tokens)`` exactly: one entry per target token.
+    """
+    if length < 1 or not 0 <= context < length:
+        raise ValueError(f"need 0 <= context < window, got window {length} and context {context}")
+    if n_tokens <= 0:
+        return np.zeros((0, 3), np.int64)
+    stride = length - context
+    n_later = -(-max(0, n_tokens - length) // stride)
+    ends = np.minimum(length + stride * np.arange(n_later + 1, dtype=np.int64), n_tokens)
+    starts = np.concatenate([[0], ends[:-1]])
+    return np.stack([np.maximum(ends - length, 0), starts, ends], axis=1)
+
+
+def window_of(windows_Wx3: np.ndarray, entries) -> np.ndarray:
+    """Index of the window whose span holds each entry id."""
+    return np.searchsorted(windows_Wx3[:, 2], np.asarray(entries), side="right")
+
+
+def window_batch(stream: np.ndarray, windows_Wx3: np.ndarray, length: int, pad_id: int, rows: int = 0):
+    """``(inputs BxL, targets BxL, mask BxL)`` for windows of ``stream = [</s>] + tokens``.
+
+    ``mask`` marks each window's span; unmasked targets are set to ``pad_id`` (they are not
+    entries, and a head-band id keeps adaptive-softmax capacities exact). ``rows`` pads the
+    batch with fully masked rows so that every batch has one shape.
+    """
+    b = max(rows, len(windows_Wx3))
+    inputs = np.full((b, length), pad_id, np.int32)
+    targets = np.full((b, length), pad_id, np.int32)
+    mask = np.zeros((b, length), bool)
+    for i, (start, lo, hi) in enumerate(windows_Wx3):
+        seg = stream[start : start + length + 1]
+        n = len(seg) - 1
+        inputs[i, :n], targets[i, :n] = seg[:-1], seg[1:]
+        mask[i, lo - start : hi - start] = True
+    return inputs, np.where(mask, targets, pad_id).astype(np.int32), mask
+
+
+def token_stream(tokens_N: np.ndarray, eos: int) -> np.ndarray:
+    """``[</s>] + tokens`` as in :func:`knnlm_jax.data.lm_blocks`."""
+    return np.concatenate([np.asarray([eos], np.int32), np.asarray(tokens_N, np.int32)])
+
+
+# ---------------------------------------------------------------------------------
+# manifest
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a datastore must agree on with the model that queries it.
+
+    ``fingerprint`` (sha256 of the trained weights) is ``None`` when the weights were not
+    loaded; it is then not checked.
+    """
+
+    dim: int
+    key_type: str
+    vocab_fingerprint: str
+    vocab_size: int
+    fingerprint: str | None = None
+    step: int | None = None
+
+
+def datastore_dir(workdir: str, name: str) -> str:
+    """``<workdir>/datastores/<name>``; a name is a plain file name."""
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name or "") or name in (".", ".."):
+        raise DatastoreError(f"bad datastore name {name!r}: use letters, digits and . _ + -")
+    return os.path.join(workdir, "datastores", name)
+
+
+def read_manifest(directory: str) -> dict | None:
+    """The manifest, or ``None`` when there is none."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise DatastoreError(f"{path}: unreadable manifest ({err})") from None
+
+
+def write_manifest(directory: str, manifest: dict) -> None:
+    """Write atomically: a killed process leaves the old manifest or the new one."""
+    path = os.path.join(directory, MANIFEST)
+    manifest = dict(manifest, updated=time.time())
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def update_manifest(directory: str, **fields) -> dict:
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise DatastoreError(f"{directory}: no {MANIFEST}")
+    manifest.update(fields)
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def check_signature(manifest: dict, signature: ModelSignature, name: str) -> None:
+    """Refuse a datastore built for another model, saying which field differs."""
+    if manifest.get("dim") != signature.dim:
+        raise DatastoreError(f"datastore {name} has key dimension {manifest.get('dim')} "
+                             f"but the model's is {signature.dim}")
+    if manifest.get("key_type") != signature.key_type:
+        raise DatastoreError(f"datastore {name} has key type {manifest.get('key_type')!r} "
+                             f"but the model's is {signature.key_type!r}")
+    if manifest.get("vocab_fingerprint") != signature.vocab_fingerprint:
+        raise DatastoreError(
+            f"datastore {name} was built with vocabulary {str(manifest.get('vocab_fingerprint'))[:12]} "
+            f"({manifest.get('vocab_size')} words) but the model's is {signature.vocab_fingerprint[:12]} "
+            f"({signature.vocab_size} words)")
+    if signature.fingerprint is not None and manifest.get("model_fingerprint") != signature.fingerprint:
+        raise DatastoreError(
+            f"datastore {name} was built with other model weights (step {manifest.get('checkpoint_step')}, "
+            f"{str(manifest.get('model_fingerprint'))[:12]}) than the model's (step {signature.step}, "
+            f"{signature.fingerprint[:12]}); rebuild it with --overwrite")
+
+
+def signature_fields(signature: ModelSignature) -> dict:
+    """The manifest fields that describe the model."""
+    return dict(model_fingerprint=signature.fingerprint, checkpoint_step=signature.step,
+                key_type=signature.key_type, dim=signature.dim,
+                vocab_fingerprint=signature.vocab_fingerprint, vocab_size=signature.vocab_size)
+
+
+# ---------------------------------------------------------------------------------
+# writer
+
+
+def _remove(directory: str, *names: str) -> None:
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def check_writable(directory: str, overwrite: bool) -> dict | None:
+    """The existing manifest, if any; a complete datastore is an error unless ``overwrite``."""
+    old = read_manifest(directory)
+    if old is not None and old.get("status") == "complete" and not overwrite:
+        raise DatastoreError(f"datastore {os.path.basename(os.path.normpath(directory))} already exists "
+                             f"({old.get('num_entries')} entries, complete); pass --overwrite to rebuild it "
+                             "or --index-only to re-index it")
+    return old
+
+
+class DatastoreWriter:
+    """Creates (or resumes) a datastore and streams entries into it, in order.
+
+    ``header`` holds the manifest fields of the build (see :data:`BUILD_IDENTITY`, plus
+    anything descriptive). A complete datastore is never replaced unless ``overwrite``; an
+    unfinished one with the same identity is resumed at its ``progress``.
+    """
+
+    def __init__(self, directory: str, header: dict, *, overwrite: bool = False):
+        self.directory = directory
+        self.name = os.path.basename(os.path.normpath(directory))
+        missing = [k for k in BUILD_IDENTITY if k not in header]
+        if missing:
+            raise ValueError(f"datastore header lacks {missing}")
+        old = check_writable(directory, overwrite)
+        if old is not None and not overwrite:
+            diff = [k for k in ("format_version", *BUILD_IDENTITY) if k != "batch_size"
+                    and old.get(k) != (FORMAT_VERSION if k == "format_version" else header[k])]
+            if diff:
+                raise DatastoreError(f"datastore {self.name} holds an unfinished build with another "
+                                     f"{', '.join(diff)}; pass --overwrite to start again")
+        if old is not None and not overwrite and self._open(old):
+            self.manifest = old
+            return
+        self._create(header)
+
+    def _open(self, manifest: dict) -> bool:
+        """Reopen the memmaps of an unfinished build; ``False`` when they are unusable."""
+        try:
+            self.keys = np.load(os.path.join(self.directory, KEYS), mmap_mode="r+")
+            self.vals = np.load(os.path.join(self.directory, VALS), mmap_mode="r+")
+        except (OSError, ValueError):
+            return False
+        n, d = manifest["num_entries"], manifest["dim"]
+        return (self.keys.shape, self.keys.dtype, self.vals.shape, self.vals.dtype) == (
+            (n, d), np.dtype(KEY_DTYPE), (n,), np.dtype(VAL_DTYPE))
+
+    def _create(self, header: dict) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        _remove(self.directory, MANIFEST, INDEX, KEYS, VALS)  # the manifest first: nothing looks complete
+        n, d = int(header["num_entries"]), int(header["dim"])
+        self.keys = np.lib.format.open_memmap(os.path.join(self.directory, KEYS), "w+", KEY_DTYPE, (n, d))
+        self.vals = np.lib.format.open_memmap(os.path.join(self.directory, VALS), "w+", VAL_DTYPE, (n,))
+        self.manifest = {"format_version": FORMAT_VERSION, **header, "dtype": np.dtype(KEY_DTYPE).name,
+                         "status": "building", "progress": 0, "lm_nll_sum": 0.0, "index": None,
+                         "created": time.time()}
+        write_manifest(self.directory, self.manifest)
+
+    @property
+    def progress(self) -> int:
+        return int(self.manifest["progress"])
+
+    def append(self, keys_nxD: np.ndarray, vals_n: np.ndarray, nll_sum: float = 0.0) -> None:
+        """Write the next ``n`` entries, flush, then advance ``progress`` in the manifest."""
+        start, n = self.progress, len(vals_n)
+        if start + n > len(self.vals) or keys_nxD.shape != (n, self.keys.shape[1]):
+            raise ValueError(f"chunk of {n} entries (keys {keys_nxD.shape}) does not fit at {start} "
+                             f"of {len(self.vals)}")
+        self.keys[start : start + n] = keys_nxD
+        self.vals[start : start + n] = vals_n
+        self.keys.flush()
+        self.vals.flush()
+        self.manifest.update(progress=start + n, lm_nll_sum=self.manifest["lm_nll_sum"] + float(nll_sum))
+        write_manifest(self.directory, self.manifest)
+
+    def finish(self) -> dict:
+        if self.progress != len(self.vals):
+            raise DatastoreError(f"datastore {self.name}: {self.progress} of {len(self.vals)} entries written")
+        self.manifest["status"] = "complete"
+        write_manifest(self.directory, self.manifest)
+        del self.keys, self.vals  # close the memmaps
+        return self.manifest
+
+
+# ---------------------------------------------------------------------------------
+# reader
+
+
+@dataclass
+class Datastore:
+    """A complete datastore: read-only memmaps ``keys`` (``N x D`` float16) and ``vals`` (``N`` int32)."""
+
+    directory: str
+    manifest: dict
+    keys: np.ndarray
+    vals: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.directory))
+
+    @property
+    def size(self) -> int:
+        return len(self.vals)
+
+    @property
+    def dim(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def index_path(self) -> str | None:
+        """Path of the FAISS index the manifest records, ``None`` when not indexed."""
+        path = os.path.join(self.directory, INDEX)
+        return path if self.manifest.get("index") and os.path.isfile(path) else None
+
+
+def _load_array(directory: str, name: str, file: str, shape: tuple, dtype) -> np.ndarray:
+    path = os.path.join(directory, file)
+    if not os.path.isfile(path):
+        raise DatastoreError(f"datastore {name}: {file} is missing")
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise DatastoreError(f"datastore {name}: {file} is truncated or damaged ({err})") from None
+    if array.shape != shape or array.dtype != np.dtype(dtype):
+        raise DatastoreError(f"datastore {name}: {file} holds {array.dtype}{list(array.shape)} "
+                             f"but the manifest says {np.dtype(dtype)}{list(shape)}")
+    return array
+
+
+def open_datastore(directory: str, signature: ModelSignature | None = None) -> Datastore:
+    """Open a complete datastore read-only, checked against its manifest and ``signature``."""
+    name = os.path.basename(os.path.normpath(directory))
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise DatastoreError(f"no datastore {name} ({directory} has no {MANIFEST})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatastoreError(f"datastore {name} has format version {manifest.get('format_version')}; "
+                             f"this code reads version {FORMAT_VERSION}")
+    if manifest.get("status") != "complete":
+        raise DatastoreError(f"datastore {name} is unfinished ({manifest.get('progress')} of "
+                             f"{manifest.get('num_entries')} entries); run build.py again to resume it")
+    if signature is not None:
+        check_signature(manifest, signature, name)
+    n, d = int(manifest["num_entries"]), int(manifest["dim"])
+    keys = _load_array(directory, name, KEYS, (n, d), KEY_DTYPE)
+    vals = _load_array(directory, name, VALS, (n,), VAL_DTYPE)
+    return Datastore(directory, manifest, keys, vals)

@@ -1,0 +1,168 @@
+"""A trained run directory: find the latest, read its config and vocabulary, restore its weights.
+
+Everything but :func:`load_model` is light (no JAX import), so commands reject bad input
+before paying for JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from ml_collections import ConfigDict
+
+from knnlm_jax.configs import NAMES, ConfigError, apply_overrides, get_config
+from knnlm_jax.corpus import EMBEDDED
+from knnlm_jax.datastore import ModelSignature
+from knnlm_jax.vocab import Vocab
+
+RUNS_ROOT = "runs"
+# config fields a trained model fixes (ModelConfig's, spelled out to keep this module JAX-free)
+MODEL_FIELDS = ("num_layers", "d_model", "num_heads", "d_ff", "cutoffs", "adaptive_factor", "tie_adaptive_weights",
+                "tie_adaptive_proj", "final_norm", "scale_embedding", "vocab_size")
+
+
+class RunError(ValueError):
+    """A run directory that is missing or unusable."""
+
+
+def has_checkpoint(directory: str) -> bool:
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _is_run(workdir: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, "config.json")) and (
+        has_checkpoint(os.path.join(workdir, "best")) or has_checkpoint(os.path.join(workdir, "checkpoints")))
+
+
+def _mtime(workdir: str) -> float:
+    parts = ("config.json", "metrics.jsonl", "best", "checkpoints")
+    return max(os.path.getmtime(os.path.join(workdir, p)) for p in parts if os.path.exists(os.path.join(workdir, p)))
+
+
+def latest_run(root: str = RUNS_ROOT) -> str:
+    """The most recently modified run directory under ``root`` with a config and a checkpoint."""
+    runs = [os.path.join(root, d) for d in sorted(os.listdir(root))] if os.path.isdir(root) else []
+    runs = [d for d in runs if _is_run(d)]
+    if not runs:
+        raise RunError(f"no trained run under {root}/ (train one with train.py, or pass --workdir)")
+    return max(runs, key=_mtime)
+
+
+def run_config(workdir: str, overrides=()) -> ConfigDict:
+    """The run's saved ``config.json`` over its named config's defaults, then ``overrides``.
+
+    Fields added to the configs after the run was trained take their defaults; ``derived``
+    (corpus, sha256, vocabulary size) is kept. Overrides may not change the trained model.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise RunError(f"{workdir}: not a trained run (no config.json); train one with train.py or pass --workdir")
+    with open(path) as f:
+        saved = json.load(f)
+    derived = saved.pop("derived", {})
+    config = get_config(saved["name"]) if saved.get("name") in NAMES else ConfigDict()
+    with config.ignore_type():
+        for key, value in saved.items():
+            config[key] = tuple(value) if isinstance(value, list) else value
+    before = {k: config.get(k) for k in MODEL_FIELDS}
+    apply_overrides(config, overrides)
+    changed = [k for k in MODEL_FIELDS if config.get(k) != before[k]]
+    if changed:
+        raise ConfigError(f"--set cannot change the trained model's {', '.join(changed)}")
+    config.derived = ConfigDict(derived)
+    return config
+
+
+def run_corpus(config) -> str:
+    """Where the run's training corpus was read from (absolute), else the config's ``data_dir``."""
+    corpus = config.derived.get("corpus", "") if "derived" in config else ""
+    return corpus if corpus == EMBEDDED or os.path.exists(corpus) else config.data_dir
+
+
+def load_vocab(workdir: str, config=None) -> Vocab:
+    path = os.path.join(workdir, "vocab.txt")
+    if not os.path.isfile(path):
+        raise RunError(f"{workdir}: no vocab.txt")
+    vocab = Vocab.load(path)
+    expected = config.derived.get("vocab_size") if config is not None and "derived" in config else None
+    if expected and expected != len(vocab):
+        raise RunError(f"{path} has {len(vocab)} words but the run was trained with {expected}")
+    return vocab
+
+
+def signature(config, vocab: Vocab, fingerprint: str | None = None, step: int | None = None) -> ModelSignature:
+    """What a datastore must match; without ``fingerprint`` the weights are not compared."""
+    return ModelSignature(dim=int(config.d_model), key_type=str(config.key_type),
+                          vocab_fingerprint=vocab.fingerprint(), vocab_size=len(vocab),
+                          fingerprint=fingerprint, step=step)
+
+
+# ---------------------------------------------------------------------------------
+# weights (imports JAX)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    cfg: object  # ModelConfig
+    graphdef: object
+    params: object  # nnx.State of the parameters, replicated over the mesh
+    step: int
+    source: str  # "best" or "checkpoints"
+    fingerprint: str
+
+    def model(self):
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, self.params)
+
+
+def params_fingerprint(params) -> str:
+    """sha256 over every parameter's path, dtype, shape and bytes: identifies trained weights."""
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}\n".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def load_model(workdir: str, config, vocab: Vocab) -> TrainedModel:
+    """Restore the run's best checkpoint (else its latest), parameters replicated over the mesh."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from knnlm_jax.checkpoint import CheckpointError, Checkpointer
+    from knnlm_jax.model import ModelConfig
+    from knnlm_jax.optim import make_optimizer
+    from knnlm_jax.training import abstract_model, make_mesh
+
+    cfg = ModelConfig.from_config(config, vocab_size=len(vocab))
+    graphdef, abstract = abstract_model(cfg)
+    replicated = NamedSharding(make_mesh(), P())
+
+    def placed(tree):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
+
+    best, latest = os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")
+    if has_checkpoint(best):
+        source, target = "best", {"params": abstract}
+    elif has_checkpoint(latest):  # the full training state: params, optimizer, step, rng
+        opt_state = jax.eval_shape(make_optimizer(config).init, abstract)
+        target = dict(params=abstract, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32),
+                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+        source = "checkpoints"
+    else:
+        raise CheckpointError(f"{workdir}: no checkpoint to load (train the model first)")
+    ckpt = Checkpointer(os.path.join(workdir, source))
+    step = ckpt.latest_step()
+    tree, _ = ckpt.restore(placed(target), step)
+    ckpt.close()
+    params = tree["params"]
+    return TrainedModel(cfg, graphdef, params, int(step), source, params_fingerprint(params))

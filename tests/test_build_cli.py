@@ -1,0 +1,101 @@
+"""build.py end to end (subprocesses): the default build, any corpus, --check, --index-only, user errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from test_cli import assert_user_error
+from test_datastore import make_run, write_corpus
+
+
+def build(*args, cwd, devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "build.py"), "--no-progress", *args],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def manifest(directory):
+    with open(os.path.join(directory, "manifest.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A directory with ``runs/tiny`` (a run) and, built by ``python build.py``, its ``train`` datastore."""
+    root = tmp_path_factory.mktemp("project")
+    make_run(write_corpus(root / "corpus", n_train=60), str(root / "runs" / "tiny"))
+    out = build(cwd=root)
+    assert out.returncode == 0, out.stderr
+    return root, out
+
+
+def test_no_arguments_build_the_latest_runs_training_corpus(project):
+    root, out = project
+    directory = root / "runs" / "tiny" / "datastores" / "train"
+    m = manifest(directory)
+    (tokens_path,) = (root / "runs" / "tiny" / "tokens").glob("train-*.npy")
+    tokens = np.load(tokens_path)
+    assert m["status"] == "complete" and m["num_entries"] == len(tokens) and m["corpus"] == str(root / "corpus")
+    np.testing.assert_array_equal(np.load(directory / "vals.npy"), tokens)
+    assert np.load(directory / "keys.npy").shape == (len(tokens), 16)
+    assert m["index"]["factory"] == "Flat" and (directory / "index.faiss").is_file()
+    assert f"datastore train: {len(tokens)} entries" in out.stdout
+
+
+def test_check_then_reindex(project):
+    root, _ = project
+    out = build("--check", "train", "--sample", "8", cwd=root, devices=2)  # recomputed on a 2-device mesh
+    assert out.returncode == 0, out.stderr
+    assert "datastore train ok" in out.stdout and "max difference 0)" in out.stdout  # bit-identical keys
+    out = build("--datastore", "train", "--index-only", "--index", "IVF4,PQ4", "--nprobe", "2", cwd=root)
+    assert out.returncode == 0, out.stderr
+    info = manifest(root / "runs" / "tiny" / "datastores" / "train")["index"]
+    assert (info["factory"], info["nprobe"], info["ntotal"]) == ("IVF4,PQ4", 2, info["ntotal"])
+
+
+def test_any_text_file_in_the_models_vocabulary(project):
+    root, _ = project
+    text = root / "notes.txt"
+    text.write_text(" the cat sat on zebra .\n the dog ran .\n")
+    out = build("--corpus", str(text), cwd=root)
+    assert out.returncode == 0, out.stderr
+    directory = root / "runs" / "tiny" / "datastores" / "notes"
+    m = manifest(directory)
+    assert (m["corpus"], m["num_entries"], m["status"]) == (str(text), 12, "complete")
+    vals = np.load(directory / "vals.npy")
+    assert vals[4] == 3 and vals[6] == vals[11] == 2  # zebra is <unk>; each line ends with </s>
+
+
+def test_bad_input_is_one_line_on_stderr(project, tmp_path):
+    root, _ = project
+    stores = root / "runs" / "tiny" / "datastores"
+    assert_user_error(build(cwd=root), "datastore train already exists", "--overwrite")
+    assert_user_error(build("--datastore", "x", "--corpus", str(root / "nowhere"), cwd=root),
+                      "no such data directory or file")
+    (root / "empty.txt").write_text("\n \n")
+    assert_user_error(build("--corpus", str(root / "empty.txt"), cwd=root), "empty")
+    assert_user_error(build(cwd=tmp_path), "no trained run")
+    assert_user_error(build("--index-only", "--set", "key_type=block_output", cwd=root),
+                      "key type 'ffn_input_after_ln' but the model's is 'block_output'")
+
+    def damaged(name, field=None, value=None, file_change=None):
+        shutil.copytree(stores / "train", stores / name)
+        if field:
+            m = manifest(stores / name)
+            m[field] = value
+            (stores / name / "manifest.json").write_text(json.dumps(m))
+        if file_change:
+            file_change(stores / name / "keys.npy")
+        return build("--datastore", name, "--index-only", cwd=root)
+
+    assert_user_error(damaged("dim", "dim", 32), "datastore dim has key dimension 32 but the model's is 16")
+    assert_user_error(damaged("vocab", "vocab_fingerprint", "0" * 64), "built with vocabulary 000000000000")
+    assert_user_error(damaged("missing", file_change=os.remove), "keys.npy is missing")
+    assert_user_error(damaged("short", file_change=lambda p: os.truncate(p, os.path.getsize(p) - 64)),
+                      "keys.npy is truncated")

@@ -1,0 +1,107 @@
+"""evaluate.py end to end: the table, results.json, plots and per-token files; bad input is one line on stderr."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from test_cli import assert_user_error
+from test_evaluation import tiny_project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return tiny_project(tmp_path_factory)
+
+
+def evaluate(project, *args, devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--no-progress", "--workdir",
+                           project.workdir, *args], capture_output=True, text=True, env=env, cwd=project.root,
+                          timeout=300)
+
+
+def evaluate_here(project, capsys, *args):
+    """``evaluate.main`` in this process (no JAX start-up): ``(exit status, stdout, stderr)``."""
+    import evaluate as cli
+
+    try:
+        status = cli.main(["--no-progress", "--workdir", project.workdir, *args])
+    except SystemExit as exit:
+        status = exit.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_tune_on_valid_report_on_test(project, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out = evaluate(project, "--datastore", "train", "--split", "test", "--k", "16", "--temperature", "auto",
+                   "--cache", "--cache-size", "8", "--cache-theta", "0.01,0.1", "--max-tokens", "150", "--show", "2",
+                   "--out", str(out_dir), devices=2)  # a 2-device mesh: the batch is sharded
+    assert out.returncode == 0, out.stderr
+    for line in ("base LM", "+kNN-LM ", "+cache", "+kNN-LM+cache", "tuned on valid", "neighbour 1", "context: ..."):
+        assert line in out.stdout, out.stdout
+    with open(out_dir / "results.json") as f:
+        r = json.load(f)
+    assert r["split"] == "test" and r["tokens"] == 150 and r["unit"] == "word"
+    assert [row["name"] for row in r["rows"]] == ["base LM", "+kNN-LM", "+cache", "+kNN-LM+cache"]
+    assert r["knn"]["lmbda_source"] == r["knn"]["temperature_source"] == "tuned on valid"
+    assert r["cache"]["cache"]["theta_source"] == "tuned on valid" and r["valid"]["tokens"] == 150
+    assert "evaluate.py" in r["command"] and r["config"]["key_type"] == "ffn_input_after_ln"
+    assert r["datastore_manifest"]["num_entries"] == project.store.size and len(r["examples"]) == 2
+    for name in ("sweep_k.json", "sweep_k.png", "sweep_lambda.json", "sweep_lambda.png", "logprobs-test.npz"):
+        assert (out_dir / name).stat().st_size > 0
+    change = r["rows"][1]["change_pct"]
+    assert change == pytest.approx(100 * (r["rows"][1]["ppl"] / r["rows"][0]["ppl"] - 1))
+    assert f"{change:+.1f}%" in out.stdout
+
+    # again in this process with lambda 0: the saved per-token files are reused and the LM is reproduced
+    status, stdout, stderr = evaluate_here(project, capsys, "--datastore", "train", "--split", "test", "--k", "16",
+                                           "--lmbda", "0", "--max-tokens", "150", "--out", str(out_dir))
+    assert status == 0, stderr
+    assert "reusing the per-token files" in stderr
+    with open(out_dir / "results.json") as f:
+        r0 = json.load(f)
+    assert r0["rows"][1]["ppl"] == r0["rows"][0]["ppl"] == r["rows"][0]["ppl"]
+    assert r0["valid"] is None  # nothing was tuned
+
+
+def test_bad_input_is_one_line_on_stderr(project, tmp_path, capsys):
+    assert_user_error(evaluate(project, "--datastore", "train", "--lmbda", "1.5"), "--lmbda 1.5", "[0, 1]")
+
+    def error(*args):
+        status, _, err = evaluate_here(project, capsys, *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+        return lines[0]
+
+    assert "--k 0" in error("--datastore", "train", "--k", "0")
+    assert "--lmbda 1.5" in error("--datastore", "train", "--lmbda", "1.5")
+    assert "--temperature 'hot'" in error("--datastore", "train", "--temperature", "hot")
+    assert "no datastore nope" in error("--datastore", "nope")
+    assert "bad datastore name" in error("--datastore", "../x")
+    no_test = tmp_path / "corpus"
+    shutil.copytree(project.data_dir, no_test)
+    os.remove(no_test / "test.txt")
+    assert "no test split" in error("--datastore", "train", "--split", "test", "--data_dir", str(no_test))
+    stores = os.path.join(project.workdir, "datastores")
+
+    def copy(name, **fields):
+        shutil.copytree(os.path.join(stores, "train"), os.path.join(stores, name), dirs_exist_ok=True)
+        path = os.path.join(stores, name, "manifest.json")
+        with open(path) as f:
+            m = json.load(f)
+        m.update(fields)
+        with open(path, "w") as f:
+            json.dump(m, f)
+
+    copy("other-keys", key_type="block_output")
+    assert "key type 'block_output' but the model's is 'ffn_input_after_ln'" in error("--datastore", "other-keys")
+    copy("unindexed", index=None)
+    assert "has no FAISS index" in error("--datastore", "unindexed")
+    copy("unfinished", status="building")
+    assert "unfinished" in error("--datastore", "unfinished")

@@ -1,0 +1,85 @@
+"""FAISS indexes: the automatic choice, exact self-retrieval, IVF-PQ, -1 ids, files."""
+
+import os
+
+import numpy as np
+import pytest
+
+from knnlm_jax import index as ix
+
+
+def keys_with_duplicates(n=600, dim=16, seed=0):
+    keys = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float16)
+    keys[10:20] = keys[0]  # repeated contexts give repeated keys
+    return keys
+
+
+def test_auto_factory_is_flat_when_small_and_the_papers_ivf_pq_when_large():
+    assert ix.auto_factory(1000, 16) == "Flat"
+    assert ix.auto_factory(ix.FLAT_MAX - 1, 1024) == "Flat"
+    assert ix.auto_factory(ix.FLAT_MAX, 1024) == "IVF2048,PQ64"  # 4 sqrt(200k) = 1789 -> 2048
+    assert ix.auto_factory(103_000_000, 1024) == "IVF4096,PQ64"  # the paper's WikiText-103 index
+    assert ix.auto_factory(2_000_000, 256) == "IVF4096,PQ64"
+    assert ix.auto_factory(1_000_000, 48) == "IVF4096,PQ48"  # code size divides the dimension
+    assert ix.auto_factory(1_000_000, 100) == "IVF4096,PQ50"
+
+
+def test_flat_index_returns_each_key_at_distance_zero():
+    keys = keys_with_duplicates()
+    index, info = ix.build_index(keys, progress=False)
+    assert info["factory"] == "Flat" and info["ntotal"] == len(keys) and info["trained_on"] == 0
+    ids = np.concatenate([[0, 15], np.random.default_rng(1).choice(len(keys), 30, replace=False)])
+    queries = keys[ids].astype(np.float32)
+    dists, found = ix.search(index, queries, 5)
+    assert dists.dtype == np.float32 and found.shape == (len(ids), 5)
+    np.testing.assert_array_equal(dists[:, 0], 0.0)
+    np.testing.assert_array_equal(keys[found[:, 0]].astype(np.float32), queries)  # the key itself or a duplicate
+    dup_dists, dup_ids = ix.search(index, keys[:1].astype(np.float32), 11)
+    assert set(dup_ids[0]) == {0, *range(10, 20)} and np.all(dup_dists[0] == 0.0)
+
+
+def test_fewer_than_k_results_come_back_as_minus_one():
+    keys = keys_with_duplicates(n=5)
+    index, _ = ix.build_index(keys, "Flat", progress=False)
+    dists, ids = ix.search(index, keys[:2], 8)
+    assert np.all(ids[:, 5:] == -1) and np.all(ids[:, :5] >= 0)  # left as they are: the evaluator masks them
+    assert np.all(dists[:, 5:] > 1e30)
+
+
+def test_ivf_pq_builds_searches_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 32)) * 4
+    keys = (centers[rng.integers(20, size=4000)] + rng.normal(size=(4000, 32))).astype(np.float16)
+    index, info = ix.build_index(keys, "IVF16,PQ8", nprobe=4, max_train=2000, progress=False)
+    assert (info["factory"], info["ntotal"], info["nprobe"], info["trained_on"]) == ("IVF16,PQ8", 4000, 4, 2000)
+    assert not ix.faiss.downcast_index(index).do_polysemous_training  # slow, and search does not use it
+    queries = keys[:50].astype(np.float32)
+    dists, ids = ix.search(index, queries, 10)
+    assert np.all(ids >= 0) and np.all(np.diff(dists, axis=1) >= 0)
+    assert np.mean(ids == np.arange(50)[:, None]) * 10 > 0.8  # the key itself is usually among the 10
+    path = str(tmp_path / "index.faiss")
+    ix.write_index(index, path)
+    assert os.listdir(tmp_path) == ["index.faiss"]  # written under .tmp, then renamed
+    again = ix.read_index(path, nprobe=4)
+    np.testing.assert_array_equal(ix.search(again, queries, 10)[1], ids)
+    wider = ix.search(again, queries, 10, nprobe=16)[0]
+    assert np.all(wider[:, 0] <= dists[:, 0] + 1e-3)  # more probes never find a worse nearest code
+
+
+def test_adding_in_chunks_from_a_float16_memmap(tmp_path, monkeypatch):
+    monkeypatch.setattr(ix, "ADD_CHUNK", 64)
+    keys = keys_with_duplicates(n=300)
+    path = tmp_path / "keys.npy"
+    np.save(path, keys)
+    index, info = ix.build_index(np.load(path, mmap_mode="r"), "Flat", progress=False)
+    assert index.ntotal == 300
+    np.testing.assert_array_equal(ix.search(index, keys[299:], 1)[1], [[299]])
+
+
+def test_bad_factories_are_one_line_value_errors():
+    keys = keys_with_duplicates(n=50)
+    for factory, message in (("Nonsense7", "could not parse"), ("IVF4,PQ5", "multiple of"),
+                             ("IVF64,Flat", "Number of training points")):
+        with pytest.raises(ValueError, match=message) as err:
+            ix.build_index(keys, factory, progress=False)
+        assert "\n" not in str(err.value)
