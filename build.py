@@ -31,6 +31,8 @@ def main(argv=None) -> int:
                         help="FAISS factory string, e.g. Flat or IVF4096,PQ64 (default: Flat below 200k keys, "
                              "else IVF-PQ as in the paper)")
     parser.add_argument("--nprobe", type=int, default=None, help="inverted lists to probe (default 32)")
+    parser.add_argument("--no-index", action="store_true", help="build keys and values only (index later with "
+                                                                "--index-only)")
     parser.add_argument("--check", default=None, metavar="NAME",
                         help="verify datastore NAME: files against the manifest, every value, a sample of keys")
     parser.add_argument("--sample", type=int, default=64, help="entries whose keys --check recomputes")
@@ -95,7 +97,7 @@ def build(args, config, workdir, vocab, directory) -> int:
           f"{data.corpus} {data.split}; model step {trained.step} ({trained.source}); "
           f"LM perplexity on these entries {perplexity(manifest):.2f}")
     store = open_checked(directory, config, vocab, trained)
-    return index(args, store)
+    return 0 if args.no_index else index(args, store)
 
 
 def open_checked(directory, config, vocab, trained=None):

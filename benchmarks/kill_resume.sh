@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data/wikitext-2}
-KILL_AFTER=${1:-240}
-SHORT=(--set max_steps=150 --set checkpoint_every=50 --set eval_every=75 --set warmup_steps=20
-       --set max_eval_tokens=60000)
+KILL_AFTER=${1:-150}
+SHORT=(--set max_steps=100 --set checkpoint_every=25 --set eval_every=50 --set warmup_steps=20
+       --set max_eval_tokens=30000)
 cmd=($PY train.py --config wt2 --data_dir "$DATA" --no-progress "${SHORT[@]}")
 rm -rf runs/wt2-ref runs/wt2-kill
 
@@ -28,7 +28,7 @@ ref = [r for r in read_jsonl("runs/wt2-ref/metrics.jsonl") if r.get("event") == 
 kill = [r for r in read_jsonl("runs/wt2-kill/metrics.jsonl") if r.get("event") == "end"][-1]
 resumed = [l for l in open("runs/wt2-kill.2.log") if l.startswith("resumed from step")]
 rel = abs(kill["valid_ppl"] - ref["valid_ppl"]) / ref["valid_ppl"]
-out = {"shortened_with": "--set max_steps=150 --set checkpoint_every=50 --set eval_every=75 --set warmup_steps=20 --set max_eval_tokens=60000",
+out = {"shortened_with": "--set max_steps=100 --set checkpoint_every=25 --set eval_every=50 --set warmup_steps=20 --set max_eval_tokens=30000",
        "log_records_before_kill": int(sys.argv[1]), "resume_message": resumed[0].strip() if resumed else None,
        "uninterrupted_valid_ppl": ref["valid_ppl"], "killed_and_resumed_valid_ppl": kill["valid_ppl"],
        "relative_difference": rel}
