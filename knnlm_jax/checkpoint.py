@@ -6,6 +6,7 @@ dict of metadata (data position, best valid perplexity, ...).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -36,11 +37,16 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree), meta=ocp.args.JsonRestore())
+        absl = logging.getLogger("absl")  # orbax logs damaged files itself; our error says it in one line
+        level = absl.level
+        absl.setLevel(logging.CRITICAL)
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as err:  # orbax raises many types for damaged files
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable: {msg}") from None
+        finally:
+            absl.setLevel(level)
         return restored["state"], dict(restored["meta"])
 
     def close(self) -> None:
