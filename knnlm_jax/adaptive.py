@@ -198,3 +198,31 @@ def band_capacities(targets, edges, mask=None, granularity: int | None = None) -
         count = int(in_band.reshape(len(per_micro), -1).sum(axis=1).max())
         caps.append(min(n, -(-count // g) * g))
     return tuple(caps)
+
+
+def block_band_counts(targets_NBxL, edges, mask_NBxL=None):
+    """``NB x tails`` int64: how many targets of each block fall in each tail band (host NumPy)."""
+    import numpy as np
+
+    targets = np.asarray(targets_NBxL)
+    counts = []
+    for lo, hi in zip(edges[1:-1], edges[2:]):
+        in_band = (targets >= lo) & (targets < hi)
+        if mask_NBxL is not None:
+            in_band &= np.asarray(mask_NBxL, bool)
+        counts.append(in_band.sum(axis=-1))
+    return np.stack(counts, axis=-1).astype(np.int64) if counts else np.zeros((len(targets), 0), np.int64)
+
+
+def capacities_for_batches(counts_NBxH, batches_SxB, positions: int, granularity: int | None = None):
+    """One capacity per tail band that fits every batch (rows of block ids): a single compiled shape.
+
+    Rounded like :func:`band_capacities` (multiples of ``positions // 16``).
+    """
+    import numpy as np
+
+    g = granularity or max(8, positions // 16)
+    if counts_NBxH.shape[1] == 0:
+        return ()
+    worst_H = counts_NBxH[np.asarray(batches_SxB)].sum(axis=1).max(axis=0)
+    return tuple(int(min(positions, -(-int(c) // g) * g)) for c in worst_H)

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from knnlm_jax import corpus
-from knnlm_jax.adaptive import band_capacities, band_edges
+from knnlm_jax.adaptive import band_edges, block_band_counts, capacities_for_batches
 from knnlm_jax.checkpoint import Checkpointer, abstract_like
 from knnlm_jax.data import BatchOrder, lm_blocks
 from knnlm_jax.model import ModelConfig, TransformerLM
@@ -86,7 +86,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
             step=state["step"] + 1,
             rng=state["rng"],
         )
-        return new_state, {"loss": loss_sum / n_tokens, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss_sum / n_tokens, "grad_norm": optax.tree.norm(grads)}
 
     return step
 
@@ -114,6 +114,9 @@ def evaluate(eval_step, params, blocks, batch_size: int, mesh, edges, max_tokens
         keep = -(-max_tokens // inputs.shape[1])
         inputs, targets, mask = inputs[:keep], targets[:keep], mask[:keep]
     n = len(inputs)
+    counts = block_band_counts(targets, edges, mask)
+    caps = capacities_for_batches(counts, np.arange(n + (-n) % batch_size).reshape(-1, batch_size) % n,
+                                  batch_size * inputs.shape[1])
     pad = (-n) % batch_size
     if pad:
         inputs = np.concatenate([inputs, np.zeros((pad, inputs.shape[1]), inputs.dtype)])
@@ -122,7 +125,6 @@ def evaluate(eval_step, params, blocks, batch_size: int, mesh, edges, max_tokens
     sharding = NamedSharding(mesh, P("data", None))
     nll, count = 0.0, 0
     for i in range(0, len(inputs), batch_size):
-        caps = band_capacities(targets[i : i + batch_size], edges, mask[i : i + batch_size])
         batch = [jax.device_put(a[i : i + batch_size], sharding) for a in (inputs, targets, mask)]
         s, c = eval_step(params, *batch, caps)
         nll += float(s)
@@ -230,6 +232,7 @@ def train(config, workdir: str, *, progress: bool = True, log=print) -> dict:
 
     L = config.tokens_per_sample
     train_in, train_tgt, _ = lm_blocks(data.train_ids, L, data.vocab.eos, pad_last=False)
+    train_counts = block_band_counts(train_tgt, band_edges(cfg.vocab_size, cfg.cutoffs))
     valid_blocks = lm_blocks(data.valid_ids, L, data.vocab.eos, pad_last=True)
     order = BatchOrder(len(train_in), config.batch_size * config.update_freq, config.seed)
 
@@ -276,7 +279,7 @@ def train(config, workdir: str, *, progress: bool = True, log=print) -> dict:
     for step in range(start_step, config.max_steps):
         idx = order.indices(step)
         targets_np = train_tgt[idx].reshape(F, B, L)
-        caps = band_capacities(targets_np, edges)
+        caps = epoch_capacities(order, train_counts, order.position(step)[0], B, L)
         inputs = jax.device_put(train_in[idx].reshape(F, B, L), batch_sharding)
         targets = jax.device_put(targets_np, batch_sharding)
         state, metrics = train_step(state, inputs, targets, caps)
@@ -326,6 +329,21 @@ def train(config, workdir: str, *, progress: bool = True, log=print) -> dict:
     }
     _append_jsonl(metrics_path, dict(result, step=int(state["step"]), event="end", time=time.time()))
     return result
+
+
+def epoch_capacities(order: BatchOrder, counts_NBxH, epoch: int, batch_size: int, length: int):
+    """Tail capacities covering every micro-batch of an epoch: one compiled step per epoch at most.
+
+    A function of the epoch's permutation only, so a resumed run uses the same shapes
+    (the tails' dropout masks depend on them).
+    """
+    key = (epoch, id(counts_NBxH))
+    if getattr(order, "_caps_key", None) != key:
+        first = epoch * order.steps_per_epoch
+        blocks = np.concatenate([order.indices(s) for s in range(first, first + order.steps_per_epoch)])
+        order._caps_key, order._caps = key, capacities_for_batches(
+            counts_NBxH, blocks.reshape(-1, batch_size), batch_size * length)
+    return order._caps
 
 
 def count_params_of(params) -> int:
