@@ -218,26 +218,41 @@ class DatastoreWriter:
         self._create(header)
 
     def _open(self, manifest: dict) -> bool:
-        """Reopen the memmaps of an unfinished build; ``False`` when they are unusable."""
+        """Reopen the files of an unfinished build; ``False`` when they are unusable."""
         try:
-            self.keys = np.load(os.path.join(self.directory, KEYS), mmap_mode="r+")
-            self.vals = np.load(os.path.join(self.directory, VALS), mmap_mode="r+")
+            keys = np.load(os.path.join(self.directory, KEYS), mmap_mode="r")
+            vals = np.load(os.path.join(self.directory, VALS), mmap_mode="r")
         except (OSError, ValueError):
             return False
         n, d = manifest["num_entries"], manifest["dim"]
-        return (self.keys.shape, self.keys.dtype, self.vals.shape, self.vals.dtype) == (
-            (n, d), np.dtype(KEY_DTYPE), (n,), np.dtype(VAL_DTYPE))
+        ok = (keys.shape, keys.dtype, vals.shape, vals.dtype) == ((n, d), np.dtype(KEY_DTYPE), (n,), np.dtype(VAL_DTYPE))
+        if ok:
+            self._attach(keys, vals)
+        return ok
 
     def _create(self, header: dict) -> None:
         os.makedirs(self.directory, exist_ok=True)
         _remove(self.directory, MANIFEST, INDEX, KEYS, VALS)  # the manifest first: nothing looks complete
         n, d = int(header["num_entries"]), int(header["dim"])
-        self.keys = np.lib.format.open_memmap(os.path.join(self.directory, KEYS), "w+", KEY_DTYPE, (n, d))
-        self.vals = np.lib.format.open_memmap(os.path.join(self.directory, VALS), "w+", VAL_DTYPE, (n,))
+        keys = np.lib.format.open_memmap(os.path.join(self.directory, KEYS), "w+", KEY_DTYPE, (n, d))
+        vals = np.lib.format.open_memmap(os.path.join(self.directory, VALS), "w+", VAL_DTYPE, (n,))
+        self._attach(keys, vals)
         self.manifest = {"format_version": FORMAT_VERSION, **header, "dtype": np.dtype(KEY_DTYPE).name,
                          "status": "building", "progress": 0, "lm_nll_sum": 0.0, "index": None,
                          "created": time.time()}
         write_manifest(self.directory, self.manifest)
+
+    def _attach(self, keys_memmap, vals_memmap) -> None:
+        """Keep the ``.npy`` layout (shape, data offsets) and write through file descriptors.
+
+        Positional writes instead of memmap stores keep written pages out of this process's
+        resident set, so memory does not grow with N.
+        """
+        self.n, self.dim = keys_memmap.shape
+        self._key_offset, self._val_offset = keys_memmap.offset, vals_memmap.offset
+        del keys_memmap, vals_memmap
+        self._keys_fd = os.open(os.path.join(self.directory, KEYS), os.O_RDWR)
+        self._vals_fd = os.open(os.path.join(self.directory, VALS), os.O_RDWR)
 
     @property
     def progress(self) -> int:
@@ -246,23 +261,32 @@ class DatastoreWriter:
     def append(self, keys_nxD: np.ndarray, vals_n: np.ndarray, nll_sum: float = 0.0) -> None:
         """Write the next ``n`` entries, flush, then advance ``progress`` in the manifest."""
         start, n = self.progress, len(vals_n)
-        if start + n > len(self.vals) or keys_nxD.shape != (n, self.keys.shape[1]):
-            raise ValueError(f"chunk of {n} entries (keys {keys_nxD.shape}) does not fit at {start} "
-                             f"of {len(self.vals)}")
-        self.keys[start : start + n] = keys_nxD
-        self.vals[start : start + n] = vals_n
-        self.keys.flush()
-        self.vals.flush()
+        if start + n > self.n or keys_nxD.shape != (n, self.dim):
+            raise ValueError(f"chunk of {n} entries (keys {keys_nxD.shape}) does not fit at {start} of {self.n}")
+        key_bytes = np.ascontiguousarray(keys_nxD, KEY_DTYPE).tobytes()
+        val_bytes = np.ascontiguousarray(vals_n, VAL_DTYPE).tobytes()
+        _pwrite_all(self._keys_fd, key_bytes, self._key_offset + start * self.dim * np.dtype(KEY_DTYPE).itemsize)
+        _pwrite_all(self._vals_fd, val_bytes, self._val_offset + start * np.dtype(VAL_DTYPE).itemsize)
+        os.fdatasync(self._keys_fd)
+        os.fdatasync(self._vals_fd)
         self.manifest.update(progress=start + n, lm_nll_sum=self.manifest["lm_nll_sum"] + float(nll_sum))
         write_manifest(self.directory, self.manifest)
 
     def finish(self) -> dict:
-        if self.progress != len(self.vals):
-            raise DatastoreError(f"datastore {self.name}: {self.progress} of {len(self.vals)} entries written")
+        if self.progress != self.n:
+            raise DatastoreError(f"datastore {self.name}: {self.progress} of {self.n} entries written")
         self.manifest["status"] = "complete"
         write_manifest(self.directory, self.manifest)
-        del self.keys, self.vals  # close the memmaps
+        os.close(self._keys_fd)
+        os.close(self._vals_fd)
         return self.manifest
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 # ---------------------------------------------------------------------------------
