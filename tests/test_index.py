@@ -17,11 +17,12 @@ def keys_with_duplicates(n=600, dim=16, seed=0):
 def test_auto_factory_is_flat_when_small_and_the_papers_ivf_pq_when_large():
     assert ix.auto_factory(1000, 16) == "Flat"
     assert ix.auto_factory(ix.FLAT_MAX - 1, 1024) == "Flat"
-    assert ix.auto_factory(ix.FLAT_MAX, 1024) == "IVF2048,PQ64"  # 4 sqrt(200k) = 1789 -> 2048
+    assert ix.auto_factory(ix.FLAT_MAX, 1024) == "IVF1024,PQ64"  # 2 sqrt(200k) = 894 -> 1024
     assert ix.auto_factory(103_000_000, 1024) == "IVF4096,PQ64"  # the paper's WikiText-103 index
-    assert ix.auto_factory(2_000_000, 256) == "IVF4096,PQ64"
-    assert ix.auto_factory(1_000_000, 48) == "IVF4096,PQ48"  # code size divides the dimension
-    assert ix.auto_factory(1_000_000, 100) == "IVF4096,PQ50"
+    assert ix.auto_factory(2_088_628, 256) == "IVF2048,PQ64"  # WikiText-2 train: 2 sqrt(N) = 2890
+    assert ix.auto_factory(1_000_000, 48) == "IVF2048,PQ48"  # code size divides the dimension
+    assert ix.auto_factory(1_000_000, 100) == "IVF2048,PQ50"
+    assert ix.auto_factory(5_000_000, 256) == "IVF4096,PQ64"
 
 
 def test_flat_index_returns_each_key_at_distance_zero():
