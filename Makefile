@@ -14,8 +14,12 @@ $(STAMP): requirements.txt
 
 install: $(STAMP)
 
+# the whole pipeline on the embedded corpus: train `tiny`, build its training-set datastore
+# and index, evaluate test with lambda and T tuned on valid, with the continuous cache
 demo: $(STAMP)
 	$(BIN)/python train.py --config tiny --workdir runs/demo --overwrite
+	$(BIN)/python build.py --workdir runs/demo --overwrite
+	$(BIN)/python evaluate.py --workdir runs/demo --datastore train --split test --temperature auto --cache --show 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import time
 
 import faiss
@@ -80,6 +81,8 @@ def build_index(keys_NxD: np.ndarray, factory: str | None = None, *, nprobe: int
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(n, max_train), replace=False))
+        if progress:
+            print(f"training {factory} on {len(sample):,} sampled keys", file=sys.stderr, flush=True)
         try:
             index.train(np.ascontiguousarray(keys_NxD[sample], dtype=np.float32))
         except RuntimeError as err:
