@@ -19,7 +19,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python train.py --config tiny --workdir runs/demo --overwrite
 	$(BIN)/python build.py --workdir runs/demo --overwrite
-	$(BIN)/python evaluate.py --workdir runs/demo --datastore train --split test --temperature auto --cache --show 3
+	$(BIN)/python evaluate.py --workdir runs/demo --datastore train --split test --cache --show 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

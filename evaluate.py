@@ -3,7 +3,7 @@
 
   python evaluate.py --datastore train                      # valid split, lambda tuned on valid
   python evaluate.py --datastore train --split test         # tune on valid, report on test
-  python evaluate.py --datastore train --lmbda 0.25 --temperature auto --cache --show 5
+  python evaluate.py --datastore train --lmbda 0.25 --temperature 1 --cache --show 5
 
 The run is --workdir, else runs/<--config>, else the latest run; the datastore is
 <workdir>/datastores/<NAME>. "auto" parameters are tuned on the valid split (never on
@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=1024, help="neighbours per query (default 1024)")
     parser.add_argument("--lmbda", "--lambda", dest="lmbda", default="auto",
                         help="interpolation weight of p_kNN in [0, 1], or auto: tuned on valid (default)")
-    parser.add_argument("--temperature", default="1.0", help="softmax temperature of -distance, or auto (default 1)")
+    parser.add_argument("--temperature", default="auto",
+                        help="softmax temperature of -distance (the paper: 1), or auto: tuned on valid (default)")
     parser.add_argument("--nprobe", type=int, default=None, help="inverted lists to probe (default: the index's)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--exact", dest="exact", action="store_true", default=True,

@@ -42,12 +42,12 @@ from knnlm_jax.cache import cache_target_log_prob
 from knnlm_jax.datastore import token_stream, window_batch, windows
 from knnlm_jax.eval_settings import (CACHE_THETAS, LAMBDAS, TEMPERATURES, EvaluationError, Settings,  # noqa: F401
                                      drop_self_for, eval_window_sizes, own_text, perplexity)
-from knnlm_jax.knn import interpolate, knn_target_log_prob, neighbour_log_weights, squared_l2
+from knnlm_jax.knn import interpolate, knn_target_log_prob, neighbour_log_weights
 from knnlm_jax.model import forward_with_keys
 
 FILES_FORMAT = 1
 META = "meta.json"
-RERANK_BYTES = 128 << 20  # stored keys gathered per exact re-ranking call
+RERANK_BYTES = 32 << 20  # stored (float16) keys gathered per exact re-ranking call
 MIX_ROWS = 8192  # tokens per mixing chunk (times K neighbours)
 
 
@@ -94,28 +94,21 @@ def make_eval_step(graphdef, key_type: str | None, thetas: tuple, cache_size: in
     return jax.jit(step, static_argnums=4)
 
 
-_exact_l2 = jax.jit(squared_l2)
-
-
 def rerank(keys_NxD, queries_QxD: np.ndarray, ids_QxK: np.ndarray, found_QxK: np.ndarray, rows: int) -> np.ndarray:
     """Exact squared L2 (float32) of each query to its candidates' stored keys; ``inf`` where not found.
 
-    Candidates are gathered from the (float16) key memmap ``rows`` queries at a time; every
-    call has one shape, so this compiles once.
+    Candidates are gathered from the (float16) key memmap ``rows`` queries at a time and
+    compared on the host (NumPy), as ``sum((key - query)**2)`` (no cancellation).
     """
     q, k = ids_QxK.shape
-    d = keys_NxD.shape[1]
-    results = []
+    out = np.empty((q, k), np.float32)
     for c in range(0, q, rows):
         ids = np.where(found_QxK[c : c + rows], ids_QxK[c : c + rows], 0)
         m = len(ids)
-        queries = np.zeros((rows, d), np.float32)
-        queries[:m] = queries_QxD[c : c + rows]
-        cand = np.zeros((rows, k, d), keys_NxD.dtype)
-        cand[:m] = np.asarray(keys_NxD[ids.reshape(-1)]).reshape(m, k, d)
-        results.append((m, _exact_l2(queries, cand)))  # dispatched; the next gather overlaps it
-    dists = np.concatenate([np.asarray(r)[:m] for m, r in results]) if results else np.zeros((0, k), np.float32)
-    return np.where(found_QxK, dists, np.inf).astype(np.float32)
+        diff_MxKxD = faiss_index.as_float32(keys_NxD[ids.reshape(-1)]).reshape(m, k, -1)
+        diff_MxKxD -= np.asarray(queries_QxD[c : c + rows], np.float32)[:, None, :]
+        out[c : c + m] = np.einsum("mkd,mkd->mk", diff_MxKxD, diff_MxKxD)
+    return np.where(found_QxK, out, np.inf).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -416,12 +409,23 @@ def tune(base_N, others_GxN, lambdas, labels) -> dict:
                       "ppl": np.exp(table).tolist()})
 
 
-def tune_knn(files: TokenFiles, lambdas=LAMBDAS, temperatures=TEMPERATURES, k: int | None = None) -> dict:
-    """λ and T of least perplexity on ``files`` (valid), over the grids (pass one value to fix one)."""
+def tune_knn(files: TokenFiles, lambdas=LAMBDAS, temperatures=TEMPERATURES, k: int | None = None,
+             refine: int = 3) -> dict:
+    """λ and T of least perplexity on ``files`` (valid), over the grids (pass one value to fix one).
+
+    With several temperatures (a geometric grid), the best is then refined on a grid
+    ``2**(1/8)`` times finer around it (``refine`` points each side), reported as ``fine_grid``.
+    """
     temperatures = tuple(float(t) for t in temperatures)
-    knn = knn_log_probs(files, temperatures, k)
-    best = tune(files.logp_lm, knn, tuple(lambdas), temperatures)
-    return dict(lmbda=best["lmbda"], temperature=best["label"], ppl=best["ppl"], grid=best["grid"])
+    best = tune(files.logp_lm, knn_log_probs(files, temperatures, k), tuple(lambdas), temperatures)
+    result = dict(lmbda=best["lmbda"], temperature=best["label"], ppl=best["ppl"], grid=best["grid"])
+    if len(temperatures) > 1 and refine > 0:
+        fine = tuple(best["label"] * 2 ** (j / 8) for j in range(-refine, refine + 1) if j)
+        better = tune(files.logp_lm, knn_log_probs(files, fine, k), tuple(lambdas), fine)
+        result["fine_grid"] = better["grid"]
+        if better["ppl"] < best["ppl"]:
+            result.update(lmbda=better["lmbda"], temperature=better["label"], ppl=better["ppl"])
+    return result
 
 
 def tune_cache(base_N, cache_NxH, thetas, lambdas=LAMBDAS) -> dict:
@@ -638,7 +642,7 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
         knn.update(lmbda=best["lmbda"], temperature=best["temperature"],
                    lmbda_source="tuned on valid" if settings.lmbda is None else "given",
                    temperature_source="tuned on valid" if settings.temperature is None else "given")
-        valid_report["knn"] = dict(ppl=best["ppl"], grid=best["grid"])
+        valid_report["knn"] = dict(ppl=best["ppl"], grid=best["grid"], fine_grid=best.get("fine_grid"))
     else:
         knn.update(lmbda=settings.lmbda, temperature=settings.temperature, lmbda_source="given",
                    temperature_source="given")

@@ -61,7 +61,8 @@ def test_tune_on_valid_report_on_test(project, tmp_path, capsys):
 
     # again in this process with lambda 0: the saved per-token files are reused and the LM is reproduced
     status, stdout, stderr = evaluate_here(project, capsys, "--datastore", "train", "--split", "test", "--k", "16",
-                                           "--lmbda", "0", "--max-tokens", "150", "--out", str(out_dir))
+                                           "--lmbda", "0", "--temperature", "1", "--max-tokens", "150",
+                                           "--out", str(out_dir))
     assert status == 0, stderr
     assert "reusing the per-token files" in stderr
     with open(out_dir / "results.json") as f:

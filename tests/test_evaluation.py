@@ -168,9 +168,12 @@ def check_cache_against_reference(ev, files, tokens, thetas, size, window=16, co
 def test_tuning_picks_the_best_grid_point_on_valid(ev, tmp_path):
     files = run_tokens(ev, tmp_path, ev.splits["valid"][1][:200], k=32)
     best = tune_knn(files)
-    grid = np.array(best["grid"]["ppl"])
-    assert best["ppl"] == pytest.approx(grid.min(), rel=1e-12) and best["ppl"] <= grid.min()
-    assert best["lmbda"] in evaluation.LAMBDAS and best["temperature"] in evaluation.TEMPERATURES
+    grid, fine = np.array(best["grid"]["ppl"]), np.array(best["fine_grid"]["ppl"])
+    assert best["ppl"] == pytest.approx(min(grid.min(), fine.min()), rel=1e-12) and best["ppl"] <= grid.min()
+    coarse_t = best["grid"]["labels"][int(np.argmin(grid.min(axis=1)))]
+    assert all(coarse_t / 2**0.5 < t < coarse_t * 2**0.5 for t in best["fine_grid"]["labels"])  # between neighbours
+    assert best["lmbda"] in evaluation.LAMBDAS
+    assert best["temperature"] in evaluation.TEMPERATURES + tuple(best["fine_grid"]["labels"])
     recomputed = perplexity(mix(files.logp_lm, knn_log_probs(files, [best["temperature"]])[0], best["lmbda"]))
     assert recomputed == pytest.approx(best["ppl"], rel=1e-5)
     for lam in (0.0, 0.1, 0.5, 0.9, 1.0):

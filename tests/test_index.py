@@ -84,3 +84,12 @@ def test_bad_factories_are_one_line_value_errors():
         with pytest.raises(ValueError, match=message) as err:
             ix.build_index(keys, factory, progress=False)
         assert "\n" not in str(err.value)
+
+
+def test_as_float32_decodes_float16_exactly():
+    keys = np.random.default_rng(0).standard_normal((37, 12)).astype(np.float16)
+    keys[0, :3] = [np.inf, -0.0, 6.1e-5]  # non-finite, signed zero, subnormal
+    got = ix.as_float32(keys)
+    assert got.dtype == np.float32 and got.shape == (37, 12)
+    np.testing.assert_array_equal(got, keys.astype(np.float32))
+    assert ix.as_float32(keys[:0]).shape == (0, 12)
