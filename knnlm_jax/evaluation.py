@@ -56,13 +56,14 @@ MIX_ROWS = 8192  # tokens per mixing chunk (times K neighbours)
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(graphdef, key_type: str | None, thetas: tuple, cache_size: int, rows: int):
+def make_eval_step(graphdef, key_type: str | None, thetas: tuple, cache_size: int, rows: int, cache_from: int = 0):
     """Jitted ``(params, inputs, targets, mask, capacities) -> dict`` of the ``rows`` first masked positions.
 
     ``logp`` (rows), ``keys`` (rows x D float32, when ``key_type``), ``cache`` (rows x H,
     log p_cache of the target for each θ in ``thetas`` over the previous ``cache_size``
-    positions of the window, from the softmax input states). Masked positions are taken
-    in row-major order: the windows' spans in stream order.
+    positions of the window, from the softmax input states). The cache is computed only
+    for window positions ``>= cache_from`` (the caller guarantees no masked position
+    before it). Masked positions are taken in row-major order: the spans in stream order.
     """
 
     def step(params, inputs_BxL, targets_BxL, mask_BxL, capacities):
@@ -85,9 +86,11 @@ def make_eval_step(graphdef, key_type: str | None, thetas: tuple, cache_size: in
 
             def row(args):
                 h_LxD, targets_L, vals_L = args
-                return cache_target_log_prob(h_LxD, pos_L, targets_L, h_LxD, vals_L, pos_L, thetas_H, cache_size)
+                return cache_target_log_prob(h_LxD[cache_from:], pos_L[cache_from:], targets_L[cache_from:], h_LxD,
+                                             vals_L, pos_L, thetas_H, cache_size)
 
-            cache_BxLxH = jax.lax.map(row, (states[-1], targets_BxL, mem_vals_BxL))
+            cache_BxSxH = jax.lax.map(row, (states[-1], targets_BxL, mem_vals_BxL))
+            cache_BxLxH = jnp.full((b, length, len(thetas)), -jnp.inf, jnp.float32).at[:, cache_from:].set(cache_BxSxH)
             out["cache"] = cache_BxLxH.reshape(b * length, -1)[flat_R]
         return out
 
@@ -202,7 +205,9 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
     caps = capacities or build_capacities(tokens_N, windows_Wx3, batch_size, edges, window)
     rows = min(batch_size * window, window + (batch_size - 1) * (window - context))  # most targets in one batch
     thetas = tuple(float(t) for t in cache_thetas)
-    step = make_eval_step(trained.graphdef, key_type if searching else None, thetas, int(cache_size), rows)
+    steps = {first: make_eval_step(trained.graphdef, key_type if searching else None, thetas, int(cache_size), rows,
+                                   0 if first or not thetas else context)
+             for first in (True, False)}  # later windows score only positions >= context: the cache skips the rest
     stream = token_stream(tokens_N, eos)
 
     tmp = directory + ".tmp"
@@ -226,6 +231,10 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
 
     def dispatch(batch_Wx3):
         inputs, targets, mask = window_batch(stream, batch_Wx3, window, eos, rows=batch_size)
+        first = bool((batch_Wx3[:, 1] == 0).any())  # the split's first window scores all its positions
+        if not first and mask[:, :context].any():
+            raise RuntimeError("a later window scores a position before its context")
+        step = steps[first]
         result = step(trained.params, *(jax.device_put(a, sharding) for a in (inputs, targets, mask)), caps)
         return result, int(mask.sum())
 
