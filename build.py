@@ -67,21 +67,13 @@ def default_name(args) -> str:
     return os.path.splitext(base)[0] if os.path.isfile(args.corpus) else f"{base}-{args.split}"
 
 
-def corpus_tokens(workdir, vocab, source, split):
-    """``(Split, int32 tokens)`` of a corpus in the model's vocabulary (cached in the run's ``tokens/``)."""
-    from knnlm_jax import corpus
-
-    data = corpus.read_split(source, split)
-    return data, corpus.load_tokens(os.path.join(workdir, "tokens"), data, vocab)
-
-
 def build(args, config, workdir, vocab, directory) -> int:
     from knnlm_jax import runs
     from knnlm_jax.datastore import check_writable
 
     check_writable(directory, args.overwrite)  # before paying for the model
     source = args.corpus if args.corpus is not None else (args.data_dir or runs.run_corpus(config))
-    data, tokens = corpus_tokens(workdir, vocab, source, args.split)
+    data, tokens = runs.split_tokens(workdir, vocab, source, args.split)
 
     from knnlm_jax.building import build_datastore, perplexity, window_sizes
 
@@ -126,7 +118,7 @@ def check(args, config, workdir, vocab) -> int:
     directory = datastore_dir(workdir, args.check)
     store = open_checked(directory, config, vocab)  # files and shapes against the manifest, model fields
     m = store.manifest
-    data, tokens = corpus_tokens(workdir, vocab, m["corpus"], m["split"])
+    data, tokens = runs.split_tokens(workdir, vocab, m["corpus"], m["split"])
     if data.sha256 != m["corpus_sha256"]:
         raise DatastoreError(f"datastore {args.check} was built from a different version of {m['corpus']} {m['split']}")
     if store.index_path:

@@ -102,7 +102,7 @@ def find_datastore(workdir: str, name: str) -> str:
 
 
 def evaluate(args) -> int:
-    from knnlm_jax import corpus, runs
+    from knnlm_jax import runs
     from knnlm_jax.cli import load_run
     from knnlm_jax.datastore import DatastoreError, open_datastore
 
@@ -120,8 +120,7 @@ def evaluate(args) -> int:
     wanted = [args.split] + (["valid"] if settings.tunes and args.split != "valid" else [])
     splits = {}
     for split in wanted:
-        data = corpus.read_split(source, split)
-        splits[split] = (data, corpus.load_tokens(os.path.join(workdir, "tokens"), data, vocab))
+        splits[split] = runs.split_tokens(workdir, vocab, source, split)
 
     from knnlm_jax import evaluation
     from knnlm_jax.index import read_index

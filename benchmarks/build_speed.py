@@ -32,18 +32,17 @@ def main() -> int:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
-    from knnlm_jax import corpus, runs
+    from knnlm_jax import runs
     from knnlm_jax.building import KeyComputer, build_capacities, build_datastore, window_sizes
     from knnlm_jax.datastore import windows
     from knnlm_jax.report import write_json
 
     config = runs.run_config(args.workdir)
     vocab = runs.load_vocab(args.workdir, config)
-    data = corpus.read_split(args.data_dir or runs.run_corpus(config), "train")
-    tokens = corpus.load_tokens(os.path.join(args.workdir, "tokens"), data, vocab)[: args.tokens]
+    data, tokens = runs.split_tokens(args.workdir, vocab, args.data_dir or runs.run_corpus(config), "train")
+    tokens = tokens[: args.tokens]
     trained = runs.load_model(args.workdir, config, vocab)
     window, context = window_sizes(config)
     batch = config.eval_batch_size

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import jax
 
-    from knnlm_jax import corpus, runs
+    from knnlm_jax import runs
     from knnlm_jax import index as faiss_index
     from knnlm_jax.adaptive import band_edges
     from knnlm_jax.building import build_capacities
@@ -63,8 +63,7 @@ def run(args) -> int:
         raise ValueError(f"datastore {store.name} has no FAISS index")
     index = faiss_index.read_index(store.index_path)
     nprobe = args.nprobe or (store.manifest.get("index") or {}).get("nprobe")
-    data = corpus.read_split(runs.run_corpus(config), args.split)
-    tokens = corpus.load_tokens(os.path.join(args.workdir, "tokens"), data, vocab)
+    _, tokens = runs.split_tokens(args.workdir, vocab, runs.run_corpus(config), args.split)
     tokens = tokens[: args.max_tokens] if args.max_tokens else tokens
     window, context = eval_window_sizes(config)
     batch_size = args.batch_size or config.eval_batch_size

@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "exact_vs_approximate_wt2.json"))
     args = parser.parse_args()
 
-    from knnlm_jax import corpus, runs
+    from knnlm_jax import runs
     from knnlm_jax import index as faiss_index
     from knnlm_jax.datastore import datastore_dir, open_datastore
     from knnlm_jax.evaluation import eval_window_sizes, evaluate_tokens, knn_log_probs, mix, tune_knn
@@ -45,8 +45,7 @@ def main() -> int:
                            runs.signature(config, vocab, trained.fingerprint, trained.step))
     index, info = faiss_index.build_index(store.keys, args.factory, nprobe=args.nprobe)
     source = args.data_dir or runs.run_corpus(config)
-    tokens = {s: corpus.load_tokens(os.path.join(args.workdir, "tokens"), corpus.read_split(source, s), vocab)
-              [: args.max_tokens] for s in ("valid", "test")}
+    tokens = {s: runs.split_tokens(args.workdir, vocab, source, s)[1][: args.max_tokens] for s in ("valid", "test")}
     window, context = eval_window_sizes(config)
     result = dict(factory=args.factory, index_seconds=info["seconds"], k=args.k, nprobe=args.nprobe,
                   tokens={s: len(t) for s, t in tokens.items()}, datastore_entries=store.size, dim=store.dim)

@@ -31,7 +31,7 @@ def main() -> int:
     import faiss
     import numpy as np
 
-    from knnlm_jax import corpus, runs
+    from knnlm_jax import runs
     from knnlm_jax.building import KeyComputer, window_sizes
     from knnlm_jax.datastore import datastore_dir, open_datastore, windows
     from knnlm_jax.index import read_index, search
@@ -43,8 +43,7 @@ def main() -> int:
     if not store.index_path:
         raise SystemExit(f"datastore {args.datastore} has no index")
     index = read_index(store.index_path)
-    valid = corpus.read_split(args.data_dir or runs.run_corpus(config), "valid")
-    tokens = corpus.load_tokens(os.path.join(args.workdir, "tokens"), valid, vocab)
+    _, tokens = runs.split_tokens(args.workdir, vocab, args.data_dir or runs.run_corpus(config), "valid")
     trained = runs.load_model(args.workdir, config, vocab)
     window, context = window_sizes(config)
     batch = config.eval_batch_size

@@ -82,6 +82,14 @@ def run_corpus(config) -> str:
     return corpus if corpus == EMBEDDED or os.path.exists(corpus) else config.data_dir
 
 
+def split_tokens(workdir: str, vocab: Vocab, source: str, split: str):
+    """``(Split, int32 tokens)`` of a corpus split in the run's vocabulary (cached in ``<workdir>/tokens/``)."""
+    from knnlm_jax import corpus
+
+    data = corpus.read_split(source, split)
+    return data, corpus.load_tokens(os.path.join(workdir, "tokens"), data, vocab)
+
+
 def load_vocab(workdir: str, config=None) -> Vocab:
     path = os.path.join(workdir, "vocab.txt")
     if not os.path.isfile(path):
