@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +44,11 @@ from knnlm_jax.datastore import token_stream, window_batch, windows
 from knnlm_jax.eval_settings import (CACHE_THETAS, LAMBDAS, TEMPERATURES, EvaluationError, Settings,  # noqa: F401
                                      drop_self_for, eval_window_sizes, own_text, perplexity)
 from knnlm_jax.knn import interpolate, knn_target_log_prob, neighbour_log_weights
-from knnlm_jax.model import forward_with_keys
+from knnlm_jax.model import forward_states
 
 FILES_FORMAT = 1
 META = "meta.json"
-RERANK_BYTES = 32 << 20  # stored (float16) keys gathered per exact re-ranking call
+RERANK_BYTES = 32 << 20  # stored (float16) keys gathered per exact re-ranking chunk (one chunk per thread)
 MIX_ROWS = 8192  # tokens per mixing chunk (times K neighbours)
 
 
@@ -64,20 +65,24 @@ def make_eval_step(graphdef, key_type: str | None, thetas: tuple, cache_size: in
     positions of the window, from the softmax input states). The cache is computed only
     for window positions ``>= cache_from`` (the caller guarantees no masked position
     before it). Masked positions are taken in row-major order: the spans in stream order.
+    The softmax (and, without the cache, the last block's feed-forward) runs only at the
+    scored positions; rows past the batch's count are padding (target ``</s>``'s band).
     """
 
     def step(params, inputs_BxL, targets_BxL, mask_BxL, capacities):
         model = nnx.merge(graphdef, params)
-        wanted = ((key_type,) if key_type else ()) + (("final_output",) if thetas else ())
-        if wanted:
-            logp_BxL, states = forward_with_keys(model, inputs_BxL, targets_BxL, wanted, capacities)
-        else:
-            logp_BxL, states = model.target_log_probs(model(inputs_BxL), targets_BxL, capacities=capacities), ()
         b, length = inputs_BxL.shape
         (flat_R,) = jnp.nonzero(mask_BxL.reshape(-1), size=rows, fill_value=0)
-        out = {"logp": logp_BxL.reshape(-1)[flat_R]}
+        real_R = jnp.arange(rows) < mask_BxL.sum()
+        targets_R = jnp.where(real_R, targets_BxL.reshape(-1)[flat_R], 0)  # padding: a head-band id, no tail work
+        wanted = ((key_type,) if key_type else ()) + (("final_output",) if thetas else ())
+        # the cache reads every position's softmax input; otherwise only the scored rows go past attention
+        trim = None if thetas else flat_R
+        hidden, states = forward_states(model, inputs_BxL, wanted, rows_R=trim)
+        at_rows = (lambda a: a.reshape(rows, -1)) if trim is not None else (lambda a: a.reshape(b * length, -1)[flat_R])
+        out = {"logp": model.target_log_probs(at_rows(hidden)[None], targets_R[None], capacities=capacities)[0]}
         if key_type:
-            out["keys"] = states[0].reshape(b * length, -1)[flat_R].astype(jnp.float32)
+            out["keys"] = at_rows(states[key_type]).astype(jnp.float32)
         if thetas:
             pos_L = jnp.arange(length)
             # the cache pairs the state at position j with the token that follows it, inputs[j + 1]
@@ -89,7 +94,7 @@ def make_eval_step(graphdef, key_type: str | None, thetas: tuple, cache_size: in
                 return cache_target_log_prob(h_LxD[cache_from:], pos_L[cache_from:], targets_L[cache_from:], h_LxD,
                                              vals_L, pos_L, thetas_H, cache_size)
 
-            cache_BxSxH = jax.lax.map(row, (states[-1], targets_BxL, mem_vals_BxL))
+            cache_BxSxH = jax.lax.map(row, (states["final_output"], targets_BxL, mem_vals_BxL))
             cache_BxLxH = jnp.full((b, length, len(thetas)), -jnp.inf, jnp.float32).at[:, cache_from:].set(cache_BxSxH)
             out["cache"] = cache_BxLxH.reshape(b * length, -1)[flat_R]
         return out
@@ -97,20 +102,32 @@ def make_eval_step(graphdef, key_type: str | None, thetas: tuple, cache_size: in
     return jax.jit(step, static_argnums=4)
 
 
-def rerank(keys_NxD, queries_QxD: np.ndarray, ids_QxK: np.ndarray, found_QxK: np.ndarray, rows: int) -> np.ndarray:
+def rerank(keys_NxD, queries_QxD: np.ndarray, ids_QxK: np.ndarray, found_QxK: np.ndarray, rows: int,
+           threads: int | None = None) -> np.ndarray:
     """Exact squared L2 (float32) of each query to its candidates' stored keys; ``inf`` where not found.
 
     Candidates are gathered from the (float16) key memmap ``rows`` queries at a time and
-    compared on the host (NumPy), as ``sum((key - query)**2)`` (no cancellation).
+    compared on the host (NumPy), as ``sum((key - query)**2)`` (no cancellation). Chunks run
+    on ``threads`` threads (default: one per CPU); NumPy and FAISS release the GIL.
     """
     q, k = ids_QxK.shape
     out = np.empty((q, k), np.float32)
-    for c in range(0, q, rows):
+
+    def chunk(c: int) -> None:
         ids = np.where(found_QxK[c : c + rows], ids_QxK[c : c + rows], 0)
         m = len(ids)
         diff_MxKxD = faiss_index.as_float32(keys_NxD[ids.reshape(-1)]).reshape(m, k, -1)
         diff_MxKxD -= np.asarray(queries_QxD[c : c + rows], np.float32)[:, None, :]
         out[c : c + m] = np.einsum("mkd,mkd->mk", diff_MxKxD, diff_MxKxD)
+
+    starts = range(0, q, rows)
+    workers = max(1, min(len(starts), threads or os.cpu_count() or 1))
+    if workers == 1:
+        for c in starts:
+            chunk(c)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(chunk, starts))  # list(): re-raises a chunk's exception
     return np.where(found_QxK, out, np.inf).astype(np.float32)
 
 
@@ -185,14 +202,15 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
                     context: int, batch_size: int, index=None, store=None, k: int = 0, exact: bool = True,
                     nprobe: int | None = None, drop_self: bool = False, cache_thetas=(), cache_size: int = 0,
                     identity: dict | None = None, capacities=None, progress: bool = True, desc: str = "eval",
-                    on_queries=None) -> TokenFiles:
+                    on_queries=None, overlap: bool = True) -> TokenFiles:
     """Score every target of ``tokens_N`` and write the per-token files to ``directory``.
 
     Without ``index`` only the LM log-probs (and the cache's) are computed: a base-LM
     evaluation. ``drop_self``: ``tokens_N`` is the datastore's own text (entry ``p`` is
     target ``p``), so a neighbour with the query's own id is dropped. Files are written
     under ``directory.tmp`` and renamed when complete. ``on_queries(queries_QxD)`` sees
-    each batch's query keys (a benchmark hook).
+    each batch's query keys (a benchmark hook). ``overlap=False`` waits for each batch's
+    forward before searching it (no overlap: a diagnostic of the pipeline's own cost).
     """
     n = len(tokens_N)
     searching = index is not None
@@ -202,8 +220,9 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
     sharding = NamedSharding(mesh, P("data", None))
     windows_Wx3 = windows(n, window, context)
     edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
-    caps = capacities or build_capacities(tokens_N, windows_Wx3, batch_size, edges, window)
     rows = min(batch_size * window, window + (batch_size - 1) * (window - context))  # most targets in one batch
+    # the softmax runs on the scored rows only: no band needs more than ``rows``
+    caps = tuple(min(c, rows) for c in capacities or build_capacities(tokens_N, windows_Wx3, batch_size, edges, window))
     thetas = tuple(float(t) for t in cache_thetas)
     steps = {first: make_eval_step(trained.graphdef, key_type if searching else None, thetas, int(cache_size), rows,
                                    0 if first or not thetas else context)
@@ -287,6 +306,9 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
     try:
         for i in range(0, len(windows_Wx3), batch_size):
             result = dispatch(windows_Wx3[i : i + batch_size])  # batch i+1 runs while batch i is searched
+            if not overlap:
+                offset = process(result, offset)
+                continue
             if pending is not None:
                 offset = process(pending, offset)
             pending = result

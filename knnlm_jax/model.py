@@ -106,10 +106,17 @@ class Block(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout)
         self.act_dropout = nnx.Dropout(cfg.activation_dropout)
 
-    def __call__(self, x_BxTxD, *, deterministic, rngs, states=None):
-        """``states``: an optional dict that receives this block's candidate key states."""
+    def __call__(self, x_BxTxD, *, deterministic, rngs, states=None, rows_R=None):
+        """``states``: an optional dict that receives this block's candidate key states.
+
+        ``rows_R``: flat ``B x T`` positions; after the attention sublayer (which reads every
+        position) only these go on, and the result is ``1 x R x D``.
+        """
         attn_BxTxD = self.attn(self.ln1(x_BxTxD), deterministic=deterministic, rngs=rngs)
         x_BxTxD = x_BxTxD + self.dropout(attn_BxTxD, deterministic=deterministic, rngs=rngs)
+        if rows_R is not None:
+            d = x_BxTxD.shape[-1]
+            attn_BxTxD, x_BxTxD = (a.reshape(-1, d)[rows_R][None] for a in (attn_BxTxD, x_BxTxD))
         ffn_in_BxTxD = self.ln2(x_BxTxD)
         if states is not None:
             states.update(attn_output=attn_BxTxD, ffn_input_before_ln=x_BxTxD, ffn_input_after_ln=ffn_in_BxTxD)
@@ -136,23 +143,31 @@ class TransformerLM(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, tokens_BxT, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, key_type=None):
-        """Hidden states ``B x T x D`` (the softmax input); sows ``key_type`` when given."""
-        return self.decode(self.embed_tokens(tokens_BxT), deterministic=deterministic, rngs=rngs, key_type=key_type)
+    def __call__(self, tokens_BxT, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, key_type=None,
+                 rows_R=None):
+        """Hidden states ``B x T x D`` (the softmax input); sows ``key_type`` when given.
+
+        ``rows_R`` (flat ``B x T`` positions): the last block's feed-forward and everything
+        after it run only there, and hidden states and keys are ``1 x R x D``.
+        """
+        return self.decode(self.embed_tokens(tokens_BxT), deterministic=deterministic, rngs=rngs, key_type=key_type,
+                           rows_R=rows_R)
 
     def embed_tokens(self, tokens_BxT):
         """Scaled adaptive-input embeddings plus sinusoidal positions: ``B x T x D``."""
         t = tokens_BxT.shape[1]
         return self.embed_scale * self.embed(tokens_BxT) + sinusoidal_positions(t, self.cfg.d_model)
 
-    def decode(self, x_BxTxD, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, key_type=None):
+    def decode(self, x_BxTxD, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, key_type=None,
+               rows_R=None):
         """The Transformer stack on embedded inputs; sows ``key_type`` (one name or a tuple) when given."""
         key_types = _key_types(key_type)
         x = self.dropout(x_BxTxD, deterministic=deterministic, rngs=rngs)
         states: dict | None = {} if key_types else None
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
-            x = block(x, deterministic=deterministic, rngs=rngs, states=states if last else None)
+            x = block(x, deterministic=deterministic, rngs=rngs, states=states if last else None,
+                      rows_R=rows_R if last else None)
         if states is not None:
             states["block_output"] = x
         if self.final_ln is not None:
@@ -181,18 +196,26 @@ def _key_types(key_type) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def forward_states(model: TransformerLM, tokens_BxT, key_type, rows_R=None):
+    """Deterministic forward: ``(hidden states, {key type: states})``, the states via ``sow``/``capture``.
+
+    With ``rows_R`` both are ``1 x R x D`` at those flat positions (see ``TransformerLM``).
+    """
+
+    def run(m, tokens):
+        return m(tokens, key_type=key_type, rows_R=rows_R)
+
+    hidden, inter = nnx.capture(run, nnx.Intermediate)(model, tokens_BxT)
+    return hidden, {name: inter[name].get_value()[0] for name in _key_types(key_type)}
+
+
 def forward_with_keys(model: TransformerLM, tokens_BxT, targets_BxT, key_type, capacities=None):
     """Deterministic forward: ``(target log-probs B x T, keys B x T x D)``, keys via ``sow``/``capture``.
 
     ``key_type`` may be a tuple of key types: the keys are then a tuple of ``B x T x D``
     arrays in that order, all from the same forward pass.
     """
-
-    def run(m, tokens):
-        return m(tokens, key_type=key_type)
-
-    hidden, inter = nnx.capture(run, nnx.Intermediate)(model, tokens_BxT)
-    keys = {name: inter[name].get_value()[0] for name in _key_types(key_type)}
+    hidden, keys = forward_states(model, tokens_BxT, key_type)
     logp_BxT = model.target_log_probs(hidden, targets_BxT, capacities=capacities)
     if isinstance(key_type, str):
         return logp_BxT, keys[key_type]

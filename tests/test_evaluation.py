@@ -165,6 +165,19 @@ def check_cache_against_reference(ev, files, tokens, thetas, size, window=16, co
     assert checked > 20
 
 
+def test_rerank_in_threaded_chunks_equals_the_reference():
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(50, 8)).astype(np.float16)
+    queries = rng.normal(size=(13, 8)).astype(np.float32)
+    ids = rng.integers(0, 50, size=(13, 6))
+    found = rng.random((13, 6)) > 0.2
+    ref = np.where(found, ((keys.astype(np.float32)[ids] - queries[:, None]) ** 2).sum(-1), np.inf)
+    for rows, threads in [(13, 1), (4, 1), (4, 2), (1, 3)]:  # one chunk, several, several on threads
+        got = evaluation.rerank(keys, queries, ids, found, rows, threads=threads)
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+        assert np.array_equal(np.isinf(got), ~found)
+
+
 def test_tuning_picks_the_best_grid_point_on_valid(ev, tmp_path):
     files = run_tokens(ev, tmp_path, ev.splits["valid"][1][:200], k=32)
     best = tune_knn(files)

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from knnlm_jax.configs import apply_overrides, get_config
-from knnlm_jax.model import KEY_TYPES, ModelConfig, TransformerLM, count_params, forward_with_keys
+from knnlm_jax.model import KEY_TYPES, ModelConfig, TransformerLM, count_params, forward_states, forward_with_keys
 
 CFG = ModelConfig(vocab_size=40, num_layers=2, d_model=16, num_heads=2, d_ff=32, cutoffs=(8, 20))
 
@@ -55,6 +55,20 @@ def test_key_types_are_the_last_blocks_states(final_norm):
     final = model.final_ln(out) if final_norm else out
     np.testing.assert_allclose(keys["final_output"], final, atol=1e-5)
     np.testing.assert_allclose(model(tokens), final, atol=1e-5)
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_rows_give_the_full_forwards_states_at_those_positions(final_norm):
+    cfg = ModelConfig(**{**CFG.__dict__, "final_norm": final_norm})
+    model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, cfg.vocab_size)
+    rows_R = jnp.array([20, 0, 8, 9, 13, 13])  # any flat B x T positions, repeats allowed
+    hidden, keys = forward_states(model, tokens, KEY_TYPES)
+    hidden_r, keys_r = jax.jit(lambda m, t, r: forward_states(m, t, KEY_TYPES, rows_R=r))(model, tokens, rows_R)
+    assert hidden_r.shape == (1, len(rows_R), cfg.d_model)
+    np.testing.assert_allclose(hidden_r[0], hidden.reshape(-1, cfg.d_model)[rows_R], atol=1e-5)
+    for name in KEY_TYPES:
+        np.testing.assert_allclose(keys_r[name][0], keys[name].reshape(-1, cfg.d_model)[rows_R], atol=1e-5)
 
 
 def test_keys_come_with_the_same_log_probs_and_leave_no_sown_state():
