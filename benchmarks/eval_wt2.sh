@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data/wikitext-2}
-common=(--workdir runs/wt2 --data_dir "$DATA" --datastore train --split test --no-progress)
+common=(--workdir runs/wt2 --data_dir "$DATA" --datastore train --split test --no-progress --recompute)
 $PY evaluate.py "${common[@]}" --cache --show 5 --out runs/wt2/eval/train-exact > runs/eval_wt2_exact.log 2>&1
 $PY evaluate.py "${common[@]}" --approximate --out runs/wt2/eval/train-approx > runs/eval_wt2_approx.log 2>&1
 cp runs/wt2/eval/train-exact/sweep_k.png results/eval_wt2_sweep_k.png

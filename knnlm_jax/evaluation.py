@@ -4,10 +4,11 @@ Stage 1, :func:`evaluate_tokens`: one pass over a split in windows (the datastor
 :func:`~knnlm_jax.datastore.windows`: every target scored exactly once, each with at least
 ``context`` prior tokens where the text allows). One jitted forward per batch of windows
 gives each scored target's LM log-prob, its query key (the datastore's key type) and, with
-the continuous cache, its cache log-probs for a grid of θ. The forward of batch ``i+1`` is
-dispatched before batch ``i`` is searched with FAISS on the host, so device and FAISS
-overlap. Exact mode re-ranks FAISS's candidates by full-precision squared L2 against the
-stored float16 keys. Everything per token goes to ``.npy`` memmaps (``logp_lm`` N,
+the continuous cache, its cache log-probs for a grid of θ; the softmax (and, without the
+cache, the last block's feed-forward) runs only at scored positions. The forward of batch
+``i+1`` is dispatched before batch ``i`` is searched with FAISS on the host, so device and
+FAISS overlap. Exact mode re-ranks FAISS's candidates by full-precision squared L2 against
+the stored float16 keys, in chunks on one thread per core. Everything per token goes to ``.npy`` memmaps (``logp_lm`` N,
 ``dists``/``ids``/``hit``/``valid`` N x K sorted by distance, ``cache`` N x H): memory is
 bounded by a batch, not by the split.
 
