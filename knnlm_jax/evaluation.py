@@ -8,9 +8,9 @@ the continuous cache, its cache log-probs for a grid of θ; the softmax (and, wi
 cache, the last block's feed-forward) runs only at scored positions. The forward of batch
 ``i+1`` is dispatched before batch ``i`` is searched with FAISS on the host, so device and
 FAISS overlap. Exact mode re-ranks FAISS's candidates by full-precision squared L2 against
-the stored float16 keys, in chunks on one thread per core. Everything per token goes to ``.npy`` memmaps (``logp_lm`` N,
-``dists``/``ids``/``hit``/``valid`` N x K sorted by distance, ``cache`` N x H): memory is
-bounded by a batch, not by the split.
+the stored float16 keys, in chunks on one thread per core. Everything per token goes to
+``.npy`` memmaps (``logp_lm`` N, ``dists``/``ids``/``hit``/``valid`` N x K sorted by
+distance, ``cache`` N x H): memory is bounded by a batch, not by the split.
 
 Stage 2: pure-JAX mixing (:mod:`knnlm_jax.knn`) over those files in chunks, never a
 tokens x vocabulary array. ``auto`` parameters (λ, T, the cache's λc and θ) are chosen
@@ -80,7 +80,10 @@ def make_eval_step(graphdef, key_type: str | None, thetas: tuple, cache_size: in
         # the cache reads every position's softmax input; otherwise only the scored rows go past attention
         trim = None if thetas else flat_R
         hidden, states = forward_states(model, inputs_BxL, wanted, rows_R=trim)
-        at_rows = (lambda a: a.reshape(rows, -1)) if trim is not None else (lambda a: a.reshape(b * length, -1)[flat_R])
+
+        def at_rows(a):  # R x D at the scored rows (a trimmed forward returns only those)
+            return a.reshape(rows, -1) if trim is not None else a.reshape(b * length, -1)[flat_R]
+
         out = {"logp": model.target_log_probs(at_rows(hidden)[None], targets_R[None], capacities=capacities)[0]}
         if key_type:
             out["keys"] = at_rows(states[key_type]).astype(jnp.float32)
@@ -122,13 +125,8 @@ def rerank(keys_NxD, queries_QxD: np.ndarray, ids_QxK: np.ndarray, found_QxK: np
         out[c : c + m] = np.einsum("mkd,mkd->mk", diff_MxKxD, diff_MxKxD)
 
     starts = range(0, q, rows)
-    workers = max(1, min(len(starts), threads or os.cpu_count() or 1))
-    if workers == 1:
-        for c in starts:
-            chunk(c)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(chunk, starts))  # list(): re-raises a chunk's exception
+    with ThreadPoolExecutor(max(1, min(len(starts), threads or os.cpu_count() or 1))) as pool:
+        list(pool.map(chunk, starts))  # list(): re-raises a chunk's exception
     return np.where(found_QxK, out, np.inf).astype(np.float32)
 
 
