@@ -5,24 +5,32 @@
   python build.py --datastore NAME --corpus SPEC   # any corpus: WikiText dir (+ --split), text file, wiki-offline
   python build.py --datastore NAME --index-only --index IVF256,PQ16   # re-index an existing datastore
   python build.py --check NAME                     # verify files and recompute a sample of entries
+  python build.py --datastore wiki3b --tfds-data-dir DIR   # the paper's 3B-token Wikipedia datastore (TFDS)
 
 Datastores live in <workdir>/datastores/<NAME>/. A killed build resumes where it stopped.
+Under P processes (--coordinator/--num_processes/--process_id, or SLURM/TPU auto-detection)
+each writes one shard; the index is trained once, filled per shard and merged on disk.
 """
 
 import argparse
 import os
 import sys
 
+import numpy as np
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from knnlm_jax.cli import add_config_args, load_run, user_errors
+    from knnlm_jax.cli import add_config_args, check_data_dir, load_run, user_errors
+    from knnlm_jax.distributed import add_process_args
 
     add_config_args(parser, default=None)
+    add_process_args(parser)
     parser.add_argument("--datastore", default=None, metavar="NAME",
-                        help="datastore name (default: the split, e.g. train; with --corpus: <corpus>-<split>)")
+                        help="datastore name (default: the split, e.g. train; with --corpus: <corpus>-<split>); "
+                             "wiki3b without --corpus: the paper's Wikipedia datastore")
     parser.add_argument("--corpus", default=None, metavar="SPEC",
-                        help="WikiText-format directory, plain text file or wiki-offline "
+                        help="WikiText-format directory, plain text file, wiki-offline, tfds:NAME[/CONFIG][:SPLIT] or wiki3b "
                              "(default: the run's training corpus; --data_dir says where it is now)")
     parser.add_argument("--split", default="train", help="split of the corpus (default train)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing datastore")
@@ -43,19 +51,30 @@ def main(argv=None) -> int:
     with user_errors("build.py"):
         from knnlm_jax import runs
         from knnlm_jax.datastore import datastore_dir, open_datastore
+        from knnlm_jax.distributed import check_process_args
 
+        check_process_args(args.coordinator, args.num_processes, args.process_id)
         config, workdir = load_run(args)
         vocab = runs.load_vocab(workdir, config)
-        if args.data_dir is not None and not os.path.isdir(args.data_dir):
-            raise FileNotFoundError(f"--data_dir {args.data_dir}: no such directory")
+        check_data_dir(args.data_dir)
+        processes = start_processes(args)
         if args.check:
-            return check(args, config, workdir, vocab)
+            return check(args, config, workdir, vocab, processes)
         name = args.datastore or default_name(args)
         directory = datastore_dir(workdir, name)
         if args.index_only:
             store = open_datastore(directory, runs.signature(config, vocab))
-            return index(args, store)
-        return build(args, config, workdir, vocab, directory)
+            return index(args, store, processes)
+        return build(args, config, workdir, vocab, directory, processes)
+
+
+def start_processes(args):
+    from knnlm_jax.distributed import initialize_from
+
+    processes = initialize_from(args)
+    if processes.multi:
+        print(f"process {processes.index} of {processes.count}", file=sys.stderr)
+    return processes
 
 
 def default_name(args) -> str:
@@ -67,13 +86,22 @@ def default_name(args) -> str:
     return os.path.splitext(base)[0] if os.path.isfile(args.corpus) else f"{base}-{args.split}"
 
 
-def build(args, config, workdir, vocab, directory) -> int:
-    from knnlm_jax import runs
+def build(args, config, workdir, vocab, directory, processes) -> int:
+    from knnlm_jax import distributed, runs
+    from knnlm_jax.cli import corpus_options
     from knnlm_jax.datastore import check_writable
+    from knnlm_jax.tfds_source import WIKI3B
 
     check_writable(directory, args.overwrite)  # before paying for the model
     source = args.corpus if args.corpus is not None else (args.data_dir or runs.run_corpus(config))
-    data, tokens = runs.split_tokens(workdir, vocab, source, args.split)
+    if args.corpus is None and os.path.basename(directory) == WIKI3B:
+        source = WIKI3B  # the paper's 3B-token Wikipedia datastore (TFDS wikipedia/20230601.en)
+    if not processes.is_main:
+        distributed.barrier("tokens")  # process 0 encodes the corpus once; the others read its cache
+    options = corpus_options(args, runs.corpus_options(config) if args.corpus is None else None)
+    data, tokens = runs.split_tokens(workdir, vocab, source, args.split, **options)
+    if processes.is_main:
+        distributed.barrier("tokens")
 
     from knnlm_jax.building import build_datastore, perplexity, window_sizes
 
@@ -81,15 +109,19 @@ def build(args, config, workdir, vocab, directory) -> int:
     window, context = window_sizes(config)
     manifest = build_datastore(
         directory, trained, runs.signature(config, vocab, trained.fingerprint, trained.step), tokens, vocab.eos,
-        corpus=data.corpus, corpus_sha256=data.sha256, split=data.split, window=window, context=context,
+        corpus=data.corpus, corpus_sha256=data.sha256, split=data.split, corpus_options=options, window=window,
+        context=context,
         batch_size=args.batch_size or config.eval_batch_size, overwrite=args.overwrite,
-        progress=not args.no_progress, log=lambda msg: print(msg, file=sys.stderr))
-    print(f"datastore {os.path.basename(directory)}: {manifest['num_entries']} entries, {manifest['dim']}-dim "
+        progress=not args.no_progress, log=lambda msg: print(msg, file=sys.stderr), processes=processes)
+    if processes.multi:
+        print(f"process {processes.index}: shard of datastore {os.path.basename(directory)} complete", file=sys.stderr)
+    if processes.is_main:
+        print(f"datastore {os.path.basename(directory)}: {manifest['num_entries']} entries, {manifest['dim']}-dim "
           f"float16 {manifest['key_type']} keys (window {window}, context >= {context}), "
           f"{data.corpus} {data.split}; model step {trained.step} ({trained.source}); "
           f"LM perplexity on these entries {perplexity(manifest):.2f}")
     store = open_checked(directory, config, vocab, trained)
-    return 0 if args.no_index else index(args, store)
+    return 0 if args.no_index else index(args, store, processes)
 
 
 def open_checked(directory, config, vocab, trained=None):
@@ -100,28 +132,41 @@ def open_checked(directory, config, vocab, trained=None):
     return open_datastore(directory, runs.signature(config, vocab, fingerprint, step))
 
 
-def index(args, store) -> int:
-    from knnlm_jax.building import index_datastore
+def index(args, store, processes) -> int:
+    from knnlm_jax.building import index_datastore, index_sharded
+    from knnlm_jax.datastore import DatastoreError
     from knnlm_jax.index import DEFAULT_NPROBE
 
     nprobe = args.nprobe or (store.manifest.get("index") or {}).get("nprobe") or DEFAULT_NPROBE
-    info = index_datastore(store, args.index, nprobe=nprobe, progress=not args.no_progress)
+    if store.shards is not None:
+        info = index_sharded(store, args.index, nprobe=nprobe, processes=processes, progress=not args.no_progress)
+    elif processes.multi:
+        raise DatastoreError(f"datastore {store.name} was built by one process: index it with one process")
+    else:
+        info = index_datastore(store, args.index, nprobe=nprobe, progress=not args.no_progress)
+    if not processes.is_main:
+        return 0
     print(f"index {info['factory']} over {info['ntotal']} keys (nprobe {info['nprobe']}) in {info['seconds']:.1f}s "
           f"-> {os.path.join(store.directory, info['file'])}")
     return 0
 
 
-def check(args, config, workdir, vocab) -> int:
-    from knnlm_jax import runs
+def check(args, config, workdir, vocab, processes) -> int:
+    from knnlm_jax import distributed, runs
+    from knnlm_jax.cli import corpus_options
     from knnlm_jax.datastore import DatastoreError, datastore_dir
 
     directory = datastore_dir(workdir, args.check)
     store = open_checked(directory, config, vocab)  # files and shapes against the manifest, model fields
     m = store.manifest
-    data, tokens = runs.split_tokens(workdir, vocab, m["corpus"], m["split"])
+    if processes.multi and (store.shards is None or len(store.shards) != processes.count):
+        raise DatastoreError(f"datastore {args.check} has {len(store.shards or [None])} shard(s): check it with "
+                             f"{len(store.shards or [None])} process(es) or with one")
+    options = corpus_options(args, m.get("corpus_options"))
+    data, tokens = runs.split_tokens(workdir, vocab, m["corpus"], m["split"], **options)
     if data.sha256 != m["corpus_sha256"]:
         raise DatastoreError(f"datastore {args.check} was built from a different version of {m['corpus']} {m['split']}")
-    if store.index_path:
+    if store.index_path and processes.is_main:
         from knnlm_jax.index import read_index
 
         ntotal = read_index(store.index_path, mmap=True).ntotal
@@ -131,10 +176,25 @@ def check(args, config, workdir, vocab) -> int:
 
     trained = runs.load_model(workdir, config, vocab)
     store = open_checked(directory, config, vocab, trained)  # now also the weights
-    report = check_datastore(store, trained, tokens, vocab.eos, sample=args.sample)
-    print(f"datastore {args.check} ok: {report['values_checked']} values equal the corpus tokens; "
-          f"{report['entries_checked']} recomputed keys agree (max difference {report['max_key_difference']:.2g}); "
-          f"index {'present' if store.index_path else 'missing'}")
+    entry_range = tuple(m["shard_entries"][processes.index]) if processes.multi else None
+    failure = None
+    try:
+        report = check_datastore(store, trained, tokens, vocab.eos, sample=args.sample, entry_range=entry_range)
+    except DatastoreError as err:
+        failure, report = err, dict(entries_checked=0, values_checked=0, max_key_difference=float("nan"))
+    row = np.asarray([failure is not None, report["entries_checked"], report["values_checked"],
+                      report["max_key_difference"]], np.float64)
+    rows = distributed.allgather(row)
+    if failure is not None:
+        raise failure
+    if rows[:, 0].any():
+        raise DatastoreError(f"datastore {args.check}: process {int(np.argmax(rows[:, 0]))} found a disagreement "
+                             "(its message says which)")
+    if processes.is_main:
+        print(f"datastore {args.check} ok: {int(rows[:, 2].sum())} values equal the corpus tokens; "
+              f"{int(rows[:, 1].sum())} recomputed keys agree (max difference {rows[:, 3].max():.2g}); "
+              f"index {'present' if store.index_path else 'missing'}"
+              + (f"; {processes.count} processes, one shard each" if processes.multi else ""))
     return 0
 
 

@@ -4,11 +4,16 @@
   python evaluate.py --datastore train                      # valid split, lambda tuned on valid
   python evaluate.py --datastore train --split test         # tune on valid, report on test
   python evaluate.py --datastore train --lmbda 0.25 --temperature 1 --cache --show 5
+  python evaluate.py --datastore wiki3b --split test        # the paper's 3B-token Wikipedia datastore
 
 The run is --workdir, else runs/<--config>, else the latest run; the datastore is
 <workdir>/datastores/<NAME>. "auto" parameters are tuned on the valid split (never on
 test) from its saved per-token quantities. Outputs go to <workdir>/eval/<NAME>/:
 results.json, per-token log-probs (.npz), sweeps over k and lambda (JSON and PNG).
+
+A sharded datastore (built by P processes) is searched through its merged on-disk index,
+or, launched as P processes (--coordinator/--num_processes/--process_id), each process
+searches its own shard: process 0 evaluates, the others answer its searches.
 """
 
 import argparse
@@ -19,8 +24,10 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from knnlm_jax.cli import add_config_args, user_errors
+    from knnlm_jax.distributed import add_process_args
 
     add_config_args(parser, default=None)
+    add_process_args(parser)
     parser.add_argument("--datastore", required=True, metavar="NAME", help="datastore in <workdir>/datastores/")
     parser.add_argument("--split", default="valid", help="split to evaluate: valid (default) or test")
     parser.add_argument("--corpus", default=None, metavar="SPEC",
@@ -31,6 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", default="auto",
                         help="softmax temperature of -distance (the paper: 1), or auto: tuned on valid (default)")
     parser.add_argument("--nprobe", type=int, default=None, help="inverted lists to probe (default: the index's)")
+    parser.add_argument("--search", default="auto", choices=("auto", "merged", "shards"),
+                        help="a sharded datastore: its merged on-disk index, or its shards' indexes (one per "
+                             "process under a multi-process launch); auto: shards under several processes, "
+                             "else merged")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--exact", dest="exact", action="store_true", default=True,
                       help="re-rank FAISS's candidates by full-precision L2 to the stored keys (default)")
@@ -91,44 +102,69 @@ def settings_from(args, config):
 
 def find_datastore(workdir: str, name: str) -> str:
     from knnlm_jax.datastore import DatastoreError, datastore_dir
+    from knnlm_jax.tfds_source import WIKI3B, WIKI3B_DATASET, prepare_command
 
     directory = datastore_dir(workdir, name)
     if not os.path.isdir(directory):
         root = os.path.dirname(directory)
         have = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        hint = f"python build.py --workdir {workdir} --datastore {name}"
+        if name == WIKI3B:
+            hint += (" --tfds-data-dir DIR (first prepare TFDS wikipedia/20230601.en in DIR, about 45 GiB of disk: "
+                     f"pip install apache-beam mwparserfromhell && {prepare_command(WIKI3B_DATASET, 'DIR')})")
         raise DatastoreError(f"no datastore {name} in {root} (" + (f"have: {', '.join(have)}" if have else "none yet")
-                             + f"); build it with: python build.py --datastore {name}")
+                             + f"); build it with: {hint}")
     return directory
 
 
 def evaluate(args) -> int:
     from knnlm_jax import runs
-    from knnlm_jax.cli import load_run
+    from knnlm_jax.cli import check_data_dir, load_run
     from knnlm_jax.datastore import DatastoreError, open_datastore
 
+    from knnlm_jax.distributed import check_process_args, initialize_from
+    from knnlm_jax.search import open_searcher
+
+    check_process_args(args.coordinator, args.num_processes, args.process_id)
     config, workdir = load_run(args)
     settings = settings_from(args, config)  # bad numbers are refused before anything is loaded
     vocab = runs.load_vocab(workdir, config)
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data_dir {args.data_dir}: no such directory")
+    check_data_dir(args.data_dir)
     directory = find_datastore(workdir, args.datastore)
     store = open_datastore(directory, runs.signature(config, vocab))
-    if not store.index_path:
+    if not store.manifest.get("index"):
         raise DatastoreError(f"datastore {store.name} has no FAISS index; index it with: "
-                             f"python build.py --datastore {store.name} --index-only")
+                             f"python build.py --workdir {workdir} --datastore {store.name} --index-only")
+    processes = initialize_from(args)
+    index = open_searcher(store, processes, mode=args.search)
+    trained = runs.load_model(workdir, config, vocab)  # every process: orbax restores collectively
+    if not processes.is_main:  # this process's shard answers process 0's searches
+        served = index.serve()
+        print(f"process {processes.index}: served {served} searches", file=sys.stderr)
+        return 0
+    try:
+        return evaluate_main(args, config, workdir, vocab, directory, settings, index, trained)
+    finally:
+        close = getattr(index, "close", None)
+        if close is not None:
+            close()
+
+
+def evaluate_main(args, config, workdir, vocab, directory, settings, index, trained) -> int:
+    from knnlm_jax import runs
+    from knnlm_jax.cli import corpus_options
+    from knnlm_jax.datastore import open_datastore
     source = args.corpus if args.corpus is not None else (args.data_dir or runs.run_corpus(config))
+    options = corpus_options(args, runs.corpus_options(config) if args.corpus is None else None)
     wanted = [args.split] + (["valid"] if settings.tunes and args.split != "valid" else [])
     splits = {}
     for split in wanted:
-        splits[split] = runs.split_tokens(workdir, vocab, source, split)
+        splits[split] = runs.split_tokens(workdir, vocab, source, split, **options)
 
     from knnlm_jax import evaluation
-    from knnlm_jax.index import read_index
     from knnlm_jax.report import write_json
 
-    trained = runs.load_model(workdir, config, vocab)
     store = open_datastore(directory, runs.signature(config, vocab, trained.fingerprint, trained.step))
-    index = read_index(store.index_path)
     out_dir = args.out or os.path.join(workdir, "eval", store.name)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     results = evaluation.run(out_dir, split=args.split, splits=splits, settings=settings, trained=trained,

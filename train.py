@@ -12,7 +12,7 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from knnlm_jax.cli import add_config_args, load_config, user_errors
+    from knnlm_jax.cli import add_config_args, corpus_options, load_config, user_errors
 
     add_config_args(parser)
     parser.add_argument("--dry-run", action="store_true",
@@ -24,12 +24,12 @@ def main(argv=None) -> int:
     with user_errors("train.py"):
         config, workdir = load_config(args)
         if args.dry_run:
-            return dry_run(config)
+            return dry_run(config, corpus_options(args))
         if args.overwrite:
             shutil.rmtree(workdir, ignore_errors=True)
         from knnlm_jax.training import train
 
-        result = train(config, workdir, progress=not args.no_progress)
+        result = train(config, workdir, progress=not args.no_progress, corpus_options=corpus_options(args))
         print(f"valid perplexity {result['valid_ppl']:.2f} (best {result['best_valid_ppl']:.2f} "
               f"at step {result['best_step']}); add-one unigram {result['unigram_valid_ppl']:.2f}; "
               f"ratio {result['valid_ppl'] / result['unigram_valid_ppl']:.3f}; "
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def dry_run(config) -> int:
+def dry_run(config, options: dict) -> int:
     from knnlm_jax.model import ModelConfig, count_params
 
     vocab_size = config.vocab_size
@@ -46,7 +46,7 @@ def dry_run(config) -> int:
         from knnlm_jax import corpus
         from knnlm_jax.vocab import Vocab
 
-        vocab_size = len(Vocab.build(corpus.read_split(config.data_dir, "train").lines))
+        vocab_size = len(Vocab.build(corpus.read_split(config.data_dir, "train", **options).lines()))
     cfg = ModelConfig.from_config(config, vocab_size=vocab_size)
     print(config.to_json(indent=2))
     print(f"vocab_size: {vocab_size}")

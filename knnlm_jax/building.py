@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +24,14 @@ from tqdm.auto import tqdm
 
 from knnlm_jax import index as faiss_index
 from knnlm_jax.adaptive import band_edges
-from knnlm_jax.datastore import (INDEX, Datastore, DatastoreError, DatastoreWriter, ModelSignature, signature_fields,
-                                 token_stream, update_manifest, window_batch, window_of, windows)
+from knnlm_jax import distributed, index_shards
+from knnlm_jax.datastore import (INDEX, SHARDED, Datastore, DatastoreError, DatastoreWriter, ModelSignature, StreamView,
+                                 begin_sharded, finish_sharded, read_manifest, shard_name, shard_ranges,
+                                 signature_fields, update_manifest, window_batch, window_of, windows)
 from knnlm_jax.model import forward_with_keys
-from knnlm_jax.training import make_mesh
+from knnlm_jax.distributed import Processes, local_mesh
 
+TRAINED, IVFDATA = "trained.faiss", "index.ivfdata"
 # stored keys are float16; a recomputed key must agree to within a few float16 steps
 KEY_RTOL, KEY_ATOL = 4e-3, 4e-3
 
@@ -52,26 +58,31 @@ def make_key_step(graphdef, key_type: str):
     return jax.jit(step, static_argnums=4)
 
 
-def build_capacities(tokens_N: np.ndarray, windows_Wx3: np.ndarray, batch_size: int, edges, window: int):
+def build_capacities(tokens_N: np.ndarray, windows_Wx3: np.ndarray, batch_size: int, edges, window: int,
+                     chunk: int = 1 << 22):
     """Adaptive-softmax tail capacities that fit every batch of a build: one compiled shape.
 
     Batch ``k`` holds windows ``[kB, (k+1)B)``, whose spans are one contiguous run of
-    entries, so a band's count per batch is a segment sum. Rounded up as
+    entries, so a band's count per batch is a segment sum, taken over ``chunk`` tokens at a
+    time (memory does not grow with N). Rounded up as
     :func:`knnlm_jax.adaptive.band_capacities` rounds (multiples of ``positions // 16``).
     """
     starts = windows_Wx3[::batch_size, 1]
     positions = batch_size * window
     granularity = max(8, positions // 16)
-    caps = []
-    for lo, hi in zip(edges[1:-1], edges[2:]):
-        count = int(np.add.reduceat((tokens_N >= lo) & (tokens_N < hi), starts, dtype=np.int64).max())
-        caps.append(min(positions, -(-count // granularity) * granularity))
-    return tuple(caps)
+    n_tails = len(edges) - 2
+    counts = np.zeros((n_tails, len(starts)), np.int64)
+    for a in range(0, len(tokens_N), chunk):
+        band_C = np.searchsorted(edges, np.asarray(tokens_N[a : a + chunk]), side="right") - 1  # 0: head
+        batch_C = np.searchsorted(starts, np.arange(a, a + len(band_C)), side="right") - 1
+        for b in range(n_tails):
+            counts[b] += np.bincount(batch_C[band_C == b + 1], minlength=len(starts))
+    return tuple(min(positions, -(-int(c.max(initial=0)) // granularity) * granularity) for c in counts)
 
 
 def check_batch_size(batch_size: int) -> jax.sharding.Mesh:
     """The data mesh; the batch must split evenly over its devices."""
-    mesh = make_mesh()
+    mesh = local_mesh()
     if batch_size < 1 or batch_size % mesh.devices.size:
         raise ValueError(f"batch size {batch_size} is not a positive multiple of the {mesh.devices.size} devices")
     return mesh
@@ -86,7 +97,7 @@ class KeyComputer:
         self.step = make_key_step(trained.graphdef, key_type)
         self.edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
         self.sharding = NamedSharding(mesh, P("data", None))
-        self.stream, self.eos, self.window, self.batch_size = token_stream(tokens_N, eos), eos, window, batch_size
+        self.stream, self.eos, self.window, self.batch_size = StreamView(tokens_N, eos), eos, window, batch_size
 
     def dispatch(self, windows_Wx3: np.ndarray, capacities=None):
         """Start the forward of up to ``batch_size`` windows: ``(nll, keys on device, targets, mask)``.
@@ -103,28 +114,62 @@ class KeyComputer:
 
 def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N: np.ndarray, eos: int, *,
                     corpus: str, corpus_sha256: str, split: str, window: int, context: int, batch_size: int,
-                    overwrite: bool = False, progress: bool = True, on_chunk=None, log=print) -> dict:
+                    corpus_options: dict | None = None, overwrite: bool = False, progress: bool = True, on_chunk=None, log=print,
+                    processes: Processes = Processes()) -> dict:
     """Write (or resume) the datastore of ``tokens_N`` in ``directory``; returns the final manifest.
 
-    ``on_chunk(progress)`` is called after each chunk is committed (a test hook).
+    Under several processes each writes its shard (a contiguous run of the build's batches,
+    see :func:`knnlm_jax.datastore.shard_ranges`) and process 0 the top manifest; every
+    process must call this. ``on_chunk(progress)`` is called after each chunk is committed
+    (a test hook).
     """
     n = len(tokens_N)
     check_batch_size(batch_size)  # before anything is written
     header = dict(signature_fields(signature), corpus=corpus, corpus_sha256=corpus_sha256, split=split,
                   num_entries=n, window=window, context=context, batch_size=batch_size,
-                  checkpoint=trained.source)
-    writer = DatastoreWriter(directory, header, overwrite=overwrite)
-    batch_size = int(writer.manifest["batch_size"])  # a resumed build keeps its batch composition
-    if writer.progress:
-        log(f"resuming datastore {writer.name} at entry {writer.progress} of {n}")
+                  checkpoint=trained.source, corpus_options=dict(corpus_options or {}))
     windows_Wx3 = windows(n, window, context)
-    first = int(np.searchsorted(windows_Wx3[:, 1], writer.progress))
-    if writer.progress < n and windows_Wx3[first, 1] != writer.progress:
-        raise DatastoreError(f"datastore {writer.name}: progress {writer.progress} is not a window boundary")
+    computer = None
+    if processes.multi:
+        info, refusal = np.zeros(1, np.int64), None
+        if processes.is_main:
+            try:
+                top = begin_sharded(directory, header, [r[2:] for r in shard_ranges(windows_Wx3, batch_size,
+                                                                                    processes.count)],
+                                    overwrite=overwrite)
+                info[0] = int(top["batch_size"])
+            except DatastoreError as err:
+                refusal, info[0] = err, -1
+        batch_size = int(distributed.broadcast(info)[0])  # a resumed build keeps its batch composition
+        if batch_size < 0:
+            raise refusal or DatastoreError(f"process 0 refused to build datastore {os.path.basename(directory)} "
+                                            "(its message says why)")
+        w0, w1, lo, hi = shard_ranges(windows_Wx3, batch_size, processes.count)[processes.index]
+        shard_dir = os.path.join(directory, shard_name(processes.index, processes.count))
+        header = dict(header, num_entries=hi - lo, entry_range=[lo, hi], shard=processes.index,
+                      num_shards=processes.count)
+        windows_Wx3 = windows_Wx3[w0:w1]
+    else:
+        lo, shard_dir = 0, directory
+        old = read_manifest(directory)
+        if old is not None and old.get("layout") == SHARDED:
+            if not overwrite:
+                begin_sharded(directory, header, [None], overwrite=False)  # refuses: another process count
+            shutil.rmtree(directory)
+    writer = DatastoreWriter(shard_dir, header, overwrite=overwrite and not processes.multi)
+    batch_size = int(writer.manifest["batch_size"])
+    done = writer.progress
+    if done:
+        log(f"resuming datastore {os.path.basename(directory)}"
+            + (f" shard {processes.index}" if processes.multi else "") + f" at entry {lo + done} of {n}")
+    first = int(np.searchsorted(windows_Wx3[:, 1], lo + done))
+    if done < writer.n and windows_Wx3[first, 1] != lo + done:
+        raise DatastoreError(f"datastore {writer.name}: progress {done} is not a window boundary")
     computer = KeyComputer(trained, signature.key_type, tokens_N, eos, window, batch_size)
-    capacities = build_capacities(tokens_N, windows_Wx3, batch_size, computer.edges, window)
-    bar = tqdm(total=n, initial=writer.progress, disable=not progress, unit="tok", unit_scale=True,
-               dynamic_ncols=True, desc=f"datastore {writer.name}")
+    capacities = build_capacities(tokens_N, windows(n, window, context), batch_size, computer.edges, window)
+    bar = tqdm(total=writer.n, initial=done, disable=not progress, unit="tok", unit_scale=True,
+               dynamic_ncols=True, desc=f"datastore {os.path.basename(directory)}"
+                                         + (f" [{processes.index}/{processes.count}]" if processes.multi else ""))
 
     def commit(result):
         nll, keys, targets, mask = result
@@ -145,7 +190,14 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
             commit(pending)
     finally:
         bar.close()
-    return writer.finish()
+    manifest = writer.finish()
+    if not processes.multi:
+        return manifest
+    distributed.barrier(f"built {directory}")
+    if processes.is_main:
+        finish_sharded(directory)
+    distributed.barrier(f"finished {directory}")
+    return read_manifest(directory)
 
 
 def index_datastore(store: Datastore, factory: str | None = None, nprobe: int = faiss_index.DEFAULT_NPROBE,
@@ -158,28 +210,106 @@ def index_datastore(store: Datastore, factory: str | None = None, nprobe: int = 
     return info
 
 
+def index_sharded(store: Datastore, factory: str | None = None, nprobe: int = faiss_index.DEFAULT_NPROBE,
+                  processes: Processes = Processes(), progress: bool = True, seed: int = 0) -> dict:
+    """Index a sharded datastore: one index trained once, each shard's keys added by its process, merged on disk.
+
+    Every process calls this. The training sample is the one a one-process build would draw
+    (seeded ids over all N entries): each process reads the part in its shard, the parts are
+    all-gathered, process 0 trains and broadcasts the trained index. Each process adds its
+    shard's keys with global ids and writes ``<shard>/index.faiss``; process 0 keeps
+    ``trained.faiss`` and, for IVF indexes, merges the shards' lists into ``index.faiss`` +
+    ``index.ivfdata`` (searched memory-mapped). With one process every shard is done in turn.
+    """
+    m = store.manifest
+    n, dim, count = store.size, store.dim, len(store.shards)
+    if processes.multi and processes.count != count:
+        raise DatastoreError(f"datastore {store.name} has {count} shards (built by {count} processes); "
+                             f"index it with {count} processes or with one")
+    factory = factory or faiss_index.auto_factory(n, dim)
+    mine = [processes.index] if processes.multi else list(range(count))
+    t0 = time.time()
+    update_manifest(store.directory, index=None) if processes.is_main else None  # nothing stale if killed
+    trained = faiss_index.faiss.index_factory(dim, factory, faiss_index.faiss.METRIC_L2)
+    trained_on = 0
+    if not trained.is_trained:
+        size = faiss_index.train_size(n, factory)
+        sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+        parts = []
+        for p in mine:
+            lo, hi = m["shard_entries"][p]
+            ids = sample[(sample >= lo) & (sample < hi)] - lo
+            parts.append(np.asarray(store.shards[p].keys[ids]))
+        local = np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
+        gathered = np.concatenate(distributed.allgather_rows(local)) if processes.multi else local
+        blob = None
+        if processes.is_main:
+            if progress:
+                print(f"training {factory} on {len(gathered):,} sampled keys", file=sys.stderr, flush=True)
+            trained = faiss_index.train_index(gathered.astype(np.float32), factory, dim, seed=seed)
+            blob = faiss_index.faiss.serialize_index(trained).tobytes()
+        if processes.multi:
+            blob = distributed.broadcast_bytes(blob)
+            trained = faiss_index.faiss.deserialize_index(np.frombuffer(blob, np.uint8))
+        trained_on = len(gathered)
+    lists = faiss_index.faiss.try_extract_index_ivf(trained) is not None
+    paths = []
+    for p in range(count):
+        lo, hi = m["shard_entries"][p]
+        shard_dir = os.path.join(store.directory, shard_name(p, count))
+        paths.append(os.path.join(shard_dir, INDEX))
+        if p not in mine:
+            continue
+        shard_index = faiss_index.faiss.clone_index(trained)
+        add_info = faiss_index.add_keys(shard_index, store.shards[p].keys, first_id=lo, progress=progress)
+        faiss_index.set_nprobe(shard_index, nprobe)
+        update_manifest(shard_dir, index=None)
+        faiss_index.write_index(shard_index, paths[-1])
+        update_manifest(shard_dir, index=dict(file=INDEX, factory=factory, ntotal=int(shard_index.ntotal),
+                                              nprobe=int(nprobe), id_offset=int(add_info.get("id_offset", 0))))
+    distributed.barrier(f"indexed shards of {store.directory}")
+    info = dict(file=INDEX, factory=factory, metric="l2", ntotal=n, nprobe=int(nprobe), trained_on=trained_on,
+                seed=seed, shards=count, merged=lists)
+    if processes.is_main:
+        faiss_index.write_index(trained, os.path.join(store.directory, TRAINED))
+        if lists:
+            merged = faiss_index.faiss.clone_index(trained)
+            faiss_index.set_nprobe(merged, nprobe)
+            index_shards.merge_on_disk(merged, paths, os.path.join(store.directory, INDEX),
+                                      os.path.join(store.directory, IVFDATA))
+        info["seconds"] = round(time.time() - t0, 3)
+        store.manifest = update_manifest(store.directory, index=info)
+    distributed.barrier(f"indexed {store.directory}")
+    store.manifest = read_manifest(store.directory)
+    return store.manifest["index"]
+
+
 def perplexity(manifest: dict) -> float:
     """The LM's perplexity over the datastore's entries (each with its build context)."""
     return math.exp(manifest["lm_nll_sum"] / max(1, manifest["num_entries"]))
 
 
 def check_datastore(store: Datastore, trained, tokens_N: np.ndarray, eos: int, *, sample: int = 64,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, entry_range: tuple[int, int] | None = None) -> dict:
     """Recompute a random sample of entries (plus the first and last) and compare with the stored ones.
 
     Values must equal the corpus tokens exactly (all of them are compared); keys must agree
-    to float16 tolerance. Raises :class:`DatastoreError` on the first disagreement.
+    to float16 tolerance. ``entry_range`` limits the check to ``[lo, hi)`` (one process's
+    shard). Raises :class:`DatastoreError` on the first disagreement.
     """
     m = store.manifest
     n = store.size
     if len(tokens_N) != n:
         raise DatastoreError(f"datastore {store.name} has {n} entries but its corpus now has {len(tokens_N)} tokens")
-    for i in range(0, n, 1 << 22):
-        bad = np.flatnonzero(np.asarray(store.vals[i : i + (1 << 22)]) != tokens_N[i : i + (1 << 22)])
+    lo, hi = entry_range or (0, n)
+    for i in range(lo, hi, 1 << 22):
+        j = min(hi, i + (1 << 22))
+        bad = np.flatnonzero(np.asarray(store.vals[i:j]) != tokens_N[i:j])
         if len(bad):
             raise DatastoreError(f"datastore {store.name}: value of entry {i + bad[0]} is not the corpus token")
     rng = np.random.default_rng(seed)
-    entries = np.unique(np.concatenate([[0, n - 1], rng.choice(n, size=min(n, sample), replace=False)]))
+    entries = np.unique(np.concatenate([[lo, hi - 1], lo + rng.choice(hi - lo, size=min(hi - lo, sample),
+                                                                         replace=False)]))
     windows_Wx3 = windows(n, m["window"], m["context"])
     owner = window_of(windows_Wx3, entries)
     used = np.unique(owner)
@@ -198,4 +328,4 @@ def check_datastore(store: Datastore, trained, tokens_N: np.ndarray, eos: int, *
                 raise DatastoreError(f"datastore {store.name}: key of entry {e} differs from the recomputed one "
                                      f"(max difference {np.abs(stored - fresh).max():.3g})")
             worst = max(worst, float(np.abs(stored - fresh).max()))
-    return dict(entries_checked=len(entries), values_checked=n, max_key_difference=worst)
+    return dict(entries_checked=len(entries), values_checked=hi - lo, max_key_difference=worst)

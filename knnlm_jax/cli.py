@@ -19,16 +19,40 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = "tiny
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable); unknown keys are an error")
     parser.add_argument("--data_dir", "--data-dir", default=None,
-                        help="WikiText-format directory (train/valid/test.txt or wiki.*.tokens); "
-                             "default: the config's, else the embedded corpus")
+                        help="WikiText-format directory (train/valid/test.txt or wiki.*.tokens), or a corpus "
+                             "spec (tfds:NAME[/CONFIG][:SPLIT], wiki3b); default: the config's, else the embedded corpus")
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<config>)")
+    parser.add_argument("--tfds-data-dir", "--tfds_data_dir", dest="tfds_data_dir", default=None, metavar="DIR",
+                        help="where prepared TFDS datasets are (default: env TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    parser.add_argument("--text-feature", "--text_feature", dest="text_feature", default=None, metavar="NAME",
+                        help="the text feature of tfds: corpora (default text, or what the run was trained "
+                             "with); split on newlines into lines")
+
+
+def corpus_options(args, recorded: dict | None = None) -> dict:
+    """Keyword options of :func:`corpus.read_split` / :func:`runs.split_tokens`: the flags given, else
+    ``recorded`` (what the run or datastore was made with), else the defaults."""
+    options = dict(tfds_data_dir=None, text_feature="text")
+    options.update({k: v for k, v in (recorded or {}).items() if k in options and v is not None})
+    options.update({k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
+    return options
+
+
+def check_data_dir(data_dir) -> None:
+    """``--data_dir``: an existing directory or a corpus spec (``tfds:...``, ``wiki3b``, ``wiki-offline``)."""
+    from knnlm_jax.corpus import EMBEDDED, is_spec
+
+    if data_dir is not None and not (os.path.isdir(data_dir) or is_spec(data_dir) or data_dir == EMBEDDED):
+        raise UserError(f"--data_dir {data_dir}: no such directory")
 
 
 def load_config(args):
     config = get_config(args.config)
     apply_overrides(config, args.overrides)
     if args.data_dir is not None:
-        if not os.path.isdir(args.data_dir):
+        from knnlm_jax.corpus import is_spec
+
+        if not (os.path.isdir(args.data_dir) or is_spec(args.data_dir)):
             raise UserError(f"--data_dir {args.data_dir}: no such directory")
         config.data_dir = args.data_dir
     workdir = args.workdir or os.path.join("runs", config.name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -82,8 +83,27 @@ def window_batch(stream: np.ndarray, windows_Wx3: np.ndarray, length: int, pad_i
 
 
 def token_stream(tokens_N: np.ndarray, eos: int) -> np.ndarray:
-    """``[</s>] + tokens`` as in :func:`knnlm_jax.data.lm_blocks`."""
+    """``[</s>] + tokens`` as in :func:`knnlm_jax.data.lm_blocks` (a copy: for small splits)."""
     return np.concatenate([np.asarray([eos], np.int32), np.asarray(tokens_N, np.int32)])
+
+
+class StreamView:
+    """``[</s>] + tokens`` without a copy: slices read the (memory-mapped) token array."""
+
+    def __init__(self, tokens_N: np.ndarray, eos: int):
+        self.tokens, self.eos = tokens_N, int(eos)
+
+    def __len__(self) -> int:
+        return len(self.tokens) + 1
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        start, stop, step = span.indices(len(self))
+        if step != 1:
+            raise IndexError("a token stream is sliced with step 1")
+        if stop <= start:
+            return np.zeros(0, np.int32)
+        body = np.asarray(self.tokens[max(start, 1) - 1 : stop - 1], np.int32)
+        return np.concatenate([np.asarray([self.eos], np.int32), body]) if start == 0 else body
 
 
 # ---------------------------------------------------------------------------------
@@ -282,6 +302,53 @@ class DatastoreWriter:
         return self.manifest
 
 
+def begin_sharded(directory: str, header: dict, entry_ranges, *, overwrite: bool = False) -> dict:
+    """Process 0 of a sharded build: create (or keep, to resume) the top manifest listing the shards.
+
+    A build started by another number of processes, or with another identity, is refused
+    unless ``overwrite`` (which removes everything). The shards are each process's own
+    :class:`DatastoreWriter`; :func:`finish_sharded` marks the whole complete.
+    """
+    name = os.path.basename(os.path.normpath(directory))
+    count = len(entry_ranges)
+    old = check_writable(directory, overwrite)
+    if old is not None and not overwrite:
+        old_count = int(old.get("num_shards", 1)) if old.get("layout") == SHARDED else 1
+        if old_count != count:
+            raise DatastoreError(f"datastore {name} holds an unfinished build by {old_count} process"
+                                 f"{'es' if old_count > 1 else ''}; relaunch it with --num_processes {old_count} "
+                                 "to resume, or pass --overwrite")
+        diff = [k for k in BUILD_IDENTITY if k != "batch_size" and old.get(k) != header[k]]
+        if diff:
+            raise DatastoreError(f"datastore {name} holds an unfinished build with another {', '.join(diff)}; "
+                                 "pass --overwrite to start again")
+        return old
+    if os.path.isdir(directory):
+        shutil.rmtree(directory)
+    os.makedirs(directory)
+    manifest = {"format_version": FORMAT_VERSION, **header, "dtype": np.dtype(KEY_DTYPE).name, "layout": SHARDED,
+                "num_shards": count, "shard_entries": [[int(lo), int(hi)] for lo, hi in entry_ranges],
+                "status": "building", "lm_nll_sum": 0.0, "index": None, "created": time.time()}
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def finish_sharded(directory: str) -> dict:
+    """Mark a sharded datastore complete once every shard is (process 0, after all shards finished)."""
+    top = read_manifest(directory)
+    count = int(top["num_shards"])
+    total = 0.0
+    for p in range(count):
+        m = read_manifest(os.path.join(directory, shard_name(p, count)))
+        if m is None or m.get("status") != "complete":
+            raise DatastoreError(f"datastore {os.path.basename(directory)}: shard {shard_name(p, count)} "
+                                 "is not complete")
+        total += float(m["lm_nll_sum"])
+    top.update(status="complete", lm_nll_sum=total)
+    write_manifest(directory, top)
+    return top
+
+
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -301,6 +368,7 @@ class Datastore:
     manifest: dict
     keys: np.ndarray
     vals: np.ndarray
+    shards: list | None = None  # the shards' own datastores, when sharded
 
     @property
     def name(self) -> str:
@@ -336,7 +404,11 @@ def _load_array(directory: str, name: str, file: str, shape: tuple, dtype) -> np
 
 
 def open_datastore(directory: str, signature: ModelSignature | None = None) -> Datastore:
-    """Open a complete datastore read-only, checked against its manifest and ``signature``."""
+    """Open a complete datastore read-only, checked against its manifest and ``signature``.
+
+    A sharded datastore (built by several processes) reads as one: ``keys`` and ``vals``
+    are :class:`RowConcat` views over its shards, in entry order.
+    """
     name = os.path.basename(os.path.normpath(directory))
     manifest = read_manifest(directory)
     if manifest is None:
@@ -345,11 +417,107 @@ def open_datastore(directory: str, signature: ModelSignature | None = None) -> D
         raise DatastoreError(f"datastore {name} has format version {manifest.get('format_version')}; "
                              f"this code reads version {FORMAT_VERSION}")
     if manifest.get("status") != "complete":
-        raise DatastoreError(f"datastore {name} is unfinished ({manifest.get('progress')} of "
-                             f"{manifest.get('num_entries')} entries); run build.py again to resume it")
+        done = (f"{manifest.get('num_shards')} shards, built by {manifest.get('num_shards')} processes"
+                if manifest.get("layout") == SHARDED else f"{manifest.get('progress')} of "
+                                                          f"{manifest.get('num_entries')} entries")
+        raise DatastoreError(f"datastore {name} is unfinished ({done}); run build.py again to resume it")
     if signature is not None:
         check_signature(manifest, signature, name)
     n, d = int(manifest["num_entries"]), int(manifest["dim"])
+    if manifest.get("layout") == SHARDED:
+        shards = [open_shard(directory, manifest, p) for p in range(int(manifest["num_shards"]))]
+        offsets = [lo for lo, _ in manifest["shard_entries"]] + [n]
+        keys = RowConcat([s.keys for s in shards], offsets)
+        vals = RowConcat([s.vals for s in shards], offsets)
+        return Datastore(directory, manifest, keys, vals, shards)
     keys = _load_array(directory, name, KEYS, (n, d), KEY_DTYPE)
     vals = _load_array(directory, name, VALS, (n,), VAL_DTYPE)
     return Datastore(directory, manifest, keys, vals)
+
+
+# ---------------------------------------------------------------------------------
+# sharded datastores: one shard per process of the build, contiguous entry ranges
+
+SHARDED = "sharded"
+
+
+def shard_name(p: int, count: int) -> str:
+    return f"shard-{p:05d}-of-{count:05d}"
+
+
+def shard_ranges(windows_Wx3: np.ndarray, batch_size: int, count: int) -> list[tuple[int, int, int, int]]:
+    """``(first window, end window, first entry, end entry)`` of each of ``count`` shards.
+
+    Shards split the build's batches (``batch_size`` windows each) into contiguous runs, so
+    every shard computes exactly the batches a one-process build computes: concatenated,
+    the shards are byte-identical to it.
+    """
+    n_batches = -(-len(windows_Wx3) // batch_size)
+    if n_batches < count:
+        raise DatastoreError(f"the corpus gives {n_batches} batches of windows, fewer than the {count} processes: "
+                             "use fewer processes or a smaller --batch-size")
+    ranges = []
+    for p in range(count):
+        w0 = (p * n_batches // count) * batch_size
+        w1 = min(len(windows_Wx3), ((p + 1) * n_batches // count) * batch_size)
+        ranges.append((w0, w1, int(windows_Wx3[w0, 1]), int(windows_Wx3[w1 - 1, 2])))
+    return ranges
+
+
+def open_shard(directory: str, manifest: dict, p: int) -> "Datastore":
+    """Shard ``p`` of a sharded datastore, checked against the top manifest."""
+    name = os.path.basename(os.path.normpath(directory))
+    count = int(manifest["num_shards"])
+    sub = os.path.join(directory, shard_name(p, count))
+    m = read_manifest(sub)
+    if m is None:
+        raise DatastoreError(f"datastore {name}: shard {shard_name(p, count)} is missing "
+                             f"(the datastore was built by {count} processes)")
+    lo, hi = manifest["shard_entries"][p]
+    if m.get("status") != "complete" or m.get("num_entries") != hi - lo or m.get("entry_range") != [lo, hi]:
+        raise DatastoreError(f"datastore {name}: shard {shard_name(p, count)} is unfinished or does not hold "
+                             f"entries [{lo}, {hi}); run build.py again with {count} processes to finish it")
+    d = int(manifest["dim"])
+    keys = _load_array(sub, f"{name}/{shard_name(p, count)}", KEYS, (hi - lo, d), KEY_DTYPE)
+    vals = _load_array(sub, f"{name}/{shard_name(p, count)}", VALS, (hi - lo,), VAL_DTYPE)
+    return Datastore(sub, m, keys, vals)
+
+
+class RowConcat:
+    """Read-only rows of several arrays (shards) as one: ints, slices and integer arrays index it."""
+
+    def __init__(self, parts, offsets):
+        self.parts, self.offsets = list(parts), np.asarray(offsets, np.int64)
+        self.shape = (int(self.offsets[-1]),) + tuple(self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[:], dtype)
+
+    def __getitem__(self, item):
+        if isinstance(item, (int, np.integer)):
+            i = int(item) + (self.shape[0] if item < 0 else 0)
+            p = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            return self.parts[p][i - self.offsets[p]]
+        if isinstance(item, slice):
+            start, stop, step = item.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            pieces = [part[max(start, lo) - lo : min(stop, hi) - lo]
+                      for part, lo, hi in zip(self.parts, self.offsets[:-1], self.offsets[1:]) if start < hi and lo < stop]
+            return np.concatenate(pieces) if pieces else np.zeros((0,) + self.shape[1:], self.dtype)
+        ids = np.asarray(item)
+        if ids.dtype == bool:
+            ids = np.flatnonzero(ids)
+        flat = ids.reshape(-1).astype(np.int64)
+        flat = np.where(flat < 0, flat + self.shape[0], flat)
+        owner = np.searchsorted(self.offsets, flat, side="right") - 1
+        out = np.empty((len(flat),) + self.shape[1:], self.dtype)
+        for p in np.unique(owner):
+            at = owner == p
+            out[at] = self.parts[p][flat[at] - self.offsets[p]]
+        return out.reshape(ids.shape + self.shape[1:])

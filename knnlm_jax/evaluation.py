@@ -46,6 +46,7 @@ from knnlm_jax.eval_settings import (CACHE_THETAS, LAMBDAS, TEMPERATURES, Evalua
                                      drop_self_for, eval_window_sizes, own_text, perplexity)
 from knnlm_jax.knn import interpolate, knn_target_log_prob, neighbour_log_weights
 from knnlm_jax.model import forward_states
+from knnlm_jax.search import has_lists, search as search_index
 
 FILES_FORMAT = 1
 META = "meta.json"
@@ -271,7 +272,7 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         if searching:
             if on_queries is not None:
                 on_queries(queries)
-            dists, ids = faiss_index.search(index, queries, k, nprobe)
+            dists, ids = search_index(index, queries, k, nprobe)
             t2 = time.perf_counter()
             timings["search"] += t2 - t1
             found = ids >= 0
@@ -645,7 +646,7 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
     m = store.manifest
     index_info = m.get("index") or {}
     nprobe = settings.nprobe or index_info.get("nprobe") or faiss_index.DEFAULT_NPROBE
-    if faiss_index.faiss.try_extract_index_ivf(index) is None:
+    if not has_lists(index):
         nprobe = None  # no inverted lists: nothing to probe
     data, tokens = splits[split]
     evaluated = [split]

@@ -14,7 +14,7 @@ import os
 from ml_collections import ConfigDict
 
 from knnlm_jax.configs import NAMES, ConfigError, apply_overrides, get_config
-from knnlm_jax.corpus import EMBEDDED
+from knnlm_jax.corpus import EMBEDDED, is_spec
 from knnlm_jax.datastore import ModelSignature
 from knnlm_jax.vocab import Vocab
 
@@ -77,17 +77,29 @@ def run_config(workdir: str, overrides=()) -> ConfigDict:
 
 
 def run_corpus(config) -> str:
-    """Where the run's training corpus was read from (absolute), else the config's ``data_dir``."""
+    """The run's training corpus: its spec (``wiki-offline``, ``tfds:...``, ``wiki3b``) or path where that
+    still exists, else the config's ``data_dir``."""
     corpus = config.derived.get("corpus", "") if "derived" in config else ""
-    return corpus if corpus == EMBEDDED or os.path.exists(corpus) else config.data_dir
+    return corpus if corpus == EMBEDDED or (corpus and is_spec(corpus)) or os.path.exists(corpus) else config.data_dir
 
 
-def split_tokens(workdir: str, vocab: Vocab, source: str, split: str):
-    """``(Split, int32 tokens)`` of a corpus split in the run's vocabulary (cached in ``<workdir>/tokens/``)."""
+def corpus_options(config) -> dict:
+    """The corpus options (``tfds_data_dir``, ``text_feature``) the run was trained with."""
+    return dict(config.derived.get("corpus_options") or {}) if "derived" in config else {}
+
+
+def split_tokens(workdir: str, vocab: Vocab, source: str, split: str, *, tfds_data_dir: str | None = None,
+                 text_feature: str = "text"):
+    """``(Split, int32 tokens memory-mapped)`` of a corpus split in the run's vocabulary.
+
+    Token arrays and the corpus fingerprint cache live in ``<workdir>/tokens/``; ``tfds_data_dir`` and
+    ``text_feature`` (see :func:`cli.corpus_options`) apply to ``tfds:`` and ``wiki3b`` sources.
+    """
     from knnlm_jax import corpus
 
-    data = corpus.read_split(source, split)
-    return data, corpus.load_tokens(os.path.join(workdir, "tokens"), data, vocab)
+    cache = os.path.join(workdir, "tokens")
+    data = corpus.read_split(source, split, tfds_data_dir=tfds_data_dir, text_feature=text_feature, cache_dir=cache)
+    return data, corpus.load_tokens(cache, data, vocab)
 
 
 def load_vocab(workdir: str, config=None) -> Vocab:
@@ -149,11 +161,12 @@ def load_model(workdir: str, config, vocab: Vocab) -> TrainedModel:
     from knnlm_jax.checkpoint import CheckpointError, Checkpointer
     from knnlm_jax.model import ModelConfig
     from knnlm_jax.optim import make_optimizer
-    from knnlm_jax.training import abstract_model, make_mesh
+    from knnlm_jax.distributed import local_mesh
+    from knnlm_jax.training import abstract_model
 
     cfg = ModelConfig.from_config(config, vocab_size=len(vocab))
     graphdef, abstract = abstract_model(cfg)
-    replicated = NamedSharding(make_mesh(), P())
+    replicated = NamedSharding(local_mesh(), P())
 
     def placed(tree):
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)

@@ -25,6 +25,7 @@ from knnlm_jax import corpus
 from knnlm_jax.adaptive import band_edges, block_band_counts, capacities_for_batches
 from knnlm_jax.checkpoint import Checkpointer, abstract_like
 from knnlm_jax.data import BatchOrder, lm_blocks
+from knnlm_jax.distributed import make_mesh
 from knnlm_jax.model import ModelConfig, TransformerLM
 from knnlm_jax.optim import lr_schedule, make_optimizer
 from knnlm_jax.vocab import Vocab
@@ -102,11 +103,6 @@ def make_eval_step(graphdef):
     return eval_step
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D ``data`` mesh over all local devices."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def evaluate(eval_step, params, blocks, batch_size: int, mesh, edges, max_tokens: int = 0) -> tuple[float, int]:
     """Token-weighted ``(sum of NLL, count)`` over LM blocks; the last batch is padded with masked rows."""
     inputs, targets, mask = blocks
@@ -150,22 +146,28 @@ class RunData:
     valid_ids: np.ndarray
     train_sha256: str
     corpus: str
+    corpus_options: dict
 
 
-def prepare_data(config, workdir: str, *, need_valid: bool = True) -> RunData:
-    """Vocabulary (built once from the train split, saved) and cached token arrays."""
-    train = corpus.read_split(config.data_dir, "train")
+def prepare_data(config, workdir: str, *, need_valid: bool = True, corpus_options: dict | None = None) -> RunData:
+    """Vocabulary (built once from the train split, saved) and cached token arrays (memory-mapped).
+
+    ``config.data_dir`` is any corpus spec; ``corpus_options`` (``tfds_data_dir``, ``text_feature``)
+    apply to ``tfds:`` sources. The corpus is streamed, never held whole.
+    """
+    cache = os.path.join(workdir, "tokens")
+    options = dict(corpus_options or {}, cache_dir=cache)
+    train = corpus.read_split(config.data_dir, "train", **options)
     vocab_path = os.path.join(workdir, "vocab.txt")
     if os.path.isfile(vocab_path):
         vocab = Vocab.load(vocab_path)
     else:
-        vocab = Vocab.build(train.lines, max_size=config.vocab_size)
+        vocab = Vocab.build(train.lines(), max_size=config.vocab_size)
         os.makedirs(workdir, exist_ok=True)
         vocab.save(vocab_path)
-    cache = os.path.join(workdir, "tokens")
     train_ids = corpus.load_tokens(cache, train, vocab)
-    valid_ids = corpus.load_tokens(cache, corpus.read_split(config.data_dir, "valid"), vocab) if need_valid else None
-    return RunData(vocab, train_ids, valid_ids, train.sha256, train.corpus)
+    valid_ids = corpus.load_tokens(cache, corpus.read_split(config.data_dir, "valid", **options), vocab) if need_valid else None
+    return RunData(vocab, train_ids, valid_ids, train.sha256, train.corpus, dict(corpus_options or {}))
 
 
 def resolved_config(config, data: RunData) -> dict:
@@ -173,6 +175,8 @@ def resolved_config(config, data: RunData) -> dict:
     resolved = config.to_dict()
     resolved["cutoffs"] = list(resolved["cutoffs"])
     resolved["derived"] = {"vocab_size": len(data.vocab), "corpus": data.corpus, "train_sha256": data.train_sha256}
+    if corpus.is_spec(data.corpus):  # a catalog corpus: where it was read from, for build and evaluate
+        resolved["derived"]["corpus_options"] = data.corpus_options
     return resolved
 
 
@@ -219,9 +223,11 @@ def _truncate_metrics(path: str, step: int) -> None:
 # the loop
 
 
-def train(config, workdir: str, *, progress: bool = True, log=print) -> dict:
-    """Train (or resume) the run in ``workdir``; returns the final metrics."""
-    data = prepare_data(config, workdir)
+def train(config, workdir: str, *, progress: bool = True, log=print, corpus_options: dict | None = None) -> dict:
+    """Train (or resume) the run in ``workdir``; returns the final metrics.
+
+    ``corpus_options`` (``tfds_data_dir``, ``text_feature``) apply to ``tfds:``/``wiki3b`` corpora."""
+    data = prepare_data(config, workdir, corpus_options=corpus_options)
     resolved = resolved_config(config, data)
     check_run_config(workdir, resolved)
     cfg = ModelConfig.from_config(config, vocab_size=len(data.vocab))

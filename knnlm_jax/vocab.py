@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 BOS, PAD, EOS, UNK = "<s>", "<pad>", "</s>", "<unk>"
 SPECIALS = (BOS, PAD, EOS, UNK)
+CHUNK_LINES = 65536  # lines per chunk when counting or encoding a stream
+CHUNK_TOKENS = 1 << 20  # ... and at most about this many tokens per encoded chunk
+
+
+def chunks(lines: Iterable[str], size: int | None = None) -> Iterator[list[str]]:
+    """``lines`` in lists of at most ``size`` (default ``CHUNK_LINES``): the only lines held at once."""
+    it = iter(lines)
+    while chunk := list(itertools.islice(it, size or CHUNK_LINES)):
+        yield chunk
 
 
 class Vocab:
@@ -39,12 +49,15 @@ class Vocab:
 
     @classmethod
     def build(cls, lines: Iterable[str], max_size: int = 0) -> "Vocab":
-        """Count whitespace tokens (plus one ``</s>`` per line); keep ``max_size`` entries (0 = all)."""
+        """Count whitespace tokens (plus one ``</s>`` per line); keep ``max_size`` entries (0 = all).
+
+        ``lines`` may be any iterable (a corpus stream): it is read in chunks, never held whole.
+        """
         counter: collections.Counter = collections.Counter()
         n_lines = 0
-        for line in lines:
-            counter.update(line.split())
-            n_lines += 1
+        for chunk in chunks(lines):
+            counter.update(itertools.chain.from_iterable(map(str.split, chunk)))
+            n_lines += len(chunk)
         counter[EOS] += n_lines
         for special in SPECIALS:
             counter.setdefault(special, 0)
@@ -62,10 +75,30 @@ class Vocab:
         return [get(w, unk) for w in line.split()] + [self.eos]
 
     def encode(self, lines: Iterable[str]) -> np.ndarray:
+        """int32 ids of a few lines (small inputs; a corpus goes through :meth:`encode_chunks`)."""
         ids: list[int] = []
         for line in lines:
             ids.extend(self.encode_line(line))
         return np.asarray(ids, dtype=np.int32)
+
+    def encode_chunks(self, lines: Iterable[str], chunk_lines: int = CHUNK_LINES,
+                      chunk_tokens: int = CHUNK_TOKENS) -> Iterator[np.ndarray]:
+        """int32 ids of a stream of lines, as consecutive arrays of about ``chunk_tokens`` or fewer.
+
+        The concatenation equals ``encode(lines)``; at most one chunk is held at a time.
+        """
+        get, unk, eos = self.index.get, self.unk, self.eos
+        ids: list[int] = []
+        n_lines = 0
+        for line in lines:
+            ids.extend([get(w, unk) for w in line.split()])
+            ids.append(eos)
+            n_lines += 1
+            if n_lines >= chunk_lines or len(ids) >= chunk_tokens:
+                yield np.asarray(ids, dtype=np.int32)
+                ids, n_lines = [], 0
+        if ids:
+            yield np.asarray(ids, dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(self.words[int(i)] for i in ids)

@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -28,7 +30,7 @@ def test_wikitext_dir_with_either_file_naming(tmp_path, wikitext_dir):
     with open(os.path.join(wikitext_dir, "valid.txt"), encoding="utf-8") as f:
         (other / "wiki.valid.tokens").write_text(f.read(), encoding="utf-8")
     b = corpus.read_split(str(other), "valid")
-    assert a.lines == b.lines and a.sha256 == b.sha256
+    assert list(a.lines()) == list(b.lines()) and a.sha256 == b.sha256
 
 
 def test_missing_split_empty_corpus_and_missing_dir_are_errors(tmp_path, wikitext_dir):
@@ -44,19 +46,65 @@ def test_missing_split_empty_corpus_and_missing_dir_are_errors(tmp_path, wikitex
 
 
 def test_token_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, wikitext_dir):
-    data = corpus.read_split(wikitext_dir, "train")
-    vocab = Vocab.build(data.lines)
     cache = str(tmp_path / "cache")
+    data = corpus.read_split(wikitext_dir, "train", cache_dir=cache)
+    vocab = Vocab.build(data.lines())
     ids = corpus.load_tokens(cache, data, vocab)
-    assert len(ids) == sum(len(l.split()) + 1 for l in data.lines)
-    assert len(os.listdir(cache)) == 1
+    assert isinstance(ids, np.memmap) and not ids.flags.writeable and ids.dtype == np.int32
+    np.testing.assert_array_equal(ids, vocab.encode(data.lines()))
+    assert len(ids) == sum(len(l.split()) + 1 for l in data.lines())
+    npys = lambda: sorted(n for n in os.listdir(cache) if n.endswith(".npy"))
+    assert len(npys()) == 1 and npys()[0].startswith(f"train-{data.sha256[:16]}-")
     np.testing.assert_array_equal(corpus.load_tokens(cache, data, vocab), ids)
     with open(os.path.join(wikitext_dir, "train.txt"), "a") as f:
         f.write(" the cat \n")
-    changed = corpus.read_split(wikitext_dir, "train")
+    changed = corpus.read_split(wikitext_dir, "train", cache_dir=cache)
     assert changed.sha256 != data.sha256
     ids2 = corpus.load_tokens(cache, changed, vocab)
-    assert len(ids2) == len(ids) + 3 and len(os.listdir(cache)) == 2
+    assert len(ids2) == len(ids) + 3 and len(npys()) == 2
+
+
+def test_lines_stream_afresh_and_sha256_is_the_old_definition_cached_by_file_identity(tmp_path, wikitext_dir):
+    cache = str(tmp_path / "fp")
+    data = corpus.read_split(wikitext_dir, "valid", cache_dir=cache)
+    assert not os.path.exists(os.path.join(cache, corpus.FINGERPRINTS))  # the emptiness check needs no hash
+    with open(os.path.join(wikitext_dir, "valid.txt"), encoding="utf-8") as f:
+        expected = [line.rstrip("\n") for line in f]
+    first = data.lines()
+    assert next(first) == expected[0] and list(data.lines()) == expected  # independent iterators
+    text = "".join(line + "\n" for line in expected).encode("utf-8")
+    assert data.sha256 == hashlib.sha256(text).hexdigest()
+    with open(os.path.join(cache, corpus.FINGERPRINTS)) as f:
+        assert list(json.load(f).values()) == [data.sha256]
+    # a fresh Split of the same unchanged file takes its sha256 from the cache, without reading the text
+    again = corpus.read_split(wikitext_dir, "valid", cache_dir=cache)
+    assert again.known_sha256() == data.sha256
+    with open(os.path.join(wikitext_dir, "valid.txt"), "a") as f:
+        f.write(" more \n")
+    assert corpus.read_split(wikitext_dir, "valid", cache_dir=cache).known_sha256() is None
+
+
+def test_load_tokens_hashes_while_encoding_and_writes_a_valid_npy(tmp_path, wikitext_dir):
+    cache = str(tmp_path / "tok")
+    data = corpus.read_split(wikitext_dir, "train", cache_dir=cache)
+    vocab = Vocab.build(data.lines(), max_size=20)
+    ids = corpus.load_tokens(cache, data, vocab)  # sha256 unknown: computed in the encoding pass
+    reference = corpus.read_split(wikitext_dir, "train", cache_dir=str(tmp_path / "other"))
+    assert data.known_sha256() == reference.sha256
+    np.testing.assert_array_equal(ids, vocab.encode(reference.lines()))
+    path = os.path.join(cache, f"train-{data.sha256[:16]}-{vocab.fingerprint()[:8]}.npy")
+    np.testing.assert_array_equal(np.load(path), ids)  # a plain .npy, not only a memmap
+    assert not [n for n in os.listdir(cache) if ".tmp" in n]
+
+
+def test_emptiness_check_stops_at_the_first_non_blank_line(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text(" a \n" + " b \n" * 100_000, encoding="utf-8")  # decoding is buffered: 400 kB before
+    with open(path, "ab") as f:
+        f.write(b"\xff\xfe not utf-8\n")  # past the first line: only a full pass would meet it
+    data = corpus.read_split(str(path), "train")
+    with pytest.raises(corpus.CorpusError, match="cannot read"):
+        list(data.lines())
 
 
 def test_embedded_corpus_is_verified_split_by_article_and_deterministic():
@@ -65,7 +113,7 @@ def test_embedded_corpus_is_verified_split_by_article_and_deterministic():
     except corpus.CorpusError as err:
         pytest.skip(str(err))
     splits = {s: corpus.read_split("", s) for s in corpus.SPLITS}
-    titles = {s: {l for l in d.lines if l.startswith(" = ")} for s, d in splits.items()}
+    titles = {s: {l for l in d.lines() if l.startswith(" = ")} for s, d in splits.items()}
     assert not (titles["train"] & titles["valid"]) and not (titles["train"] & titles["test"])
     n = {s: len(t) for s, t in titles.items()}
     assert sum(n.values()) > 9000 and n["valid"] > 300 and n["test"] > 300

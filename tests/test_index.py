@@ -25,6 +25,18 @@ def test_auto_factory_is_flat_when_small_and_the_papers_ivf_pq_when_large():
     assert ix.auto_factory(5_000_000, 256) == "IVF4096,PQ64"
 
 
+def test_auto_factory_from_the_paper_to_billions():
+    assert ix.auto_factory(100_000, 1024) == "Flat"
+    assert ix.auto_factory(2_000_000, 1024) == "IVF2048,PQ64"
+    assert ix.auto_factory(103_000_000, 1024) == "IVF4096,PQ64"  # WikiText-103, as the paper
+    assert ix.auto_factory(4096 * ix.MAX_PER_LIST, 1024) == "IVF4096,PQ64"  # the last size with 4096 lists
+    assert ix.auto_factory(4096 * ix.MAX_PER_LIST + 1, 1024) == "IVF8192_HNSW32,PQ64"
+    assert ix.auto_factory(2_870_000_000, 1024) == "IVF65536_HNSW32,PQ64"  # Wiki-3B: 43.8k keys per list
+    for n in (3e8, 1e9, 2.87e9, 1e10):
+        nlist = int(ix.auto_factory(int(n), 1024).split(",")[0][3:].split("_")[0])
+        assert n / nlist <= ix.MAX_PER_LIST < 2 * n / nlist  # the fewest lists that keep <= 50k keys each
+
+
 def test_flat_index_returns_each_key_at_distance_zero():
     keys = keys_with_duplicates()
     index, info = ix.build_index(keys, progress=False)

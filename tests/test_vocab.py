@@ -50,3 +50,25 @@ def test_build_is_deterministic_and_fingerprint_tracks_order():
 def test_vocab_must_start_with_specials():
     with pytest.raises(ValueError):
         Vocab(["a", "b"])
+
+
+def test_build_streams_a_generator_in_chunks_with_the_same_result(monkeypatch):
+    lines = [f" w{i % 7} w{i % 3} x " for i in range(1000)]
+    import knnlm_jax.vocab as vocab_module
+
+    monkeypatch.setattr(vocab_module, "CHUNK_LINES", 64)
+    expected = Vocab.build(lines)
+    assert Vocab.build(line for line in lines) == expected
+    assert Vocab.build(iter(lines)).counts == expected.counts
+
+
+def test_encode_chunks_concatenate_to_encode_and_stay_bounded():
+    v = Vocab.build(LINES)
+    lines = [" a zzz b ", " ", " c a b d "] * 50
+    parts = list(v.encode_chunks(iter(lines), chunk_lines=7, chunk_tokens=1000))
+    assert all(p.dtype == np.int32 for p in parts) and len(parts) == -(-len(lines) // 7)
+    np.testing.assert_array_equal(np.concatenate(parts), v.encode(lines))
+    by_tokens = list(v.encode_chunks(lines, chunk_tokens=10))
+    assert max(len(p) for p in by_tokens) < 10 + 5
+    np.testing.assert_array_equal(np.concatenate(by_tokens), v.encode(lines))
+    assert list(v.encode_chunks([])) == []

@@ -1,0 +1,140 @@
+"""Searching a datastore's index: one index (in RAM or merged on disk), or its shards across processes.
+
+A sharded datastore has one FAISS index per shard (global ids for IVF, an id offset for
+Flat). With one process its shards are searched one after another; under a multi-process
+launch each process searches its own shard: process 0 broadcasts the queries (JAX
+collectives), every process searches, the top-k lists are all-gathered and merged with
+FAISS's own merge. Process 0 runs the evaluation; the others serve searches until it closes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from knnlm_jax import distributed, index_shards
+from knnlm_jax import index as faiss_index
+from knnlm_jax.datastore import INDEX, Datastore, DatastoreError, shard_name
+from knnlm_jax.distributed import Processes
+
+_STOP, _SEARCH = 0, 1
+
+
+def has_lists(index) -> bool:
+    """Whether ``index`` probes inverted lists (so ``nprobe`` means something)."""
+    if isinstance(index, ShardSearcher):
+        return index.lists
+    return faiss_index.faiss.try_extract_index_ivf(index) is not None
+
+
+def search(index, queries_BxD: np.ndarray, k: int, nprobe: int | None = None):
+    """``(dists BxK, ids BxK)`` from a FAISS index or a :class:`ShardSearcher`."""
+    if isinstance(index, ShardSearcher):
+        return index.search(queries_BxD, k, nprobe)
+    return faiss_index.search(index, queries_BxD, k, nprobe)
+
+
+class ShardSearcher:
+    """Top-k over a sharded datastore's shard indexes; see the module docstring."""
+
+    def __init__(self, shards: list[tuple[object, int]], dim: int, ntotal: int, processes: Processes):
+        self.shards, self.dim, self.ntotal, self.processes = shards, dim, ntotal, processes
+        self.lists = any(faiss_index.faiss.try_extract_index_ivf(ix) is not None for ix, _ in shards)
+        self.searches = 0
+
+    def _local(self, queries_BxD: np.ndarray, k: int, nprobe: int | None):
+        dists, ids = [], []
+        for ix, offset in self.shards:
+            d, i = faiss_index.search(ix, queries_BxD, k, nprobe if self.lists else None)
+            dists.append(d)
+            ids.append(np.where(i >= 0, i + offset, -1))
+        return index_shards.merge_results(dists, ids, k)
+
+    def search(self, queries_BxD: np.ndarray, k: int, nprobe: int | None = None):
+        """Process 0 (or a single process): the merged top-k of every shard."""
+        queries_BxD = np.ascontiguousarray(queries_BxD, np.float32)
+        self.searches += 1
+        if not self.processes.multi:
+            return self._local(queries_BxD, k, nprobe)
+        distributed.broadcast(np.asarray([_SEARCH, len(queries_BxD), k, nprobe or -1], np.int64))
+        return self._gathered(distributed.broadcast(queries_BxD), k, nprobe)
+
+    def _gathered(self, queries_BxD, k, nprobe):
+        dists, ids = self._local(queries_BxD, k, nprobe)
+        all_dists, all_ids = distributed.allgather(dists), distributed.allgather(ids)
+        return index_shards.merge_results(list(all_dists), list(all_ids), k)
+
+    def serve(self) -> int:
+        """Processes other than 0: answer searches until process 0 closes; returns how many."""
+        while True:
+            op, b, k, nprobe = (int(x) for x in distributed.broadcast(np.zeros(4, np.int64)))
+            if op == _STOP:
+                return self.searches
+            queries = distributed.broadcast(np.zeros((b, self.dim), np.float32))
+            self._gathered(queries, k, None if nprobe < 0 else nprobe)
+            self.searches += 1
+
+    def close(self) -> None:
+        """Process 0: release the serving processes."""
+        if self.processes.multi and self.processes.is_main:
+            distributed.broadcast(np.asarray([_STOP, 0, 0, 0], np.int64))
+
+
+def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode: str = "auto", nprobe=None):
+    """The index to search ``store`` with.
+
+    ``mode``: ``merged`` (the one index file, lists memory-mapped), ``shards`` (this
+    process's shards; all of them with one process) or ``auto`` (shards under a
+    multi-process launch, else the merged or only index).
+    """
+    info = store.manifest.get("index") or {}
+    if not info:
+        raise DatastoreError(f"datastore {store.name} has no FAISS index; index it with: "
+                             f"python build.py --datastore {store.name} --index-only")
+    sharded = store.shards is not None
+    if processes.multi and not sharded:
+        raise DatastoreError(f"datastore {store.name} is not sharded (built by one process): evaluate it with one "
+                             "process")
+    if mode == "auto":
+        mode = "shards" if processes.multi or (sharded and not info.get("merged")) else "merged"
+    if mode == "merged":
+        if sharded and not info.get("merged"):
+            raise DatastoreError(f"datastore {store.name} has no merged index (its shards' indexes are Flat): "
+                                 "search its shards")
+        path = os.path.join(store.directory, INDEX)
+        if not os.path.isfile(path):
+            raise DatastoreError(f"datastore {store.name}: {INDEX} is missing; re-index it with: "
+                                 f"python build.py --datastore {store.name} --index-only")
+        index = faiss_index.read_index(path, nprobe, mmap=sharded)
+        _check_index(store, index)
+        return index
+    if not sharded:
+        raise DatastoreError(f"datastore {store.name} is not sharded: it has one index")
+    count = len(store.shards)
+    if processes.multi and processes.count != count:
+        raise DatastoreError(f"datastore {store.name} has {count} shards (built by {count} processes) but this "
+                             f"launch has {processes.count}: launch {count} processes, or search its merged index "
+                             "with one process")
+    mine = [processes.index] if processes.multi else list(range(count))
+    shards = []
+    for p in mine:
+        shard = store.shards[p]
+        path = os.path.join(shard.directory, INDEX)
+        if not os.path.isfile(path):
+            raise DatastoreError(f"datastore {store.name}: shard {shard_name(p, count)} has no {INDEX}; re-index "
+                                 f"it with: python build.py --datastore {store.name} --index-only")
+        ix = faiss_index.read_index(path, nprobe, mmap=True)
+        lo, hi = store.manifest["shard_entries"][p]
+        if ix.ntotal != hi - lo:
+            raise DatastoreError(f"datastore {store.name}: shard {shard_name(p, count)}'s index holds {ix.ntotal} "
+                                 f"keys, the shard {hi - lo}; re-index it with --index-only")
+        shards.append((ix, int((shard.manifest.get("index") or {}).get("id_offset", 0))))
+    return ShardSearcher(shards, store.dim, store.size, processes)
+
+
+def _check_index(store: Datastore, index) -> None:
+    if index.ntotal != store.size or index.d != store.dim:
+        raise DatastoreError(f"datastore {store.name}: its index holds {index.ntotal} {index.d}-dim keys, the "
+                             f"datastore {store.size} {store.dim}-dim ones; re-index it with: "
+                             f"python build.py --datastore {store.name} --index-only")
