@@ -39,6 +39,10 @@ def main(argv=None) -> int:
                         help="FAISS factory string, e.g. Flat or IVF4096,PQ64 (default: Flat below 200k keys, "
                              "else IVF-PQ as in the paper)")
     parser.add_argument("--nprobe", type=int, default=None, help="inverted lists to probe (default 32)")
+    parser.add_argument("--keys", default="fp16", choices=("fp16", "none"),
+                        help="fp16: store keys (N x D float16) for exact re-ranking (default); none: keep only the "
+                             "index's codes, filled during the build (approximate distances; what billions of "
+                             "entries on ordinary disks need)")
     parser.add_argument("--no-index", action="store_true", help="build keys and values only (index later with "
                                                                 "--index-only)")
     parser.add_argument("--check", default=None, metavar="NAME",
@@ -88,7 +92,7 @@ def default_name(args) -> str:
 
 def build(args, config, workdir, vocab, directory, processes) -> int:
     from knnlm_jax import distributed, runs
-    from knnlm_jax.cli import corpus_options
+    from knnlm_jax.cli import UserError, corpus_options
     from knnlm_jax.datastore import check_writable
     from knnlm_jax.tfds_source import WIKI3B
 
@@ -104,23 +108,34 @@ def build(args, config, workdir, vocab, directory, processes) -> int:
         distributed.barrier("tokens")
 
     from knnlm_jax.building import build_datastore, perplexity, window_sizes
+    from knnlm_jax.index import DEFAULT_NPROBE
+
+    if args.keys == "none" and args.no_index:
+        raise UserError("--keys none fills the index during the build: drop --no-index")
 
     trained = runs.load_model(workdir, config, vocab)
     window, context = window_sizes(config)
     manifest = build_datastore(
         directory, trained, runs.signature(config, vocab, trained.fingerprint, trained.step), tokens, vocab.eos,
         corpus=data.corpus, corpus_sha256=data.sha256, split=data.split, corpus_options=options, window=window,
-        context=context,
-        batch_size=args.batch_size or config.eval_batch_size, overwrite=args.overwrite,
+        context=context, batch_size=args.batch_size or config.eval_batch_size, overwrite=args.overwrite,
+        keys=args.keys, index_factory=args.index, nprobe=args.nprobe or DEFAULT_NPROBE,
         progress=not args.no_progress, log=lambda msg: print(msg, file=sys.stderr), processes=processes)
     if processes.multi:
         print(f"process {processes.index}: shard of datastore {os.path.basename(directory)} complete", file=sys.stderr)
     if processes.is_main:
+        stored = "float16" if args.keys == "fp16" else "(as index codes only)"
         print(f"datastore {os.path.basename(directory)}: {manifest['num_entries']} entries, {manifest['dim']}-dim "
-          f"float16 {manifest['key_type']} keys (window {window}, context >= {context}), "
-          f"{data.corpus} {data.split}; model step {trained.step} ({trained.source}); "
-          f"LM perplexity on these entries {perplexity(manifest):.2f}")
+              f"{manifest['key_type']} keys {stored} (window {window}, context >= {context}), "
+              f"{data.corpus} {data.split}; model step {trained.step} ({trained.source}); "
+              f"LM perplexity on these entries {perplexity(manifest):.2f}")
     store = open_checked(directory, config, vocab, trained)
+    if args.keys == "none":
+        if processes.is_main:
+            info = store.manifest["index"]
+            print(f"index {info['factory']} over {info['ntotal']} keys (codes only, nprobe {info['nprobe']}) -> "
+                  f"{os.path.join(store.directory, info['file'])}")
+        return 0
     return 0 if args.no_index else index(args, store, processes)
 
 
@@ -133,11 +148,14 @@ def open_checked(directory, config, vocab, trained=None):
 
 
 def index(args, store, processes) -> int:
-    from knnlm_jax.building import index_datastore, index_sharded
+    from knnlm_jax.indexing import index_datastore, index_sharded
     from knnlm_jax.datastore import DatastoreError
     from knnlm_jax.index import DEFAULT_NPROBE
 
     nprobe = args.nprobe or (store.manifest.get("index") or {}).get("nprobe") or DEFAULT_NPROBE
+    if store.keys is None:
+        raise DatastoreError(f"datastore {store.name} stores no keys (--keys none): its index was filled during "
+                             "the build; to change it, rebuild with --overwrite and --index")
     if store.shards is not None:
         info = index_sharded(store, args.index, nprobe=nprobe, processes=processes, progress=not args.no_progress)
     elif processes.multi:

@@ -43,8 +43,9 @@ def main(argv=None) -> int:
                              "process under a multi-process launch); auto: shards under several processes, "
                              "else merged")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--exact", dest="exact", action="store_true", default=True,
-                      help="re-rank FAISS's candidates by full-precision L2 to the stored keys (default)")
+    mode.add_argument("--exact", dest="exact", action="store_true", default=None,
+                      help="re-rank FAISS's candidates by full-precision L2 to the stored keys (default, unless the "
+                           "datastore keeps no keys: --keys none)")
     mode.add_argument("--approximate", dest="exact", action="store_false", help="use FAISS's distances as they are")
     parser.add_argument("--cache", action="store_true", help="also evaluate the continuous cache (Grave et al. 2017)")
     parser.add_argument("--cache-size", type=int, default=1024, help="cache memory in tokens, within the window")
@@ -91,7 +92,7 @@ def settings_from(args, config):
     window, context = eval_window_sizes(config)
     settings = Settings(k=args.k, lmbda=number_or_auto(args.lmbda, "--lmbda"),
                         temperature=number_or_auto(args.temperature, "--temperature"), nprobe=args.nprobe,
-                        exact=args.exact, cache=args.cache, cache_size=args.cache_size,
+                        exact=args.exact is not False, cache=args.cache, cache_size=args.cache_size,
                         cache_lambda=number_or_auto(args.cache_lambda, "--cache-lambda"), cache_thetas=thetas,
                         drop_self=args.drop_self, max_tokens=args.max_tokens,
                         batch_size=args.batch_size or config.eval_batch_size, window=window, context=context,
@@ -132,6 +133,11 @@ def evaluate(args) -> int:
     check_data_dir(args.data_dir)
     directory = find_datastore(workdir, args.datastore)
     store = open_datastore(directory, runs.signature(config, vocab))
+    if store.keys is None:  # built with --keys none: only the index's codes
+        if args.exact:
+            raise DatastoreError(f"datastore {store.name} keeps no keys (built with --keys none): exact re-ranking "
+                                 "needs them; use --approximate")
+        settings.exact = False
     if not store.manifest.get("index"):
         raise DatastoreError(f"datastore {store.name} has no FAISS index; index it with: "
                              f"python build.py --workdir {workdir} --datastore {store.name} --index-only")

@@ -12,8 +12,6 @@ import functools
 import math
 import os
 import shutil
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +22,15 @@ from tqdm.auto import tqdm
 
 from knnlm_jax import index as faiss_index
 from knnlm_jax.adaptive import band_edges
-from knnlm_jax import distributed, index_shards
+from knnlm_jax.codes import SAMPLED, CodeIndex, load_sampled, sample_batches
+from knnlm_jax import distributed
 from knnlm_jax.datastore import (INDEX, SHARDED, Datastore, DatastoreError, DatastoreWriter, ModelSignature, StreamView,
                                  begin_sharded, finish_sharded, read_manifest, shard_name, shard_ranges,
-                                 signature_fields, update_manifest, window_batch, window_of, windows)
+                                 signature_fields, window_batch, window_of, windows, write_manifest)
+from knnlm_jax.indexing import TRAINED, merge_shards, share_trained
 from knnlm_jax.model import forward_with_keys
 from knnlm_jax.distributed import Processes, local_mesh
 
-TRAINED, IVFDATA = "trained.faiss", "index.ivfdata"
 # stored keys are float16; a recomputed key must agree to within a few float16 steps
 KEY_RTOL, KEY_ATOL = 4e-3, 4e-3
 
@@ -96,6 +95,7 @@ class KeyComputer:
         self.params = trained.params
         self.step = make_key_step(trained.graphdef, key_type)
         self.edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
+        self.dim = int(trained.cfg.d_model)
         self.sharding = NamedSharding(mesh, P("data", None))
         self.stream, self.eos, self.window, self.batch_size = StreamView(tokens_N, eos), eos, window, batch_size
 
@@ -114,43 +114,31 @@ class KeyComputer:
 
 def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N: np.ndarray, eos: int, *,
                     corpus: str, corpus_sha256: str, split: str, window: int, context: int, batch_size: int,
-                    corpus_options: dict | None = None, overwrite: bool = False, progress: bool = True, on_chunk=None, log=print,
-                    processes: Processes = Processes()) -> dict:
+                    corpus_options: dict | None = None, keys: str = "fp16", index_factory: str | None = None,
+                    nprobe: int = faiss_index.DEFAULT_NPROBE, overwrite: bool = False, progress: bool = True,
+                    on_chunk=None, log=print, processes: Processes = Processes()) -> dict:
     """Write (or resume) the datastore of ``tokens_N`` in ``directory``; returns the final manifest.
 
     Under several processes each writes its shard (a contiguous run of the build's batches,
     see :func:`knnlm_jax.datastore.shard_ranges`) and process 0 the top manifest; every
-    process must call this. ``on_chunk(progress)`` is called after each chunk is committed
-    (a test hook).
+    process must call this. ``keys="none"`` stores no keys: the index (``index_factory``) is
+    trained first and filled as the keys are computed (:mod:`knnlm_jax.codes`).
+    ``on_chunk(progress)`` is called after each chunk is committed (a test hook).
     """
     n = len(tokens_N)
     check_batch_size(batch_size)  # before anything is written
     header = dict(signature_fields(signature), corpus=corpus, corpus_sha256=corpus_sha256, split=split,
-                  num_entries=n, window=window, context=context, batch_size=batch_size,
+                  num_entries=n, window=window, context=context, batch_size=batch_size, keys=keys,
                   checkpoint=trained.source, corpus_options=dict(corpus_options or {}))
-    windows_Wx3 = windows(n, window, context)
-    computer = None
+    all_windows = windows(n, window, context)
     if processes.multi:
-        info, refusal = np.zeros(1, np.int64), None
-        if processes.is_main:
-            try:
-                top = begin_sharded(directory, header, [r[2:] for r in shard_ranges(windows_Wx3, batch_size,
-                                                                                    processes.count)],
-                                    overwrite=overwrite)
-                info[0] = int(top["batch_size"])
-            except DatastoreError as err:
-                refusal, info[0] = err, -1
-        batch_size = int(distributed.broadcast(info)[0])  # a resumed build keeps its batch composition
-        if batch_size < 0:
-            raise refusal or DatastoreError(f"process 0 refused to build datastore {os.path.basename(directory)} "
-                                            "(its message says why)")
-        w0, w1, lo, hi = shard_ranges(windows_Wx3, batch_size, processes.count)[processes.index]
+        batch_size = _begin_shards(directory, header, all_windows, batch_size, processes, overwrite)
+        w0, w1, lo, hi = shard_ranges(all_windows, batch_size, processes.count)[processes.index]
         shard_dir = os.path.join(directory, shard_name(processes.index, processes.count))
         header = dict(header, num_entries=hi - lo, entry_range=[lo, hi], shard=processes.index,
                       num_shards=processes.count)
-        windows_Wx3 = windows_Wx3[w0:w1]
     else:
-        lo, shard_dir = 0, directory
+        w0, w1, lo, shard_dir = 0, len(all_windows), 0, directory
         old = read_manifest(directory)
         if old is not None and old.get("layout") == SHARDED:
             if not overwrite:
@@ -158,6 +146,7 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
             shutil.rmtree(directory)
     writer = DatastoreWriter(shard_dir, header, overwrite=overwrite and not processes.multi)
     batch_size = int(writer.manifest["batch_size"])
+    windows_Wx3 = all_windows[w0:w1]
     done = writer.progress
     if done:
         log(f"resuming datastore {os.path.basename(directory)}"
@@ -166,18 +155,33 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
     if done < writer.n and windows_Wx3[first, 1] != lo + done:
         raise DatastoreError(f"datastore {writer.name}: progress {done} is not a window boundary")
     computer = KeyComputer(trained, signature.key_type, tokens_N, eos, window, batch_size)
-    capacities = build_capacities(tokens_N, windows(n, window, context), batch_size, computer.edges, window)
+    capacities = build_capacities(tokens_N, all_windows, batch_size, computer.edges, window)
+    factory = index_factory or faiss_index.auto_factory(n, signature.dim)
+    codes = None
+    if keys == "none":
+        trained_index = train_for_codes(directory, computer, all_windows, (w0, w1), batch_size, factory, processes,
+                                        progress=progress, log=log)
+        codes = CodeIndex(shard_dir, trained_index, first_id=lo, progress=done)
     bar = tqdm(total=writer.n, initial=done, disable=not progress, unit="tok", unit_scale=True,
                dynamic_ncols=True, desc=f"datastore {os.path.basename(directory)}"
                                          + (f" [{processes.index}/{processes.count}]" if processes.multi else ""))
 
     def commit(result):
-        nll, keys, targets, mask = result
-        keys_nxD = np.asarray(keys)[mask]
-        writer.append(keys_nxD, targets[mask], float(nll))
+        nll, keys_BxTxD, targets, mask = result
+        keys_nxD = np.asarray(keys_BxTxD)[mask]
+        if codes is None:
+            writer.append(keys_nxD, targets[mask], float(nll))
+        else:
+            codes.add(keys_nxD, writer.written)
+            codes.keep_sample(keys_nxD, writer.written, writer.n)
+            writer.append(None, targets[mask], float(nll), sync=False)
+            if codes.due():
+                codes.save(writer.written)
+                writer.sync()
+                codes.drop_older()
         bar.update(len(keys_nxD))
         if on_chunk is not None:
-            on_chunk(writer.progress)
+            on_chunk(writer.written)
 
     pending = None
     try:
@@ -190,98 +194,85 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
             commit(pending)
     finally:
         bar.close()
+    if codes is not None:
+        codes.finish(nprobe)
+        writer.manifest["index"] = dict(file=INDEX, factory=factory, metric="l2", ntotal=int(codes.index.ntotal),
+                                        nprobe=int(nprobe), keys="none",
+                                        id_offset=0 if codes.with_ids else lo)
     manifest = writer.finish()
     if not processes.multi:
         return manifest
     distributed.barrier(f"built {directory}")
     if processes.is_main:
-        finish_sharded(directory)
+        top = finish_sharded(directory)
+        if codes is not None:  # one index over every shard's codes, merged on disk
+            count = processes.count
+            paths = [os.path.join(directory, shard_name(p, count), INDEX) for p in range(count)]
+            merged = merge_shards(directory, trained_index, paths, nprobe)
+            top["index"] = dict(file=INDEX, factory=factory, metric="l2", ntotal=n, nprobe=int(nprobe), keys="none",
+                                shards=count, merged=merged)
+            write_manifest(directory, top)
     distributed.barrier(f"finished {directory}")
     return read_manifest(directory)
 
 
-def index_datastore(store: Datastore, factory: str | None = None, nprobe: int = faiss_index.DEFAULT_NPROBE,
-                    progress: bool = True) -> dict:
-    """Build, write and record the FAISS index of a complete datastore; returns the index info."""
-    index, info = faiss_index.build_index(store.keys, factory, nprobe=nprobe, progress=progress)
-    update_manifest(store.directory, index=None)  # no stale record if killed while writing
-    faiss_index.write_index(index, os.path.join(store.directory, INDEX))
-    store.manifest = update_manifest(store.directory, index=info)
-    return info
-
-
-def index_sharded(store: Datastore, factory: str | None = None, nprobe: int = faiss_index.DEFAULT_NPROBE,
-                  processes: Processes = Processes(), progress: bool = True, seed: int = 0) -> dict:
-    """Index a sharded datastore: one index trained once, each shard's keys added by its process, merged on disk.
-
-    Every process calls this. The training sample is the one a one-process build would draw
-    (seeded ids over all N entries): each process reads the part in its shard, the parts are
-    all-gathered, process 0 trains and broadcasts the trained index. Each process adds its
-    shard's keys with global ids and writes ``<shard>/index.faiss``; process 0 keeps
-    ``trained.faiss`` and, for IVF indexes, merges the shards' lists into ``index.faiss`` +
-    ``index.ivfdata`` (searched memory-mapped). With one process every shard is done in turn.
-    """
-    m = store.manifest
-    n, dim, count = store.size, store.dim, len(store.shards)
-    if processes.multi and processes.count != count:
-        raise DatastoreError(f"datastore {store.name} has {count} shards (built by {count} processes); "
-                             f"index it with {count} processes or with one")
-    factory = factory or faiss_index.auto_factory(n, dim)
-    mine = [processes.index] if processes.multi else list(range(count))
-    t0 = time.time()
-    update_manifest(store.directory, index=None) if processes.is_main else None  # nothing stale if killed
-    trained = faiss_index.faiss.index_factory(dim, factory, faiss_index.faiss.METRIC_L2)
-    trained_on = 0
-    if not trained.is_trained:
-        size = faiss_index.train_size(n, factory)
-        sample = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-        parts = []
-        for p in mine:
-            lo, hi = m["shard_entries"][p]
-            ids = sample[(sample >= lo) & (sample < hi)] - lo
-            parts.append(np.asarray(store.shards[p].keys[ids]))
-        local = np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
-        gathered = np.concatenate(distributed.allgather_rows(local)) if processes.multi else local
-        blob = None
-        if processes.is_main:
-            if progress:
-                print(f"training {factory} on {len(gathered):,} sampled keys", file=sys.stderr, flush=True)
-            trained = faiss_index.train_index(gathered.astype(np.float32), factory, dim, seed=seed)
-            blob = faiss_index.faiss.serialize_index(trained).tobytes()
-        if processes.multi:
-            blob = distributed.broadcast_bytes(blob)
-            trained = faiss_index.faiss.deserialize_index(np.frombuffer(blob, np.uint8))
-        trained_on = len(gathered)
-    lists = faiss_index.faiss.try_extract_index_ivf(trained) is not None
-    paths = []
-    for p in range(count):
-        lo, hi = m["shard_entries"][p]
-        shard_dir = os.path.join(store.directory, shard_name(p, count))
-        paths.append(os.path.join(shard_dir, INDEX))
-        if p not in mine:
-            continue
-        shard_index = faiss_index.faiss.clone_index(trained)
-        add_info = faiss_index.add_keys(shard_index, store.shards[p].keys, first_id=lo, progress=progress)
-        faiss_index.set_nprobe(shard_index, nprobe)
-        update_manifest(shard_dir, index=None)
-        faiss_index.write_index(shard_index, paths[-1])
-        update_manifest(shard_dir, index=dict(file=INDEX, factory=factory, ntotal=int(shard_index.ntotal),
-                                              nprobe=int(nprobe), id_offset=int(add_info.get("id_offset", 0))))
-    distributed.barrier(f"indexed shards of {store.directory}")
-    info = dict(file=INDEX, factory=factory, metric="l2", ntotal=n, nprobe=int(nprobe), trained_on=trained_on,
-                seed=seed, shards=count, merged=lists)
+def _begin_shards(directory, header, windows_Wx3, batch_size, processes, overwrite) -> int:
+    """Process 0 writes (or keeps) the top manifest; every process learns the build's batch size."""
+    info, refusal = np.zeros(1, np.int64), None
     if processes.is_main:
-        faiss_index.write_index(trained, os.path.join(store.directory, TRAINED))
-        if lists:
-            merged = faiss_index.faiss.clone_index(trained)
-            faiss_index.set_nprobe(merged, nprobe)
-            index_shards.merge_on_disk(merged, paths, os.path.join(store.directory, INDEX),
-                                      os.path.join(store.directory, IVFDATA))
-        info["seconds"] = round(time.time() - t0, 3)
-        store.manifest = update_manifest(store.directory, index=info)
-    distributed.barrier(f"indexed {store.directory}")
-    store.manifest = read_manifest(store.directory)
-    return store.manifest["index"]
+        try:
+            ranges = [r[2:] for r in shard_ranges(windows_Wx3, batch_size, processes.count)]
+            info[0] = int(begin_sharded(directory, header, ranges, overwrite=overwrite)["batch_size"])
+        except DatastoreError as err:
+            refusal, info[0] = err, -1
+    batch_size = int(distributed.broadcast(info)[0])  # a resumed build keeps its batch composition
+    if batch_size < 0:
+        raise refusal or DatastoreError(f"process 0 refused to build datastore {os.path.basename(directory)} "
+                                        "(its message says why)")
+    return batch_size
+
+
+def train_for_codes(directory, computer, windows_Wx3, own, batch_size, factory, processes, *, progress=True,
+                    log=print, seed: int = 0):
+    """The trained, empty index of a ``--keys none`` build (``trained.faiss``, kept for a resume).
+
+    Its sample is every entry of evenly spread batches (about :func:`index.train_size`
+    entries); each process computes the sampled batches of its shard, process 0 trains.
+    """
+    path = os.path.join(directory, TRAINED)
+    have = distributed.broadcast(np.asarray([os.path.isfile(path)], np.int64))[0]
+    if have:
+        return faiss_index.read_index(path)
+    dim = computer.dim
+    candidate = faiss_index.make_index(factory, dim)
+    if candidate.is_trained:  # e.g. Flat: nothing to learn
+        if processes.is_main:
+            faiss_index.write_index(candidate, path)
+        distributed.barrier(f"trained {directory}")
+        return candidate
+    n = int(windows_Wx3[-1, 2])
+    n_batches = -(-len(windows_Wx3) // batch_size)
+    chosen = sample_batches(n_batches, n // n_batches, faiss_index.train_size(n, factory))
+    w0, w1 = own
+    rows = []
+    for b in chosen[(chosen * batch_size >= w0) & (chosen * batch_size < w1)]:
+        _, keys, _, mask = computer.dispatch(windows_Wx3[b * batch_size : (b + 1) * batch_size])
+        rows.append(np.asarray(keys)[mask])
+    local = np.concatenate(rows) if rows else np.zeros((0, dim), np.float16)
+    log(f"sampled {len(chosen)} of {n_batches} batches to train {factory}")
+    trained, _ = share_trained(local, factory, dim, processes, seed=seed, progress=progress)
+    if processes.is_main:
+        faiss_index.write_index(trained, path)
+    distributed.barrier(f"trained {directory}")
+    return trained
+
+
+def indexed_sample(store: Datastore):
+    """``(global ids, float16 keys)`` a ``--keys none`` build kept (all shards')."""
+    parts = [load_sampled(s.directory) for s in store.shards] if store.shards else [load_sampled(store.directory)]
+    if any(p is None for p in parts):
+        raise DatastoreError(f"datastore {store.name}: {SAMPLED} is missing (a --keys none build keeps it)")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def perplexity(manifest: dict) -> float:
@@ -310,6 +301,14 @@ def check_datastore(store: Datastore, trained, tokens_N: np.ndarray, eos: int, *
     rng = np.random.default_rng(seed)
     entries = np.unique(np.concatenate([[lo, hi - 1], lo + rng.choice(hi - lo, size=min(hi - lo, sample),
                                                                          replace=False)]))
+    kept = None
+    if store.keys is None:  # --keys none: compare with the keys the build kept for this check
+        kept = indexed_sample(store)
+        inside = (kept[0] >= lo) & (kept[0] < hi)
+        kept = dict(zip(kept[0][inside].tolist(), kept[1][inside]))
+        entries = np.asarray(sorted(kept)[:max(sample, 2)], np.int64)
+        if not len(entries):
+            raise DatastoreError(f"datastore {store.name} keeps no sampled keys to check")
     windows_Wx3 = windows(n, m["window"], m["context"])
     owner = window_of(windows_Wx3, entries)
     used = np.unique(owner)
@@ -323,7 +322,7 @@ def check_datastore(store: Datastore, trained, tokens_N: np.ndarray, eos: int, *
         for e in entries[np.isin(owner, batch)]:
             row = int(np.searchsorted(batch, window_of(windows_Wx3, e)))
             fresh = keys[row, e - windows_Wx3[batch[row], 0]]
-            stored = np.asarray(store.keys[e], np.float32)
+            stored = np.asarray(store.keys[e] if kept is None else kept[int(e)], np.float32)
             if not np.allclose(stored, fresh, rtol=KEY_RTOL, atol=KEY_ATOL):
                 raise DatastoreError(f"datastore {store.name}: key of entry {e} differs from the recomputed one "
                                      f"(max difference {np.abs(stored - fresh).max():.3g})")

@@ -24,6 +24,7 @@ import numpy as np
 FORMAT_VERSION = 1
 KEYS, VALS, MANIFEST, INDEX = "keys.npy", "vals.npy", "manifest.json", "index.faiss"
 KEY_DTYPE, VAL_DTYPE = np.float16, np.int32
+KEY_MODES = ("fp16", "none")  # keys stored for exact re-ranking, or only as the index's codes
 # what must be equal for a partial build to be resumed rather than started afresh
 BUILD_IDENTITY = ("model_fingerprint", "key_type", "dim", "vocab_fingerprint", "corpus_sha256", "split",
                   "num_entries", "window", "context", "batch_size")
@@ -216,7 +217,10 @@ class DatastoreWriter:
 
     ``header`` holds the manifest fields of the build (see :data:`BUILD_IDENTITY`, plus
     anything descriptive). A complete datastore is never replaced unless ``overwrite``; an
-    unfinished one with the same identity is resumed at its ``progress``.
+    unfinished one with the same identity is resumed at its ``progress``. With
+    ``header["keys"] == "none"`` no keys are stored (the build adds them to an index): then
+    ``append(..., sync=False)`` writes values without advancing ``progress``, and
+    :meth:`sync` makes everything written so far durable once the index is saved too.
     """
 
     def __init__(self, directory: str, header: dict, *, overwrite: bool = False):
@@ -225,80 +229,109 @@ class DatastoreWriter:
         missing = [k for k in BUILD_IDENTITY if k not in header]
         if missing:
             raise ValueError(f"datastore header lacks {missing}")
+        header = dict(header, keys=header.get("keys", "fp16"))
+        if header["keys"] not in KEY_MODES:
+            raise DatastoreError(f"--keys {header['keys']!r}: choose one of {', '.join(KEY_MODES)}")
+        self.stores_keys = header["keys"] == "fp16"
         old = check_writable(directory, overwrite)
         if old is not None and not overwrite:
             diff = [k for k in ("format_version", *BUILD_IDENTITY) if k != "batch_size"
                     and old.get(k) != (FORMAT_VERSION if k == "format_version" else header[k])]
+            if old.get("keys", "fp16") != header["keys"]:
+                diff.append("keys")
             if diff:
                 raise DatastoreError(f"datastore {self.name} holds an unfinished build with another "
                                      f"{', '.join(diff)}; pass --overwrite to start again")
         if old is not None and not overwrite and self._open(old):
             self.manifest = old
-            return
-        self._create(header)
+        else:
+            self._create(header)
+        self.written = self.progress
 
     def _open(self, manifest: dict) -> bool:
         """Reopen the files of an unfinished build; ``False`` when they are unusable."""
+        n, d = manifest["num_entries"], manifest["dim"]
         try:
-            keys = np.load(os.path.join(self.directory, KEYS), mmap_mode="r")
             vals = np.load(os.path.join(self.directory, VALS), mmap_mode="r")
+            keys = np.load(os.path.join(self.directory, KEYS), mmap_mode="r") if self.stores_keys else None
         except (OSError, ValueError):
             return False
-        n, d = manifest["num_entries"], manifest["dim"]
-        ok = (keys.shape, keys.dtype, vals.shape, vals.dtype) == ((n, d), np.dtype(KEY_DTYPE), (n,), np.dtype(VAL_DTYPE))
+        ok = (vals.shape, vals.dtype) == ((n,), np.dtype(VAL_DTYPE)) and (
+            keys is None or (keys.shape, keys.dtype) == ((n, d), np.dtype(KEY_DTYPE)))
         if ok:
-            self._attach(keys, vals)
+            self._attach(keys, vals, n, d)
         return ok
 
     def _create(self, header: dict) -> None:
         os.makedirs(self.directory, exist_ok=True)
         _remove(self.directory, MANIFEST, INDEX, KEYS, VALS)  # the manifest first: nothing looks complete
         n, d = int(header["num_entries"]), int(header["dim"])
-        keys = np.lib.format.open_memmap(os.path.join(self.directory, KEYS), "w+", KEY_DTYPE, (n, d))
+        keys = (np.lib.format.open_memmap(os.path.join(self.directory, KEYS), "w+", KEY_DTYPE, (n, d))
+                if self.stores_keys else None)
         vals = np.lib.format.open_memmap(os.path.join(self.directory, VALS), "w+", VAL_DTYPE, (n,))
-        self._attach(keys, vals)
-        self.manifest = {"format_version": FORMAT_VERSION, **header, "dtype": np.dtype(KEY_DTYPE).name,
+        self._attach(keys, vals, n, d)
+        self.manifest = {"format_version": FORMAT_VERSION, **header,
+                         "dtype": np.dtype(KEY_DTYPE).name if self.stores_keys else None,
                          "status": "building", "progress": 0, "lm_nll_sum": 0.0, "index": None,
                          "created": time.time()}
         write_manifest(self.directory, self.manifest)
 
-    def _attach(self, keys_memmap, vals_memmap) -> None:
+    def _attach(self, keys_memmap, vals_memmap, n: int, dim: int) -> None:
         """Keep the ``.npy`` layout (shape, data offsets) and write through file descriptors.
 
         Positional writes instead of memmap stores keep written pages out of this process's
         resident set, so memory does not grow with N.
         """
-        self.n, self.dim = keys_memmap.shape
-        self._key_offset, self._val_offset = keys_memmap.offset, vals_memmap.offset
+        self.n, self.dim = n, dim
+        self._val_offset = vals_memmap.offset
+        self._keys_fd = self._key_offset = None
+        if keys_memmap is not None:
+            self._key_offset = keys_memmap.offset
+            self._keys_fd = os.open(os.path.join(self.directory, KEYS), os.O_RDWR)
         del keys_memmap, vals_memmap
-        self._keys_fd = os.open(os.path.join(self.directory, KEYS), os.O_RDWR)
         self._vals_fd = os.open(os.path.join(self.directory, VALS), os.O_RDWR)
+        self._nll_pending = 0.0
 
     @property
     def progress(self) -> int:
+        """Entries made durable (what a resumed build starts from)."""
         return int(self.manifest["progress"])
 
-    def append(self, keys_nxD: np.ndarray, vals_n: np.ndarray, nll_sum: float = 0.0) -> None:
-        """Write the next ``n`` entries, flush, then advance ``progress`` in the manifest."""
-        start, n = self.progress, len(vals_n)
-        if start + n > self.n or keys_nxD.shape != (n, self.dim):
-            raise ValueError(f"chunk of {n} entries (keys {keys_nxD.shape}) does not fit at {start} of {self.n}")
-        key_bytes = np.ascontiguousarray(keys_nxD, KEY_DTYPE).tobytes()
+    def append(self, keys_nxD: np.ndarray | None, vals_n: np.ndarray, nll_sum: float = 0.0, *,
+               sync: bool = True) -> None:
+        """Write the next ``n`` entries; with ``sync``, flush and advance ``progress`` in the manifest."""
+        start, n = self.written, len(vals_n)
+        if start + n > self.n or (self.stores_keys and keys_nxD.shape != (n, self.dim)):
+            shape = None if keys_nxD is None else keys_nxD.shape
+            raise ValueError(f"chunk of {n} entries (keys {shape}) does not fit at {start} of {self.n}")
+        if self.stores_keys:
+            key_bytes = np.ascontiguousarray(keys_nxD, KEY_DTYPE).tobytes()
+            _pwrite_all(self._keys_fd, key_bytes, self._key_offset + start * self.dim * np.dtype(KEY_DTYPE).itemsize)
         val_bytes = np.ascontiguousarray(vals_n, VAL_DTYPE).tobytes()
-        _pwrite_all(self._keys_fd, key_bytes, self._key_offset + start * self.dim * np.dtype(KEY_DTYPE).itemsize)
         _pwrite_all(self._vals_fd, val_bytes, self._val_offset + start * np.dtype(VAL_DTYPE).itemsize)
-        os.fdatasync(self._keys_fd)
+        self.written, self._nll_pending = start + n, self._nll_pending + float(nll_sum)
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush what was written and advance ``progress`` to it."""
+        if self._keys_fd is not None:
+            os.fdatasync(self._keys_fd)
         os.fdatasync(self._vals_fd)
-        self.manifest.update(progress=start + n, lm_nll_sum=self.manifest["lm_nll_sum"] + float(nll_sum))
+        self.manifest.update(progress=self.written, lm_nll_sum=self.manifest["lm_nll_sum"] + self._nll_pending)
+        self._nll_pending = 0.0
         write_manifest(self.directory, self.manifest)
 
     def finish(self) -> dict:
-        if self.progress != self.n:
-            raise DatastoreError(f"datastore {self.name}: {self.progress} of {self.n} entries written")
+        if self.written != self.n:
+            raise DatastoreError(f"datastore {self.name}: {self.written} of {self.n} entries written")
+        if self.progress != self.written:
+            self.sync()
         self.manifest["status"] = "complete"
         write_manifest(self.directory, self.manifest)
-        os.close(self._keys_fd)
-        os.close(self._vals_fd)
+        for fd in (self._keys_fd, self._vals_fd):
+            if fd is not None:
+                os.close(fd)
         return self.manifest
 
 
@@ -319,6 +352,7 @@ def begin_sharded(directory: str, header: dict, entry_ranges, *, overwrite: bool
                                  f"{'es' if old_count > 1 else ''}; relaunch it with --num_processes {old_count} "
                                  "to resume, or pass --overwrite")
         diff = [k for k in BUILD_IDENTITY if k != "batch_size" and old.get(k) != header[k]]
+        diff += ["keys"] if old.get("keys", "fp16") != header.get("keys", "fp16") else []
         if diff:
             raise DatastoreError(f"datastore {name} holds an unfinished build with another {', '.join(diff)}; "
                                  "pass --overwrite to start again")
@@ -380,7 +414,7 @@ class Datastore:
 
     @property
     def dim(self) -> int:
-        return self.keys.shape[1]
+        return int(self.manifest["dim"])
 
     @property
     def index_path(self) -> str | None:
@@ -427,12 +461,17 @@ def open_datastore(directory: str, signature: ModelSignature | None = None) -> D
     if manifest.get("layout") == SHARDED:
         shards = [open_shard(directory, manifest, p) for p in range(int(manifest["num_shards"]))]
         offsets = [lo for lo, _ in manifest["shard_entries"]] + [n]
-        keys = RowConcat([s.keys for s in shards], offsets)
+        keys = RowConcat([s.keys for s in shards], offsets) if shards[0].keys is not None else None
         vals = RowConcat([s.vals for s in shards], offsets)
         return Datastore(directory, manifest, keys, vals, shards)
-    keys = _load_array(directory, name, KEYS, (n, d), KEY_DTYPE)
+    keys = _load_array(directory, name, KEYS, (n, d), KEY_DTYPE) if stores_keys(manifest) else None
     vals = _load_array(directory, name, VALS, (n,), VAL_DTYPE)
     return Datastore(directory, manifest, keys, vals)
+
+
+def stores_keys(manifest: dict) -> bool:
+    """Whether the datastore keeps its keys (``keys.npy``) or only the index's codes (``--keys none``)."""
+    return manifest.get("keys", "fp16") == "fp16"
 
 
 # ---------------------------------------------------------------------------------
@@ -478,7 +517,8 @@ def open_shard(directory: str, manifest: dict, p: int) -> "Datastore":
         raise DatastoreError(f"datastore {name}: shard {shard_name(p, count)} is unfinished or does not hold "
                              f"entries [{lo}, {hi}); run build.py again with {count} processes to finish it")
     d = int(manifest["dim"])
-    keys = _load_array(sub, f"{name}/{shard_name(p, count)}", KEYS, (hi - lo, d), KEY_DTYPE)
+    keys = _load_array(sub, f"{name}/{shard_name(p, count)}", KEYS, (hi - lo, d), KEY_DTYPE) if stores_keys(
+        manifest) else None
     vals = _load_array(sub, f"{name}/{shard_name(p, count)}", VALS, (hi - lo,), VAL_DTYPE)
     return Datastore(sub, m, keys, vals)
 

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import synthetic_lines, tiny_config
 from knnlm_jax import corpus, runs
-from knnlm_jax.building import KEY_RTOL, KEY_ATOL, build_datastore, check_datastore, index_datastore, window_sizes
+from knnlm_jax.building import KEY_RTOL, KEY_ATOL, build_datastore, check_datastore, window_sizes
+from knnlm_jax.indexing import index_datastore
 from knnlm_jax.datastore import (BUILD_IDENTITY, KEYS, MANIFEST, VALS, DatastoreError, DatastoreWriter, open_datastore,
                                  read_manifest, token_stream, update_manifest, window_batch, window_of, windows)
 from knnlm_jax.index import search

@@ -9,7 +9,8 @@ import pytest
 
 from test_datastore import build, make_run, write_corpus
 from knnlm_jax import corpus, evaluation, runs
-from knnlm_jax.building import index_datastore, window_sizes
+from knnlm_jax.building import window_sizes
+from knnlm_jax.indexing import index_datastore
 from knnlm_jax.datastore import open_datastore, token_stream, window_batch, windows
 from knnlm_jax.evaluation import (EvaluationError, Settings, evaluate_tokens, knn_log_probs, mix, perplexity,
                                   tune_knn)

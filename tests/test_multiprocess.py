@@ -171,3 +171,30 @@ def test_a_missing_shard_is_named(project, tmp_path):
     rc, _, err = launch("evaluate.py", ["--workdir", workdir, "--datastore", "broken", "--lmbda", "0.3",
                                         "--temperature", "2"], 1, root)[0]
     assert rc == 2 and "shard-00001-of-00002 is missing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_two_process_codes_only_build_merges_the_same_index(project):
+    """``--keys none`` under 2 processes: sample shared, trained once, shards' codes merged on disk."""
+    from knnlm_jax.datastore import open_datastore
+    from knnlm_jax.index import read_index, search
+
+    root, workdir = project
+    ok(launch("build.py", ["--workdir", workdir, "--datastore", "codes1", "--keys", "none", "--index", INDEX], 1,
+              root))
+    ok(launch("build.py", ["--workdir", workdir, "--datastore", "codes2", "--keys", "none", "--index", INDEX], 2,
+              root))
+    one, two = (os.path.join(workdir, "datastores", n) for n in ("codes1", "codes2"))
+    m = manifest(two)
+    assert m["status"] == "complete" and m["index"]["merged"] and m["index"]["keys"] == "none"
+    assert not any(os.path.exists(os.path.join(two, f"shard-{p:05d}-of-00002", "keys.npy")) for p in range(2))
+    store = open_datastore(two)
+    np.testing.assert_array_equal(np.asarray(store.vals), np.load(os.path.join(one, "vals.npy")))
+    a, b = read_index(os.path.join(one, "index.faiss")), read_index(os.path.join(two, "index.faiss"))
+    assert a.ntotal == b.ntotal == store.size
+    queries = np.asarray(open_datastore(os.path.join(workdir, "datastores", "mono")).keys[::9][:100], np.float32)
+    for (d0, i0), (d1, i1) in [(search(a, queries, 16, 4), search(b, queries, 16, 4))]:
+        np.testing.assert_array_equal(d0, d1)
+        for q in range(len(queries)):
+            assert same_neighbours(d0[q], i0[q], d1[q], i1[q])
+    results = ok(launch("build.py", ["--workdir", workdir, "--check", "codes2", "--sample", "8"], 2, root))
+    assert "ok" in results[0][1]
