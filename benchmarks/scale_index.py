@@ -126,6 +126,8 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch-queries", type=int, default=16,
+                        help="queries of one evaluation batch, for the memory of one search (fresh processes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/knnlm_scale_index")
     parser.add_argument("--keep", action="store_true", help="keep the index files in --workdir")
@@ -153,7 +155,6 @@ def main() -> int:
         shutil.rmtree(args.workdir)
     os.makedirs(args.workdir)
 
-    keys = MixtureKeys(args.n, args.dim, args.seed)
     train_rows = ix.train_size(args.n, factory)
     t0 = time.time()
     trained = ix.train_index(MixtureKeys(train_rows, args.dim, args.seed + 1)[:], factory, args.dim, seed=args.seed,
@@ -204,6 +205,11 @@ def main() -> int:
     ondisk_path = os.path.join(args.workdir, f"merged_{args.n}", "index.faiss")
     mmap_child = run_search_child(ondisk_path, queries_path, args)
     ram_child = run_search_child(ram_path, queries_path, args)
+    # one batch of queries touches only its probed lists: what a streaming evaluation holds at a time
+    batch_path = os.path.join(args.workdir, "batch_queries.npy")
+    np.save(batch_path, queries_QxD[: args.batch_queries])
+    batch = dict(queries=args.batch_queries, mmap=run_search_child(ondisk_path, batch_path, args),
+                 in_ram=run_search_child(ram_path, batch_path, args))
 
     payload = dict(
         config=dict(n=args.n, dim=args.dim, factory=factory, nlist=nlist, pq_bytes=args.pq, nprobe=args.nprobe,
@@ -214,7 +220,8 @@ def main() -> int:
         shards=shard_results,
         search_by_n=by_n,
         full_index=dict(entries=args.n, in_ram_codes_and_ids_bytes=args.n * (code_bytes + 8),
-                        quantizer_bytes=nlist * args.dim * 4, mmap=mmap_child, in_ram=ram_child),
+                        quantizer_bytes=nlist * args.dim * 4, mmap=mmap_child, in_ram=ram_child,
+                        one_batch=batch),
         note=("Machine shared with other engineers' jobs at the same time (2 cores): timings are indicative. "
               "Add rates exclude generating the synthetic keys (generate_keys_s, timed apart). q/s by N are in this process with the page cache warm (the lists were just written). Peak RSS of a "
               "memory-mapped search counts the list pages it touched (RssFile), which the kernel can drop; "

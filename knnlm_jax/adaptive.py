@@ -132,7 +132,8 @@ class AdaptiveSoftmax(nnx.Module):
 
         ``capacities`` (one static int per tail band, see :func:`band_capacities`) computes
         each tail only for the positions whose target is in it, as fairseq does; each must be
-        at least that count. ``None`` computes every tail densely at every position.
+        at least that count: a position left out by a too-small capacity gets NaN, never a
+        finite wrong value. ``None`` computes every tail densely at every position.
         """
         head_lp = jax.nn.log_softmax(self._head_logits(h_BxTxD, adaptive_input).astype(jnp.float32), axis=-1)
         head_size = self.edges[1]
@@ -153,6 +154,8 @@ class AdaptiveSoftmax(nnx.Module):
                 continue
             n = in_band_BxT.size
             cap = int(capacities[i])
+            # the band's positions are NaN unless the scatter below covers them (capacity too small)
+            logp_BxT = jnp.where(in_band_BxT, jnp.nan, logp_BxT)
             if cap <= 0:
                 continue
             (rows_C,) = jnp.nonzero(in_band_BxT.reshape(n), size=cap, fill_value=n)

@@ -1,7 +1,8 @@
 """Checkpoints (the only module that imports orbax).
 
 A checkpoint holds a pytree (model parameters, optimizer state, step, RNG) and a JSON
-dict of metadata (data position, best valid perplexity, ...).
+dict of metadata (data position, best valid perplexity, ...). The metadata also records a
+CRC-32 of every leaf, checked after each restore: a damaged file is refused, never resumed.
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+CHECKSUMS = "_leaf_crc32"  # metadata key, removed from the metadata restore() returns
 
 
 @contextlib.contextmanager
@@ -27,14 +32,60 @@ def _quiet_absl():
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read."""
+    """A checkpoint that cannot be read or written."""
+
+
+class NonFiniteState(ValueError):
+    """A tree with a NaN or an infinity, refused by :meth:`Checkpointer.save`."""
+
+
+def _host(x) -> np.ndarray:
+    """This process's copy of a (replicated) array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+def leaf_summary(tree) -> tuple[dict[str, int], list[str]]:
+    """``({leaf path: CRC-32 of its bytes}, [paths of floating-point leaves with a NaN or an infinity])``."""
+    checksums, non_finite = {}, []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name, a = jax.tree_util.keystr(path), np.ascontiguousarray(_host(x))
+        checksums[name] = zlib.crc32(a.reshape(-1).view(np.uint8))
+        if jax.numpy.issubdtype(a.dtype, jax.numpy.inexact) and not np.isfinite(a).all():
+            non_finite.append(name)
+    return checksums, non_finite
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind an exception (orbax wraps them), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _writing(directory: str):
+    """An ``OSError`` (full disk, read-only or blocked directory) becomes one ``CheckpointError`` line."""
+    try:
+        yield
+    except Exception as err:
+        os_err = _os_error(err)
+        if os_err is None:
+            raise
+        reason = f"[Errno {os_err.errno}] {os_err.strerror}" if os_err.strerror else str(os_err)
+        raise CheckpointError(f"cannot write {directory}: {reason}") from None
 
 
 class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        with _quiet_absl():
+        with _quiet_absl(), _writing(self.directory):
             self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -42,12 +93,20 @@ class Checkpointer:
             return self._manager.latest_step()
 
     def save(self, step: int, tree, meta: dict) -> None:
-        """Save ``step``, replacing a step of that number left by a killed run."""
-        if step in self._manager.all_steps():
-            self._manager.delete(step)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
+        """Save ``step`` with its leaves' checksums, replacing a step of that number left by a killed run.
+
+        A tree with a non-finite leaf is refused (:class:`NonFiniteState`): it would rotate good ones out.
+        """
+        checksums, bad = leaf_summary(tree)
+        if bad:
+            raise NonFiniteState(f"not saving step {step} in {self.directory}: {bad[0]} is not finite")
+        meta = dict(meta, **{CHECKSUMS: checksums})
+        with _writing(self.directory):
+            if step in self._manager.all_steps():
+                self._manager.delete(step)
+            args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+            self._manager.save(step, args=args, force=True)
+            self._manager.wait_until_finished()
 
     def restore(self, abstract_tree, step: int | None = None):
         """``(tree, meta)`` at ``step`` (default: latest); ``abstract_tree`` gives shapes, dtypes, shardings."""
@@ -61,7 +120,16 @@ class Checkpointer:
         except Exception as err:  # orbax raises many types for damaged files
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable: {msg}") from None
-        return restored["state"], dict(restored["meta"])
+        tree, meta = restored["state"], dict(restored["meta"])
+        saved = meta.pop(CHECKSUMS, None)  # None: a checkpoint from before checksums were recorded
+        checksums, bad = leaf_summary(tree)
+        if saved is not None and checksums != saved:
+            reason = "checksum mismatch"
+        elif bad:
+            reason = f"{bad[0]} is not finite"
+        else:
+            return tree, meta
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({reason})")
 
     def close(self) -> None:
         self._manager.close()

@@ -106,7 +106,7 @@ def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode:
         if not os.path.isfile(path):
             raise DatastoreError(f"datastore {store.name}: {INDEX} is missing; re-index it with: "
                                  f"python build.py --datastore {store.name} --index-only")
-        index = faiss_index.read_index(path, nprobe, mmap=sharded)
+        index = faiss_index.read_index(path, nprobe, mmap=True)  # lists mapped, not read into RAM
         _check_index(store, index)
         return index
     if not sharded:

@@ -270,7 +270,11 @@ def wt103_titles(directory: str) -> list[str]:
             path = os.path.join(directory, name)
             if os.path.isfile(path):
                 with open(path, encoding="utf-8") as f:
-                    titles.update(m.group(1) for m in map(_HEADING.match, (l.rstrip("\n") for l in f)) if m)
+                    lines = [line.rstrip("\n") for line in f]
+                # a heading stands between blank lines (a formula line `` = 1 rad / s ... = `` does not)
+                titles.update(m.group(1) for i, m in enumerate(map(_HEADING.match, lines))
+                              if m and (i == 0 or not lines[i - 1].strip())
+                              and (i + 1 == len(lines) or not lines[i + 1].strip()))
                 break
     return sorted(titles)
 

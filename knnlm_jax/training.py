@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from knnlm_jax import corpus
 from knnlm_jax.adaptive import band_edges, block_band_counts, capacities_for_batches
-from knnlm_jax.checkpoint import Checkpointer, abstract_like
+from knnlm_jax.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like
+from knnlm_jax.configs import validate
 from knnlm_jax.data import BatchOrder, lm_blocks
 from knnlm_jax.distributed import make_mesh
 from knnlm_jax.model import ModelConfig, TransformerLM
@@ -205,7 +206,7 @@ def check_run_config(workdir: str, resolved: dict) -> None:
 
 def _append_jsonl(path: str, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -226,10 +227,13 @@ def _truncate_metrics(path: str, step: int) -> None:
 def train(config, workdir: str, *, progress: bool = True, log=print, corpus_options: dict | None = None) -> dict:
     """Train (or resume) the run in ``workdir``; returns the final metrics.
 
-    ``corpus_options`` (``tfds_data_dir``, ``text_feature``) apply to ``tfds:``/``wiki3b`` corpora."""
+    ``corpus_options`` (``tfds_data_dir``, ``text_feature``) apply to ``tfds:``/``wiki3b`` corpora.
+    A run whose loss or valid perplexity stops being finite raises :class:`Diverged`; every
+    checkpoint it leaves is finite. Every check of the config comes before ``config.json`` is written.
+    """
+    validate(config)
     data = prepare_data(config, workdir, corpus_options=corpus_options)
     resolved = resolved_config(config, data)
-    check_run_config(workdir, resolved)
     cfg = ModelConfig.from_config(config, vocab_size=len(data.vocab))
     mesh = make_mesh()
     n_dev = mesh.devices.size
@@ -241,6 +245,7 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     train_counts = block_band_counts(train_tgt, band_edges(cfg.vocab_size, cfg.cutoffs))
     valid_blocks = lm_blocks(data.valid_ids, L, data.vocab.eos, pad_last=True)
     order = BatchOrder(len(train_in), config.batch_size * config.update_freq, config.seed)
+    check_run_config(workdir, resolved)
 
     tx = make_optimizer(config)
     graphdef, params = init_model(cfg, config.seed)
@@ -258,7 +263,10 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     meta = {"best_valid_ppl": math.inf, "best_step": -1}
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(abstract_like(state))
+        try:
+            state, meta = ckpt.restore(abstract_like(state))
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; delete it to resume from an earlier one, or --overwrite") from None
         log(f"resumed from step {int(state['step'])} (checkpoint in {ckpt.directory})")
     else:
         _append_jsonl(metrics_path, {"step": 0, "event": "start", "parameters": count_params_of(params),
@@ -277,7 +285,23 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     def run_eval(step: int) -> float:
         nll, count = evaluate(eval_step, state["params"], valid_blocks, config.eval_batch_size, mesh, edges,
                               config.max_eval_tokens)
-        return math.exp(nll / count)
+        return math.exp(nll / count) if nll / count < 700 else math.inf  # inf/NaN: diverged
+
+    def diverged(what: str, step: int) -> Diverged:
+        last = ckpt.latest_step()
+        kept = f"the last finite checkpoint is step {last} in {ckpt.directory}" if last is not None else \
+            "no checkpoint was saved"
+        hint = f"lower --set lr (now {config.lr:g})" + (" or set clip_norm" if config.clip_norm <= 0 else "")
+        return Diverged(f"the {what} is not finite at step {step} (diverged); {kept}; {hint}")
+
+    pending = []  # (step, loss on device) not yet checked: checked where the loop syncs anyway
+
+    def check_losses() -> None:
+        losses = jax.device_get([loss for _, loss in pending])
+        for (done_i, _), loss in zip(pending, losses):
+            if not math.isfinite(float(loss)):
+                raise diverged("loss", done_i)
+        pending.clear()
 
     bar = tqdm(total=config.max_steps, initial=start_step, disable=not progress, unit="upd", dynamic_ncols=True)
     t_last, tokens_since = time.time(), 0
@@ -292,6 +316,11 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
         tokens_since += tokens_per_update
         done = step + 1
         bar.update(1)
+        pending.append((done, metrics["loss"]))
+        is_eval = done % config.eval_every == 0 or done == config.max_steps
+        is_save = done % config.checkpoint_every == 0 or done == config.max_steps
+        if done % config.log_every == 0 or is_eval or is_save:
+            check_losses()
         if done % config.log_every == 0 or done == config.max_steps:
             loss = float(metrics["loss"])
             elapsed = time.time() - t_last
@@ -299,25 +328,37 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
             t_last, tokens_since = time.time(), 0
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
             epoch, _ = order.position(step)
+            grad_norm = float(metrics["grad_norm"])
+            if not math.isfinite(grad_norm):
+                raise diverged("gradient norm", done)
             _append_jsonl(metrics_path, {"step": done, "epoch": epoch, "loss": loss, "lr": float(schedule(step)),
-                                         "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps,
+                                         "grad_norm": grad_norm, "tokens_per_s": tps,
                                          "time": time.time()})
-        is_eval = done % config.eval_every == 0 or done == config.max_steps
         if is_eval:
             valid_ppl = run_eval(done)
+            if not math.isfinite(valid_ppl):
+                raise diverged("valid perplexity", done)
             _append_jsonl(metrics_path, {"step": done, "valid_ppl": valid_ppl, "time": time.time()})
             bar.write(f"step {done}: valid ppl {valid_ppl:.2f}")
             if valid_ppl < meta["best_valid_ppl"]:
                 meta = {"best_valid_ppl": valid_ppl, "best_step": done}
-                best_ckpt.save(done, {"params": state["params"]}, meta)
+                try:
+                    best_ckpt.save(done, {"params": state["params"]}, meta)
+                except NonFiniteState:
+                    raise diverged("training state", done) from None
             t_last = time.time()
-        if done % config.checkpoint_every == 0 or done == config.max_steps:
+        if is_save:
             epoch, pos = order.position(done)
-            ckpt.save(done, state, dict(meta, epoch=epoch, position=pos, step=done))
+            try:
+                ckpt.save(done, state, dict(meta, epoch=epoch, position=pos, step=done))
+            except NonFiniteState:  # a non-finite parameter or optimizer state after a finite loss
+                raise diverged("training state", done) from None
             t_last = time.time()
     bar.close()
     if valid_ppl is None:  # nothing left to train: report the final model
         valid_ppl = run_eval(int(state["step"]))
+        if not math.isfinite(valid_ppl):
+            raise diverged("valid perplexity", int(state["step"]))
     _, valid_targets, valid_mask = valid_blocks
     unigram = unigram_perplexity(data.train_ids, valid_targets[valid_mask], len(data.vocab))
     ckpt.close()
@@ -335,6 +376,10 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     }
     _append_jsonl(metrics_path, dict(result, step=int(state["step"]), event="end", time=time.time()))
     return result
+
+
+class Diverged(ValueError):
+    """The loss, valid perplexity or training state stopped being finite (a user error: lr, clipping)."""
 
 
 def epoch_capacities(order: BatchOrder, counts_NBxH, epoch: int, batch_size: int, length: int):

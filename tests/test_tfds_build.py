@@ -36,3 +36,39 @@ def test_tfds_corpus_builds_the_same_datastore_as_its_wikitext_directory(tmp_pat
     # --check finds the catalog corpus again through the options recorded in the manifest
     out = build("--workdir", workdir, "--check", "catalog", "--sample", "4", cwd=tmp_path)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_unprepared_wiki3b_and_bad_specs_are_one_line_each(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    corpus_dir = write_corpus(tmp_path / "corpus", n_train=20)
+    workdir = str(tmp_path / "runs" / "tiny")
+    make_run(corpus_dir, workdir)
+    empty = str(tmp_path / "no-tfds")
+    os.makedirs(empty)
+    cases = [
+        (("--datastore", "wiki3b", "--tfds-data-dir", empty), ("tfds build wikipedia/20230601.en", empty)),
+        (("--datastore", "x", "--corpus", "tfds:"), ("tfds:NAME",)),
+        (("--datastore", "x", "--corpus", "tfds:a:b:c"), ("tfds:NAME",)),
+        (("--datastore", "x", "--corpus", "tfds:nothing_here", "--tfds-data-dir", empty), ("nothing_here",)),
+    ]
+    for args, needles in cases:
+        out = build("--workdir", workdir, *args, cwd=tmp_path)
+        assert out.returncode == 2, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        for needle in needles:
+            assert needle in out.stderr, (needle, out.stderr)
+        assert not os.path.exists(os.path.join(workdir, "datastores", args[1], "manifest.json"))
+    spec = write_tfds_wikitext(corpus_dir, str(tmp_path / "tfds"))
+    out = build("--workdir", workdir, "--datastore", "y", "--corpus", spec, "--tfds-data-dir", str(tmp_path / "tfds"),
+                "--text-feature", "body", cwd=tmp_path)
+    assert out.returncode == 2 and "body" in out.stderr and "text" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--workdir", workdir, "--datastore",
+                          "wiki3b"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "python build.py --workdir" in out.stderr and "tfds build wikipedia/20230601.en" in out.stderr

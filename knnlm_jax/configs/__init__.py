@@ -1,6 +1,7 @@
 """Named configs: one module per name, each with ``get_config() -> ConfigDict``."""
 
 import importlib
+import math
 
 from ml_collections import ConfigDict
 
@@ -64,4 +65,47 @@ def apply_overrides(config: ConfigDict, overrides) -> ConfigDict:
             raise ConfigError(f"bad value for {key}: {err}") from None
         with node.ignore_type():
             node[leaf] = value
+    return config
+
+
+POSITIVE_INTS = ("num_layers", "d_model", "num_heads", "d_ff", "adaptive_factor", "tokens_per_sample", "batch_size",
+                 "eval_batch_size", "update_freq", "max_steps", "log_every", "eval_every", "checkpoint_every",
+                 "keep_checkpoints")
+NON_NEGATIVE = ("warmup_steps", "max_eval_tokens", "warmup_init_lr", "min_lr", "weight_decay", "clip_norm")
+UNIT_INTERVAL = ("dropout", "attention_dropout", "activation_dropout", "adaptive_softmax_dropout", "momentum",
+                 "beta1", "beta2")  # each in [0, 1)
+MIN_VOCAB = 5
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+    """Refuse training values that cannot work (``ConfigError`` naming the field), before anything is written."""
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r}: must be a finite number")
+    for key in POSITIVE_INTS:
+        if key in config and not (is_int(config[key]) and config[key] > 0):
+            raise ConfigError(f"{key} = {config[key]!r}: must be a positive integer")
+    for key in NON_NEGATIVE:
+        if key in config and not config[key] >= 0:
+            raise ConfigError(f"{key} = {config[key]!r}: must be >= 0")
+    for key in UNIT_INTERVAL:
+        if key in config and not 0 <= config[key] < 1:
+            raise ConfigError(f"{key} = {config[key]!r}: must be in [0, 1)")
+    if "lr" in config and not config.lr > 0:
+        raise ConfigError(f"lr = {config.lr!r}: must be > 0")
+    if "vocab_size" in config and not (is_int(config.vocab_size) and (config.vocab_size == 0
+                                                                       or config.vocab_size >= MIN_VOCAB)):
+        raise ConfigError(f"vocab_size = {config.vocab_size!r}: must be 0 (the whole training vocabulary) "
+                          f"or at least {MIN_VOCAB}")
+    cutoffs = tuple(config.get("cutoffs", ()))
+    if any(not is_int(c) or c <= 0 for c in cutoffs) or any(a >= b for a, b in zip(cutoffs, cutoffs[1:])):
+        raise ConfigError(f"cutoffs = {','.join(map(str, cutoffs))}: must be positive and increasing")
+    if "d_model" in config and "num_heads" in config and config.d_model % config.num_heads:
+        raise ConfigError(f"d_model {config.d_model} is not divisible by num_heads {config.num_heads}")
+    if "optimizer" in config and config.optimizer not in ("nag", "adamw"):
+        raise ConfigError(f"optimizer = {config.optimizer!r}: choose nag or adamw")
     return config

@@ -1,6 +1,6 @@
 """The paper's base LM (Baevski & Auli 2019, as used by Khandelwal et al. 2020) on WikiText-103.
 
-16 layers, d 1024, 16 heads, FFN 4096, pre-norm, sinusoidal positions, adaptive input
+16 layers, d 1024, 8 heads, FFN 4096, pre-norm, sinusoidal positions, adaptive input
 and softmax (cutoffs 20000/60000, factor 4, tied weights and projections), dropout
 0.3 / attention 0.1 / activation 0.1, 3072 tokens per sample, NAG lr 1.0 with a
 cosine schedule and 16000 warm-up steps, clipping 0.1, 286k updates.
@@ -19,7 +19,7 @@ def get_config() -> ConfigDict:
     c.vocab_size = 0  # 0 = size of the vocabulary built from the training split
     c.num_layers = 16
     c.d_model = 1024
-    c.num_heads = 16
+    c.num_heads = 8  # fairseq transformer_lm_baevski_wiki103: decoder_attention_heads 8
     c.d_ff = 4096
     c.cutoffs = (20000, 60000)
     c.adaptive_factor = 4

@@ -1,0 +1,129 @@
+"""Training runs that go wrong: divergence, damaged checkpoints, bad configs, unwritable directories.
+
+Each goes through the real ``train.py`` and must end with one line on stderr and exit 2,
+leaving only finite, verified checkpoints behind.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import ROOT, tiny_config
+from knnlm_jax.checkpoint import Checkpointer, abstract_like
+from knnlm_jax.configs import get_config
+from knnlm_jax.model import ModelConfig
+from knnlm_jax.optim import make_optimizer
+from knnlm_jax.training import abstract_model, train
+
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+def cli_args(config) -> list[str]:
+    """``train.py`` flags that reproduce ``config`` (a shrunk ``tiny``)."""
+    base, args = get_config("tiny"), ["--data_dir", config.data_dir, "--no-progress"]
+    for key, value in config.items():
+        if key != "data_dir" and value != base[key]:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            args += ["--set", f"{key}={text}"]
+    return args
+
+
+def run_train(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def one_error_line(out) -> str:
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert lines[0].startswith("train.py: error: ")
+    return lines[0]
+
+
+def restore_all(config, directory):
+    """Every checkpoint in ``directory``, restored (which verifies checksums and finiteness)."""
+    cfg = ModelConfig.from_config(config, vocab_size=len(open(os.path.join(directory, "..", "vocab.txt")).readlines()))
+    _, params = abstract_model(cfg)
+    target = dict(params=params, opt_state=jax.eval_shape(make_optimizer(config).init, params),
+                  step=jax.ShapeDtypeStruct((), jnp.int32), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    ckpt = Checkpointer(directory)
+    steps = sorted(ckpt._manager.all_steps())
+    trees = [ckpt.restore(abstract_like(target), step)[0] for step in steps]
+    ckpt.close()
+    return steps, trees
+
+
+def diverging(data_dir, **overrides):
+    """Plain SGD-with-momentum at lr 1e4, no clipping: the loss is NaN within a few updates."""
+    return tiny_config(data_dir, optimizer="nag", lr=1e4, clip_norm=0.0, max_steps=10, eval_every=5,
+                       checkpoint_every=2, keep_checkpoints=10, dropout=0.0, **overrides)
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_only_finite_checkpoints(tmp_path, wikitext_dir):
+    config, work = diverging(wikitext_dir), str(tmp_path / "run")
+    out = run_train(*cli_args(config), "--workdir", work)
+    line = one_error_line(out)
+    assert "not finite at step" in line and "diverged" in line and "lr" in line, line
+    assert "NaN" not in out.stdout
+    bad_step = int(line.split("at step ")[1].split()[0])
+    steps, trees = restore_all(config, os.path.join(work, "checkpoints"))
+    assert steps and all(s < bad_step for s in steps)  # restore_all refused any non-finite or damaged one
+    assert f"the last finite checkpoint is step {steps[-1]} in" in line
+    assert all(bool(jnp.isfinite(x).all()) for t in trees for x in jax.tree_util.tree_leaves(t["params"]))
+
+
+def _largest_data_file(directory):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs if os.path.basename(r) == "d"]
+    return max(files, key=os.path.getsize)
+
+
+def test_a_damaged_checkpoint_is_refused_not_resumed(tmp_path, wikitext_dir):
+    config, work = tiny_config(wikitext_dir, max_steps=6, eval_every=6, checkpoint_every=2), str(tmp_path / "run")
+    train(config, work, **QUIET)
+    shutil.rmtree(os.path.join(work, "checkpoints", "6"))  # as if killed: a resume would train from step 4 on
+    damaged = _largest_data_file(os.path.join(work, "checkpoints", "4"))
+    data = bytearray(open(damaged, "rb").read())
+    at = len(data) * 2 // 5
+    data[at : at + 8] = bytes(b ^ 0xFF for b in data[at : at + 8])
+    open(damaged, "wb").write(data)
+    out = run_train(*cli_args(config), "--workdir", work)
+    line = one_error_line(out)
+    assert "checkpoint step 4 in" in line and "damaged" in line and "--overwrite" in line, line
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
+    assert open(damaged, "rb").read() == data  # left as it was, for the user to delete
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("num_layers=-1", "num_layers"), ("d_model=0", "d_model"), ("batch_size=0", "batch_size"),
+    ("lr=0", "lr"), ("dropout=1.0", "dropout"), ("cutoffs=20,8", "cutoffs"), ("vocab_size=-3", "vocab_size"),
+    ("d_model=30", "divisible"), ("max_steps=-5", "max_steps"), ("update_freq=0", "update_freq"),
+])
+def test_impossible_values_are_refused_before_anything_is_written(tmp_path, override, fragment):
+    work = tmp_path / "run"
+    line = one_error_line(run_train("--config", "tiny", "--workdir", str(work), "--set", override))
+    assert fragment in line, line
+    assert not work.exists()
+
+
+def test_a_refused_run_leaves_no_config_behind(tmp_path, wikitext_dir):
+    work = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="fewer than one update"):  # refused once the data is read
+        train(tiny_config(wikitext_dir, batch_size=4096, eval_batch_size=4096), work, **QUIET)
+    assert not os.path.exists(os.path.join(work, "config.json"))
+
+
+def test_an_unwritable_checkpoint_directory_is_one_line_then_resumable(tmp_path, wikitext_dir):
+    config, work = tiny_config(wikitext_dir, max_steps=2, eval_every=2), tmp_path / "run"
+    work.mkdir()
+    (work / "checkpoints").write_text("a file where the checkpoint directory goes")
+    line = one_error_line(run_train(*cli_args(config), "--workdir", str(work)))
+    assert "cannot write" in line and "checkpoints" in line, line
+    os.remove(work / "checkpoints")  # space freed / directory fixed: the same command now runs
+    assert train(config, str(work), **QUIET)["steps"] == 2
