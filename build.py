@@ -93,9 +93,17 @@ def default_name(args) -> str:
 def build(args, config, workdir, vocab, directory, processes) -> int:
     from knnlm_jax import distributed, runs
     from knnlm_jax.cli import UserError, corpus_options
-    from knnlm_jax.datastore import check_writable
+    from knnlm_jax.datastore import check_writable, read_manifest
     from knnlm_jax.tfds_source import WIKI3B
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be a positive integer")
+    done = read_manifest(directory)
+    if (done is not None and done.get("status") == "complete" and not done.get("index") and not args.overwrite
+            and not args.no_index and done.get("keys", "fp16") == "fp16"):
+        # the build finished but its index step did not (killed): the same command finishes it
+        print(f"datastore {os.path.basename(directory)} is complete but not indexed; indexing it", file=sys.stderr)
+        return index(args, open_checked(directory, config, vocab), processes)
     check_writable(directory, args.overwrite)  # before paying for the model
     source = args.corpus if args.corpus is not None else (args.data_dir or runs.run_corpus(config))
     if args.corpus is None and os.path.basename(directory) == WIKI3B:
@@ -118,7 +126,7 @@ def build(args, config, workdir, vocab, directory, processes) -> int:
     manifest = build_datastore(
         directory, trained, runs.signature(config, vocab, trained.fingerprint, trained.step), tokens, vocab.eos,
         corpus=data.corpus, corpus_sha256=data.sha256, split=data.split, corpus_options=options, window=window,
-        context=context, batch_size=args.batch_size or config.eval_batch_size, overwrite=args.overwrite,
+        context=context, batch_size=config.eval_batch_size if args.batch_size is None else args.batch_size, overwrite=args.overwrite,
         keys=args.keys, index_factory=args.index, nprobe=args.nprobe or DEFAULT_NPROBE,
         progress=not args.no_progress, log=lambda msg: print(msg, file=sys.stderr), processes=processes)
     if processes.multi:

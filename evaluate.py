@@ -95,7 +95,8 @@ def settings_from(args, config):
                         exact=args.exact is not False, cache=args.cache, cache_size=args.cache_size,
                         cache_lambda=number_or_auto(args.cache_lambda, "--cache-lambda"), cache_thetas=thetas,
                         drop_self=args.drop_self, max_tokens=args.max_tokens,
-                        batch_size=args.batch_size or config.eval_batch_size, window=window, context=context,
+                        batch_size=config.eval_batch_size if args.batch_size is None else args.batch_size,
+                        window=window, context=context,
                         recompute=args.recompute, show=args.show)
     settings.check()
     return settings
@@ -124,7 +125,8 @@ def evaluate(args) -> int:
     from knnlm_jax.datastore import DatastoreError, open_datastore
 
     from knnlm_jax.distributed import check_process_args, initialize_from
-    from knnlm_jax.search import open_searcher
+    from knnlm_jax.eval_settings import EvaluationError
+    from knnlm_jax.search import inverted_lists, open_searcher
 
     check_process_args(args.coordinator, args.num_processes, args.process_id)
     config, workdir = load_run(args)
@@ -141,8 +143,14 @@ def evaluate(args) -> int:
     if not store.manifest.get("index"):
         raise DatastoreError(f"datastore {store.name} has no FAISS index; index it with: "
                              f"python build.py --workdir {workdir} --datastore {store.name} --index-only")
+    if settings.k > store.size:
+        raise EvaluationError(f"--k {settings.k}: datastore {store.name} has only {store.size} entries")
     processes = initialize_from(args)
     index = open_searcher(store, processes, mode=args.search)
+    lists = inverted_lists(index)
+    if settings.nprobe is not None and lists and settings.nprobe > lists:
+        raise EvaluationError(f"--nprobe {settings.nprobe}: the index of datastore {store.name} has {lists} "
+                              "inverted lists")
     trained = runs.load_model(workdir, config, vocab)  # every process: orbax restores collectively
     if not processes.is_main:  # this process's shard answers process 0's searches
         served = index.serve()

@@ -28,6 +28,13 @@ def has_lists(index) -> bool:
     return faiss_index.faiss.try_extract_index_ivf(index) is not None
 
 
+def inverted_lists(index) -> int:
+    """How many inverted lists ``index`` (or each shard's) probes; 0 for an exact index."""
+    shards = [ix for ix, _ in index.shards] if isinstance(index, ShardSearcher) else [index]
+    ivf = faiss_index.faiss.try_extract_index_ivf(shards[0])
+    return int(ivf.nlist) if ivf is not None else 0
+
+
 def search(index, queries_BxD: np.ndarray, k: int, nprobe: int | None = None):
     """``(dists BxK, ids BxK)`` from a FAISS index or a :class:`ShardSearcher`."""
     if isinstance(index, ShardSearcher):

@@ -55,8 +55,32 @@ def test_check_then_reindex(project):
     assert "datastore train ok" in out.stdout and "max difference 0)" in out.stdout  # bit-identical keys
     out = build("--datastore", "train", "--index-only", "--index", "IVF4,PQ4", "--nprobe", "2", cwd=root)
     assert out.returncode == 0, out.stderr
-    info = manifest(root / "runs" / "tiny" / "datastores" / "train")["index"]
-    assert (info["factory"], info["nprobe"], info["ntotal"]) == ("IVF4,PQ4", 2, info["ntotal"])
+    m = manifest(root / "runs" / "tiny" / "datastores" / "train")
+    info = m["index"]
+    assert (info["factory"], info["nprobe"], info["ntotal"]) == ("IVF4,PQ4", 2, m["num_entries"])
+
+
+def test_a_build_whose_index_step_was_killed_is_finished_by_the_same_command(project):
+    from knnlm_jax.datastore import update_manifest
+
+    root, _ = project
+    out = build("--datastore", "again", "--no-index", cwd=root)
+    assert out.returncode == 0, out.stderr
+    directory = root / "runs" / "tiny" / "datastores" / "again"
+    update_manifest(str(directory), index=None)  # as a build killed while indexing leaves it
+    out = build("--datastore", "again", cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "not indexed; indexing it" in out.stderr and manifest(directory)["index"]["ntotal"] == manifest(
+        directory)["num_entries"]
+    out = build("--datastore", "again", cwd=root)  # complete and indexed: refused as before
+    assert out.returncode == 2 and "--overwrite" in out.stderr
+
+
+def test_a_zero_batch_size_is_refused(project):
+    root, _ = project
+    out = build("--datastore", "zero", "--batch-size", "0", cwd=root)
+    assert out.returncode == 2 and "--batch-size 0" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (root / "runs" / "tiny" / "datastores" / "zero").exists()
 
 
 def test_any_text_file_in_the_models_vocabulary(project):

@@ -106,3 +106,21 @@ def test_bad_input_is_one_line_on_stderr(project, tmp_path, capsys):
     assert "has no FAISS index" in error("--datastore", "unindexed")
     copy("unfinished", status="building")
     assert "unfinished" in error("--datastore", "unfinished")
+    assert "--batch-size 0" in error("--datastore", "train", "--batch-size", "0")
+    assert f"only {project.store.size} entries" in error("--datastore", "train", "--k", str(project.store.size + 1))
+    # an index that belongs to another datastore (or was cut short) is noticed before it is used
+    import faiss
+    import numpy as np
+
+    copy("swapped")
+    small = faiss.IndexFlatL2(project.store.dim)
+    small.add(np.asarray(project.store.keys[:10], np.float32))
+    faiss.write_index(small, os.path.join(stores, "swapped", "index.faiss"))
+    assert "holds 10" in error("--datastore", "swapped", "--lmbda", "0.3", "--temperature", "1")
+    copy("ivf", index=dict(file="index.faiss", factory="IVF4,Flat", ntotal=project.store.size, nprobe=2))
+    ivf = faiss.index_factory(project.store.dim, "IVF4,Flat")
+    keys = np.asarray(project.store.keys, np.float32)
+    ivf.train(keys)
+    ivf.add(keys)
+    faiss.write_index(ivf, os.path.join(stores, "ivf", "index.faiss"))
+    assert "4 inverted lists" in error("--datastore", "ivf", "--nprobe", "9", "--lmbda", "0.3", "--temperature", "1")

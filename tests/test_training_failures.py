@@ -85,18 +85,18 @@ def _largest_data_file(directory):
 
 
 def test_a_damaged_checkpoint_is_refused_not_resumed(tmp_path, wikitext_dir):
-    config, work = tiny_config(wikitext_dir, max_steps=6, eval_every=6, checkpoint_every=2), str(tmp_path / "run")
+    config, work = tiny_config(wikitext_dir, max_steps=4, eval_every=4, checkpoint_every=2), str(tmp_path / "run")
     train(config, work, **QUIET)
-    shutil.rmtree(os.path.join(work, "checkpoints", "6"))  # as if killed: a resume would train from step 4 on
-    damaged = _largest_data_file(os.path.join(work, "checkpoints", "4"))
+    shutil.rmtree(os.path.join(work, "checkpoints", "4"))  # as if killed: a resume would train from step 2 on
+    damaged = _largest_data_file(os.path.join(work, "checkpoints", "2"))
     data = bytearray(open(damaged, "rb").read())
     at = len(data) * 2 // 5
     data[at : at + 8] = bytes(b ^ 0xFF for b in data[at : at + 8])
     open(damaged, "wb").write(data)
     out = run_train(*cli_args(config), "--workdir", work)
     line = one_error_line(out)
-    assert "checkpoint step 4 in" in line and "damaged" in line and "--overwrite" in line, line
-    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
+    assert "checkpoint step 2 in" in line and "damaged" in line and "--overwrite" in line, line
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2"]
     assert open(damaged, "rb").read() == data  # left as it was, for the user to delete
 
 
