@@ -499,9 +499,14 @@ def plot_sweep(path: str, x, y, base: float, *, xlabel: str, title: str, log2x: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    ax.plot(x, y, marker="o", markersize=3, label="kNN-LM")
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    finite = np.isfinite(y)  # e.g. lambda = 1 gives infinite perplexity where nothing was retrieved
+    ax.plot(x[finite], y[finite], marker="o", markersize=3, label="kNN-LM")
+    if not finite.all():
+        ax.text(0.02, 0.02, f"{int((~finite).sum())} points with infinite perplexity not drawn",
+                transform=ax.transAxes, fontsize=7)
     ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base LM")
-    if log2x:
+    if log2x and finite.any():
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity")
@@ -615,6 +620,14 @@ def split_files(out_dir: str, split: str, data, tokens_N, *, settings: Settings,
                            progress=progress, desc=f"{split} {store.name}")
 
 
+def clear_outputs(out_dir: str) -> None:
+    """Remove an earlier run's results, sweeps and log-probs (not the reusable per-token files), so a
+    run that fails never leaves them beside its own."""
+    for name in os.listdir(out_dir):
+        if name == "results.json" or name.startswith(("sweep_", "logprobs-")):
+            os.remove(os.path.join(out_dir, name))
+
+
 def union_capacities(trained, settings: Settings, token_arrays) -> tuple:
     """Adaptive-softmax capacities that fit every split evaluated in one run: one compiled shape."""
     edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
@@ -643,6 +656,7 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
     """
     settings.check()
     os.makedirs(out_dir, exist_ok=True)
+    clear_outputs(out_dir)
     m = store.manifest
     index_info = m.get("index") or {}
     nprobe = settings.nprobe or index_info.get("nprobe") or faiss_index.DEFAULT_NPROBE
@@ -721,16 +735,23 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
         valid_report["base_ppl"] = perplexity(tuning.logp_lm)
         valid_report["tokens"] = tuning.n
 
-    # sweeps on the evaluated split
-    sweeps = dict(k=sweep_k(target, knn["temperature"], knn["lmbda"]),
-                  lmbda=sweep_lambda(target, logp_knn, knn["temperature"]))
-    for name, sweep, x, xlabel, log2x in (("k", sweeps["k"], "k", "k (number of neighbours)", True),
-                                          ("lambda", sweeps["lmbda"], "lmbda", "interpolation parameter λ", False)):
-        with open(os.path.join(out_dir, f"sweep_{name}.json.tmp"), "w") as f:
-            json.dump(json_safe(dict(sweep, split=split, datastore=store.name)), f, indent=2)
-        os.replace(os.path.join(out_dir, f"sweep_{name}.json.tmp"), os.path.join(out_dir, f"sweep_{name}.json"))
-        plot_sweep(os.path.join(out_dir, f"sweep_{name}.png"), sweep[x], sweep["ppl"], sweep["base_ppl"],
-                   xlabel=xlabel, title=f"{split}, datastore {store.name}", log2x=log2x)
+    # sweeps on valid, as the paper's Figures 4 and 5 (never on test)
+    on_valid = tuning if tuning is not None else (target if split == "valid" else None)
+    sweeps = None
+    if on_valid is None:
+        log("sweeps are drawn on valid: none this time (evaluate --split valid, or leave a parameter auto)")
+    else:
+        valid_knn = logp_knn if on_valid is target else knn_log_probs(on_valid, [knn["temperature"]])[0]
+        sweeps = dict(k=sweep_k(on_valid, knn["temperature"], knn["lmbda"]),
+                      lmbda=sweep_lambda(on_valid, valid_knn, knn["temperature"]))
+        for name, sweep, x, xlabel, log2x in (("k", sweeps["k"], "k", "k (number of neighbours)", True),
+                                              ("lambda", sweeps["lmbda"], "lmbda", "interpolation parameter λ",
+                                               False)):
+            with open(os.path.join(out_dir, f"sweep_{name}.json.tmp"), "w") as f:
+                json.dump(json_safe(dict(sweep, split="valid", datastore=store.name)), f, indent=2)
+            os.replace(os.path.join(out_dir, f"sweep_{name}.json.tmp"), os.path.join(out_dir, f"sweep_{name}.json"))
+            plot_sweep(os.path.join(out_dir, f"sweep_{name}.png"), sweep[x], sweep["ppl"], sweep["base_ppl"],
+                       xlabel=xlabel, title=f"valid, datastore {store.name}", log2x=log2x)
     npz = os.path.join(out_dir, f"logprobs-{split}.npz")
     np.savez(npz + ".tmp.npz", **per_token)
     os.replace(npz + ".tmp.npz", npz)
@@ -750,5 +771,6 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
         speed={s: dict(seconds=f.meta.get("seconds"), tokens_per_s=f.meta.get("tokens_per_s"),
                        timings=f.meta.get("timings")) for s, f in files.items()},
         files=dict(tokens={s: f.directory for s, f in files.items()}, logprobs=npz,
-                   sweeps=[os.path.join(out_dir, f"sweep_{x}.{e}") for x in ("k", "lambda") for e in ("json", "png")]),
+                   sweeps=[os.path.join(out_dir, f"sweep_{x}.{e}") for x in ("k", "lambda") for e in ("json", "png")]
+                   if sweeps else []),
     )

@@ -1,5 +1,6 @@
 """The streaming evaluator against references: the trainer's perplexity, brute-force kNN, the cache, tuning."""
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -221,6 +222,13 @@ def test_run_tunes_on_valid_and_reports_test(ev, tmp_path):
     for path in r["files"]["sweeps"]:
         assert os.path.isfile(path)
     assert r["sweeps"]["k"]["k"] == [1, 2, 4, 8, 16]
+    # sweeps are validation curves (the paper's Figures 4 and 5), never test ones
+    at_chosen = r["sweeps"]["k"]["ppl"][-1]
+    assert at_chosen == pytest.approx(r["valid"]["knn"]["ppl"], rel=1e-5)
+    assert at_chosen != pytest.approx(r["rows"][1]["ppl"], rel=1e-5)
+    assert r["sweeps"]["lmbda"]["base_ppl"] == pytest.approx(r["valid"]["base_ppl"])
+    with open(os.path.join(tmp_path / "out", "sweep_k.json")) as f:
+        assert json.load(f)["split"] == "valid"
     assert valid_files.cache.shape == (150, 2) and valid_files.thetas == (0.01, 0.1)
     check_cache_against_reference(ev, valid_files, s["valid"][1][:150], (0.01, 0.1), 8)
     # a second run reuses the saved per-token files (no new search)
@@ -231,6 +239,16 @@ def test_run_tunes_on_valid_and_reports_test(ev, tmp_path):
                         log=logs.append)
     assert sum("reusing" in m for m in logs) == 2
     assert r0["rows"][1]["ppl"] == r0["rows"][0]["ppl"]  # lambda 0 reproduces the base LM exactly
+    # lambda 1 (legal) draws its sweeps without failing; nothing tuned and test asked: no sweeps, old ones removed
+    settings.lmbda, settings.temperature, settings.cache = 1.0, 1.0, False
+    r1 = evaluation.run(str(tmp_path / "out"), split="valid", splits=s, settings=settings, trained=ev.trained,
+                        key_type=ev.config.key_type, store=ev.store, index=ev.index, vocab=ev.vocab, progress=False,
+                        log=logs.append)
+    assert r1["sweeps"] is not None and os.path.isfile(tmp_path / "out" / "sweep_lambda.png")
+    r2 = evaluation.run(str(tmp_path / "out"), split="test", splits=s, settings=settings, trained=ev.trained,
+                        key_type=ev.config.key_type, store=ev.store, index=ev.index, vocab=ev.vocab, progress=False,
+                        log=logs.append)
+    assert r2["sweeps"] is None and not os.path.exists(tmp_path / "out" / "sweep_k.json")
 
 
 def test_drop_self_on_the_datastores_own_text(ev, tmp_path):
