@@ -56,6 +56,9 @@ def main(argv=None) -> int:
                         help="drop the neighbour that is the query's own entry when the evaluated split is the "
                              "datastore's own text (auto: when detected by sha256)")
     parser.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N targets of each split")
+    parser.add_argument("--show-skip", default="", metavar="WORDS",
+                        help="comma-separated words --show leaves out, e.g. '<unk>' (out-of-domain text gains most "
+                             "on <unk>)")
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="print the N tokens kNN helped most, with their neighbours' datastore text")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward (default eval_batch_size)")
@@ -97,7 +100,8 @@ def settings_from(args, config):
                         drop_self=args.drop_self, max_tokens=args.max_tokens,
                         batch_size=config.eval_batch_size if args.batch_size is None else args.batch_size,
                         window=window, context=context,
-                        recompute=args.recompute, show=args.show)
+                        recompute=args.recompute, show=args.show,
+                        show_skip=tuple(w for w in args.show_skip.split(",") if w))
     settings.check()
     return settings
 
@@ -193,6 +197,8 @@ def evaluate_main(args, config, workdir, vocab, directory, settings, index, trai
     print(evaluation.format_table(results))
     print(describe_tuning(results))
     if results["examples"]:
+        if settings.show_skip:
+            print(f"(--show skips the targets {', '.join(settings.show_skip)})")
         print(evaluation.format_examples(results["examples"]))
     print(f"results: {path}")
     return 0

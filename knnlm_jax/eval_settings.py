@@ -55,6 +55,7 @@ class Settings:
     context: int = 0
     recompute: bool = False
     show: int = 0
+    show_skip: tuple = ()  # words --show does not list (e.g. <unk>)
 
     def check(self) -> None:
         if self.k < 1:

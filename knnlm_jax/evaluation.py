@@ -519,12 +519,18 @@ def plot_sweep(path: str, x, y, base: float, *, xlabel: str, title: str, log2x: 
 
 
 def helped_most(files: TokenFiles, logp_knn_N, logp_mixed_N, tokens_N, vocab, vals_N, n: int, temperature: float,
-                neighbours: int = 3, before: int = 12, after: int = 3) -> list[dict]:
+                neighbours: int = 3, before: int = 12, after: int = 3, skip=()) -> list[dict]:
     """The ``n`` targets where kNN helped most (largest ``log p_mixed - log p_LM``), with their
-    context and, for the top neighbours, the datastore text around each retrieved entry."""
+    context and, for the top neighbours, the datastore text around each retrieved entry.
+    Targets whose word is in ``skip`` (e.g. ``<unk>``) are not listed."""
     gain = np.asarray(logp_mixed_N, np.float64) - np.asarray(files.logp_lm, np.float64)
+    skipped = [vocab.index[w] for w in skip if w in vocab.index]
+    if skipped:
+        gain = np.where(np.isin(np.asarray(tokens_N), skipped), -np.inf, gain)
     examples = []
     for p in np.argsort(-gain, kind="stable")[:n]:
+        if not np.isfinite(gain[p]):
+            break
         p = int(p)
         d, ids = np.asarray(files.dists[p], np.float32), np.asarray(files.ids[p])
         weights = np.exp(np.asarray(neighbour_log_weights(d[None], ids[None] >= 0, temperature))[0])
@@ -759,7 +765,7 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
     examples = []
     if settings.show:
         examples = helped_most(target, logp_knn, logp_mixed, np.asarray(target.targets), vocab, store.vals,
-                               settings.show, knn["temperature"])
+                               settings.show, knn["temperature"], skip=settings.show_skip)
     meta = target.meta
     return dict(
         split=split, corpus_name=data.corpus, datastore=store.name, datastore_entries=store.size,

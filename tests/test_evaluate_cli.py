@@ -55,6 +55,14 @@ def test_tune_on_valid_report_on_test(project, tmp_path, capsys):
     assert r["datastore_manifest"]["num_entries"] == project.store.size and len(r["examples"]) == 2
     for name in ("sweep_k.json", "sweep_k.png", "sweep_lambda.json", "sweep_lambda.png", "logprobs-test.npz"):
         assert (out_dir / name).stat().st_size > 0
+    skipping = evaluate(project, "--datastore", "train", "--split", "test", "--k", "16", "--max-tokens", "150",
+                        "--lmbda", "0.5", "--temperature", "1", "--show", "50", "--show-skip", "<unk>,the",
+                        "--out", str(tmp_path / "skip"))
+    assert skipping.returncode == 0, skipping.stderr
+    assert "skips the targets <unk>, the" in skipping.stdout
+    with open(tmp_path / "skip" / "results.json") as f:
+        shown = json.load(f)["examples"]
+    assert shown and all(ex["target"] not in ("<unk>", "the") for ex in shown)
     change = r["rows"][1]["change_pct"]
     assert change == pytest.approx(100 * (r["rows"][1]["ppl"] / r["rows"][0]["ppl"] - 1))
     assert f"{change:+.1f}%" in out.stdout
