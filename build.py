@@ -180,7 +180,7 @@ def index(args, store, processes) -> int:
 def check(args, config, workdir, vocab, processes) -> int:
     from knnlm_jax import distributed, runs
     from knnlm_jax.cli import corpus_options
-    from knnlm_jax.datastore import DatastoreError, datastore_dir
+    from knnlm_jax.datastore import DatastoreError, datastore_dir, verify_content
 
     directory = datastore_dir(workdir, args.check)
     store = open_checked(directory, config, vocab)  # files and shapes against the manifest, model fields
@@ -203,8 +203,10 @@ def check(args, config, workdir, vocab, processes) -> int:
     trained = runs.load_model(workdir, config, vocab)
     store = open_checked(directory, config, vocab, trained)  # now also the weights
     entry_range = tuple(m["shard_entries"][processes.index]) if processes.multi else None
-    failure = None
+    failure, hashed = None, False
     try:
+        mine = store.shards[processes.index] if processes.multi else store
+        hashed = verify_content(mine)  # every byte against the hashes recorded at build time
         report = check_datastore(store, trained, tokens, vocab.eos, sample=args.sample, entry_range=entry_range)
     except DatastoreError as err:
         failure, report = err, dict(entries_checked=0, values_checked=0, max_key_difference=float("nan"))
@@ -219,7 +221,9 @@ def check(args, config, workdir, vocab, processes) -> int:
     if processes.is_main:
         print(f"datastore {args.check} ok: {int(rows[:, 2].sum())} values equal the corpus tokens; "
               f"{int(rows[:, 1].sum())} recomputed keys agree (max difference {rows[:, 3].max():.2g}); "
-              f"index {'present' if store.index_path else 'missing'}"
+              f"index {'present' if store.index_path else 'missing'}; "
+              + ("keys and values match the sha256 recorded at build time" if hashed
+                 else "no content hash recorded (built by an older version)")
               + (f"; {processes.count} processes, one shard each" if processes.multi else ""))
     return 0
 

@@ -12,6 +12,7 @@ byte-identical to an uninterrupted one. No JAX here: the evaluator and the index
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -212,6 +213,52 @@ def check_writable(directory: str, overwrite: bool) -> dict | None:
     return old
 
 
+HASH_BLOCK = 1 << 16  # entries per link of the content hash chain
+
+
+def new_content() -> dict:
+    return {"block": HASH_BLOCK, "hashed": 0, "keys": "", "vals": ""}
+
+
+def chain(previous: str, data: bytes) -> str:
+    """One link of a hash chain: sha256 of the previous digest and the next block's bytes."""
+    h = hashlib.sha256(previous.encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def content_hashes(store: "Datastore", progress=None) -> dict:
+    """The chained sha256 of ``vals.npy`` (and ``keys.npy``) data, recomputed as the build recorded it."""
+    content = new_content()
+    for start in range(0, store.size, HASH_BLOCK):
+        stop = min(store.size, start + HASH_BLOCK)
+        content["vals"] = chain(content["vals"], np.ascontiguousarray(store.vals[start:stop]).tobytes())
+        if store.keys is not None:
+            content["keys"] = chain(content["keys"], np.ascontiguousarray(store.keys[start:stop]).tobytes())
+        content["hashed"] = stop
+        if progress is not None:
+            progress(stop)
+    return content
+
+
+def verify_content(store: "Datastore", progress=None) -> bool:
+    """Compare every byte of keys and values with the hashes recorded at build time.
+
+    ``False`` when the datastore predates them; a :class:`DatastoreError` names the file that differs.
+    """
+    parts = store.shards if store.shards else [store]
+    if any("content" not in part.manifest for part in parts):
+        return False
+    for part in parts:
+        recorded, fresh = part.manifest["content"], content_hashes(part, progress)
+        for name in ("vals", "keys"):
+            if recorded[name] != fresh[name]:
+                where = f"{store.name}/{os.path.basename(part.directory)}" if store.shards else store.name
+                raise DatastoreError(f"datastore {where}: {name}.npy does not match the sha256 recorded at build "
+                                     "time (changed or damaged since); rebuild it with --overwrite")
+    return True
+
+
 class DatastoreWriter:
     """Creates (or resumes) a datastore and streams entries into it, in order.
 
@@ -318,14 +365,27 @@ class DatastoreWriter:
         if self._keys_fd is not None:
             os.fdatasync(self._keys_fd)
         os.fdatasync(self._vals_fd)
+        self._hash_upto(self.written if self.written == self.n else self.written // HASH_BLOCK * HASH_BLOCK)
         self.manifest.update(progress=self.written, lm_nll_sum=self.manifest["lm_nll_sum"] + self._nll_pending)
         self._nll_pending = 0.0
         write_manifest(self.directory, self.manifest)
 
+    def _hash_upto(self, end: int) -> None:
+        """Extend the content hashes (chained over blocks of entries) to ``end``, reading back what was written."""
+        content = self.manifest.setdefault("content", new_content())
+        files = [("vals", self._vals_fd, self._val_offset, np.dtype(VAL_DTYPE).itemsize)]
+        if self._keys_fd is not None:
+            files.append(("keys", self._keys_fd, self._key_offset, self.dim * np.dtype(KEY_DTYPE).itemsize))
+        for start in range(content["hashed"], end, HASH_BLOCK):
+            stop = min(end, start + HASH_BLOCK)
+            for name, fd, offset, row in files:
+                content[name] = chain(content[name], os.pread(fd, (stop - start) * row, offset + start * row))
+            content["hashed"] = stop
+
     def finish(self) -> dict:
         if self.written != self.n:
             raise DatastoreError(f"datastore {self.name}: {self.written} of {self.n} entries written")
-        if self.progress != self.written:
+        if self.progress != self.written or self.manifest.get("content", {}).get("hashed") != self.n:
             self.sync()
         self.manifest["status"] = "complete"
         write_manifest(self.directory, self.manifest)

@@ -76,6 +76,22 @@ def test_a_build_whose_index_step_was_killed_is_finished_by_the_same_command(pro
     assert out.returncode == 2 and "--overwrite" in out.stderr
 
 
+def test_check_reads_every_byte_against_the_hashes_recorded_at_build_time(project):
+    root, _ = project
+    stores = root / "runs" / "tiny" / "datastores"
+    shutil.copytree(stores / "train", stores / "damaged")
+    keys = np.load(stores / "damaged" / "keys.npy", mmap_mode="r+")
+    row = len(keys) // 2
+    keys[row, 0] = keys[row, 0] + np.float16(0.5)  # one value changed: the sampled recompute would likely miss it
+    keys.flush()
+    del keys
+    out = build("--check", "damaged", "--sample", "2", cwd=root)
+    assert out.returncode == 2 and "keys.npy does not match the sha256 recorded at build time" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = build("--check", "train", "--sample", "2", cwd=root)
+    assert out.returncode == 0 and "match the sha256 recorded at build time" in out.stdout, out.stderr
+
+
 def test_a_zero_batch_size_is_refused(project):
     root, _ = project
     out = build("--datastore", "zero", "--batch-size", "0", cwd=root)
