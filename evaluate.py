@@ -48,7 +48,8 @@ def main(argv=None) -> int:
                            "datastore keeps no keys: --keys none)")
     mode.add_argument("--approximate", dest="exact", action="store_false", help="use FAISS's distances as they are")
     parser.add_argument("--cache", action="store_true", help="also evaluate the continuous cache (Grave et al. 2017)")
-    parser.add_argument("--cache-size", type=int, default=1024, help="cache memory in tokens, within the window")
+    parser.add_argument("--cache-size", type=int, default=1024,
+                        help="cache memory: the last N evaluated tokens, across windows (default 1024)")
     parser.add_argument("--cache-lambda", default="auto", help="cache interpolation weight in [0, 1], or auto")
     parser.add_argument("--cache-theta", default="auto", help="cache flatness theta: a number, a comma list "
                                                               "(tuned on valid) or auto (a grid)")

@@ -59,52 +59,66 @@ MIX_ROWS = 8192  # tokens per mixing chunk (times K neighbours)
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_step(graphdef, key_type: str | None, thetas: tuple, cache_size: int, rows: int, cache_from: int = 0):
+def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
     """Jitted ``(params, inputs, targets, mask, capacities) -> dict`` of the ``rows`` first masked positions.
 
-    ``logp`` (rows), ``keys`` (rows x D float32, when ``key_type``), ``cache`` (rows x H,
-    log p_cache of the target for each θ in ``thetas`` over the previous ``cache_size``
-    positions of the window, from the softmax input states). The cache is computed only
-    for window positions ``>= cache_from`` (the caller guarantees no masked position
-    before it). Masked positions are taken in row-major order: the spans in stream order.
-    The softmax (and, without the cache, the last block's feed-forward) runs only at the
-    scored positions; rows past the batch's count are padding (target ``</s>``'s band).
+    ``logp`` (rows), ``keys`` (rows x D float32, when ``key_type``), ``states`` (rows x D
+    float32, the softmax input: what the continuous cache remembers, when ``states``).
+    Masked positions are taken in row-major order: the spans in stream order. The softmax
+    and the last block's feed-forward run only at the scored positions; rows past the
+    batch's count are padding (target ``</s>``'s band).
     """
 
     def step(params, inputs_BxL, targets_BxL, mask_BxL, capacities):
         model = nnx.merge(graphdef, params)
-        b, length = inputs_BxL.shape
         (flat_R,) = jnp.nonzero(mask_BxL.reshape(-1), size=rows, fill_value=0)
         real_R = jnp.arange(rows) < mask_BxL.sum()
         targets_R = jnp.where(real_R, targets_BxL.reshape(-1)[flat_R], 0)  # padding: a head-band id, no tail work
-        wanted = ((key_type,) if key_type else ()) + (("final_output",) if thetas else ())
-        # the cache reads every position's softmax input; otherwise only the scored rows go past attention
-        trim = None if thetas else flat_R
-        hidden, states = forward_states(model, inputs_BxL, wanted, rows_R=trim)
-
-        def at_rows(a):  # R x D at the scored rows (a trimmed forward returns only those)
-            return a.reshape(rows, -1) if trim is not None else a.reshape(b * length, -1)[flat_R]
-
-        out = {"logp": model.target_log_probs(at_rows(hidden)[None], targets_R[None], capacities=capacities)[0]}
+        wanted = ((key_type,) if key_type else ()) + (("final_output",) if states else ())
+        hidden, sown = forward_states(model, inputs_BxL, wanted, rows_R=flat_R)
+        hidden_RxD = hidden.reshape(rows, -1)
+        out = {"logp": model.target_log_probs(hidden_RxD[None], targets_R[None], capacities=capacities)[0]}
         if key_type:
-            out["keys"] = at_rows(states[key_type]).astype(jnp.float32)
-        if thetas:
-            pos_L = jnp.arange(length)
-            # the cache pairs the state at position j with the token that follows it, inputs[j + 1]
-            mem_vals_BxL = jnp.concatenate([inputs_BxL[:, 1:], inputs_BxL[:, -1:]], axis=1)
-            thetas_H = jnp.asarray(thetas, jnp.float32)
-
-            def row(args):
-                h_LxD, targets_L, vals_L = args
-                return cache_target_log_prob(h_LxD[cache_from:], pos_L[cache_from:], targets_L[cache_from:], h_LxD,
-                                             vals_L, pos_L, thetas_H, cache_size)
-
-            cache_BxSxH = jax.lax.map(row, (states["final_output"], targets_BxL, mem_vals_BxL))
-            cache_BxLxH = jnp.full((b, length, len(thetas)), -jnp.inf, jnp.float32).at[:, cache_from:].set(cache_BxSxH)
-            out["cache"] = cache_BxLxH.reshape(b * length, -1)[flat_R]
+            out["keys"] = sown[key_type].reshape(rows, -1).astype(jnp.float32)
+        if states:
+            out["states"] = sown["final_output"].reshape(rows, -1).astype(jnp.float32)
         return out
 
     return jax.jit(step, static_argnums=4)
+
+
+FAR = -(1 << 30)  # the position of an empty cache slot: never within reach of a query (int32 positions)
+
+
+@functools.lru_cache(maxsize=8)
+def make_cache_step(thetas: tuple, size: int, rows: int):
+    """Jitted continuous cache over the evaluated stream: ``(memory, states, targets, first, count) -> (cache, memory)``.
+
+    ``memory`` holds the last ``size`` scored positions before this batch (states ``MxD``,
+    the token that followed each, their stream positions; empty slots at ``FAR``). The
+    batch's ``count`` scored positions (``first``, ``first + 1``, ...) see the previous
+    ``size`` positions of the stream, in earlier windows and batches too; the returned
+    memory ends at the batch's last scored position.
+    """
+    thetas_H = tuple(float(t) for t in thetas)
+
+    def step(memory, states_RxD, targets_R, first, count):
+        mem_h, mem_v, mem_p = memory
+        pos_R = first + jnp.arange(rows, dtype=jnp.int32)
+        real_R = jnp.arange(rows) < count
+        all_h = jnp.concatenate([mem_h, states_RxD])
+        all_v = jnp.concatenate([mem_v, targets_R])  # the state at p pairs with the token after it, p's target
+        all_p = jnp.concatenate([mem_p, jnp.where(real_R, pos_R, FAR)])
+        cache_RxH = cache_target_log_prob(states_RxD, pos_R, targets_R, all_h, all_v, all_p,
+                                          jnp.asarray(thetas_H, jnp.float32), size)
+        kept = tuple(jax.lax.dynamic_slice_in_dim(a, count, size) for a in (all_h, all_v, all_p))
+        return cache_RxH, kept
+
+    return jax.jit(step)
+
+
+def empty_cache_memory(size: int, dim: int):
+    return (jnp.zeros((size, dim), jnp.float32), jnp.zeros((size,), jnp.int32), jnp.full((size,), FAR, jnp.int32))
 
 
 def rerank(keys_NxD, queries_QxD: np.ndarray, ids_QxK: np.ndarray, found_QxK: np.ndarray, rows: int,
@@ -224,9 +238,10 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
     # the softmax runs on the scored rows only: no band needs more than ``rows``
     caps = tuple(min(c, rows) for c in capacities or build_capacities(tokens_N, windows_Wx3, batch_size, edges, window))
     thetas = tuple(float(t) for t in cache_thetas)
-    steps = {first: make_eval_step(trained.graphdef, key_type if searching else None, thetas, int(cache_size), rows,
-                                   0 if first or not thetas else context)
-             for first in (True, False)}  # later windows score only positions >= context: the cache skips the rest
+    step = make_eval_step(trained.graphdef, key_type if searching else None, bool(thetas), rows)
+    if thetas:
+        cache_step = make_cache_step(thetas, int(cache_size), rows)
+        memory = [empty_cache_memory(int(cache_size), trained.cfg.d_model)]
     stream = token_stream(tokens_N, eos)
 
     tmp = directory + ".tmp"
@@ -253,7 +268,6 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         first = bool((batch_Wx3[:, 1] == 0).any())  # the split's first window scores all its positions
         if not first and mask[:, :context].any():
             raise RuntimeError("a later window scores a position before its context")
-        step = steps[first]
         result = step(trained.params, *(jax.device_put(a, sharding) for a in (inputs, targets, mask)), caps)
         return result, int(mask.sum())
 
@@ -262,7 +276,12 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         t0 = time.perf_counter()
         logp = np.asarray(result["logp"])[:count]  # waits for this batch's forward
         queries = np.asarray(result["keys"])[:count] if searching else None
-        cache = np.asarray(result["cache"])[:count] if thetas else None
+        cache = None
+        if thetas:  # the cache spans the stream: this batch's positions see the previous cache_size ones
+            targets_R = np.zeros(rows, np.int32)
+            targets_R[:count] = tokens_N[offset : offset + count]
+            cache_RxH, memory[0] = cache_step(memory[0], result["states"], targets_R, np.int32(offset), np.int32(count))
+            cache = np.asarray(cache_RxH)[:count]
         t1 = time.perf_counter()
         timings["forward_wait"] += t1 - t0
         span = slice(offset, offset + count)

@@ -143,29 +143,41 @@ def test_exact_reranks_the_approximate_candidates(ev, tmp_path):
 
 
 def check_cache_against_reference(ev, files, tokens, thetas, size, window=16, context=8):
-    """log p_cache(target) from the softmax input states of each window, recomputed in NumPy."""
+    """log p_cache(target) recomputed in NumPy: each position's softmax input state from the window that
+    scores it, and a memory of the previous ``size`` positions of the stream (across windows)."""
     stream = token_stream(tokens, ev.vocab.eos)
     w = windows(len(tokens), window, context)
-    rows = np.unique([0, 1, len(w) // 2, len(w) - 1])
-    inputs, _, _ = window_batch(stream, w[rows], window, ev.vocab.eos)
-    states = np.asarray(ev.trained.model()(inputs), np.float64)  # the final_output state, what the softmax sees
+    inputs, _, mask = window_batch(stream, w, window, ev.vocab.eos)
+    states = np.asarray(ev.trained.model()(inputs), np.float64)[mask]  # N x D in stream order
+    assert len(states) == len(tokens)
     checked = 0
-    for h, (start, lo, hi) in zip(states, w[rows]):
-        for p in range(lo, hi):
-            j = p - start
-            mem = np.arange(max(0, j - size), j)  # the previous `size` positions of the window
-            for c, theta in enumerate(thetas):
-                if len(mem) == 0:
-                    assert np.isneginf(files.cache[p, c])
-                    continue
-                s = theta * h[mem] @ h[j]
-                prob = np.exp(s - s.max())[stream[start + mem + 1] == tokens[p]].sum() / np.exp(s - s.max()).sum()
-                if prob == 0:
-                    assert np.isneginf(files.cache[p, c])
-                else:
-                    np.testing.assert_allclose(files.cache[p, c], np.log(prob), atol=1e-4)
-                    checked += 1
-    assert checked > 20
+    for p in np.unique(np.linspace(0, len(tokens) - 1, 60).astype(int)):
+        mem = np.arange(max(0, p - size), p)
+        for c, theta in enumerate(thetas):
+            if len(mem) == 0:
+                assert np.isneginf(files.cache[p, c])
+                continue
+            s = theta * states[mem] @ states[p]
+            prob = np.exp(s - s.max())[tokens[mem] == tokens[p]].sum() / np.exp(s - s.max()).sum()
+            if prob == 0:
+                assert np.isneginf(files.cache[p, c])
+            else:
+                np.testing.assert_allclose(files.cache[p, c], np.log(prob), atol=1e-4)
+                checked += 1
+    assert checked > 10
+
+
+def test_the_cache_spans_windows_and_batches(ev, tmp_path):
+    """A cache larger than the window remembers earlier windows (the paper's cache spans the text)."""
+    tokens = ev.splits["valid"][1][:150]
+    files = evaluate_tokens(str(tmp_path / "c"), ev.trained, tokens, ev.vocab.eos, key_type=ev.config.key_type,
+                            window=16, context=8, batch_size=2, cache_thetas=(0.05, 0.5), cache_size=40,
+                            progress=False)
+    check_cache_against_reference(ev, files, tokens, (0.05, 0.5), 40)
+    # positions late in the split see more than one window's worth of memory: more of them find their target
+    small = evaluate_tokens(str(tmp_path / "s"), ev.trained, tokens, ev.vocab.eos, key_type=ev.config.key_type,
+                            window=16, context=8, batch_size=2, cache_thetas=(0.05,), cache_size=8, progress=False)
+    assert np.isfinite(files.cache[:, 0]).sum() > np.isfinite(small.cache[:, 0]).sum()
 
 
 def test_rerank_in_threaded_chunks_equals_the_reference():
