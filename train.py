@@ -12,7 +12,8 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from knnlm_jax.cli import add_config_args, corpus_options, load_config, user_errors
+    from knnlm_jax.cli import UserError, add_config_args, corpus_options, load_config, user_errors
+    from knnlm_jax.configs import validate
 
     add_config_args(parser)
     parser.add_argument("--dry-run", action="store_true",
@@ -23,19 +24,34 @@ def main(argv=None) -> int:
 
     with user_errors("train.py"):
         config, workdir = load_config(args)
+        validate(config)
         if args.dry_run:
             return dry_run(config, corpus_options(args))
         if args.overwrite:
             shutil.rmtree(workdir, ignore_errors=True)
         from knnlm_jax.training import train
 
-        result = train(config, workdir, progress=not args.no_progress, corpus_options=corpus_options(args))
+        try:
+            result = train(config, workdir, progress=not args.no_progress, corpus_options=corpus_options(args))
+        except OSError as err:  # full disk, read-only run directory, a file where a directory goes
+            reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
+            if err.filename and not _inside(err.filename, workdir):  # an input, not the run directory
+                if isinstance(err, FileNotFoundError):
+                    raise  # user_errors says which
+                raise UserError(f"cannot read {err.filename}: {reason}") from None
+            raise UserError(f"cannot write {err.filename or workdir}: {reason}") from None
         print(f"valid perplexity {result['valid_ppl']:.2f} (best {result['best_valid_ppl']:.2f} "
               f"at step {result['best_step']}); add-one unigram {result['unigram_valid_ppl']:.2f}; "
               f"ratio {result['valid_ppl'] / result['unigram_valid_ppl']:.3f}; "
               f"{result['valid_tokens']} valid tokens, word level")
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     return 0
+
+
+def _inside(path, directory: str) -> bool:
+    import os
+
+    return bool(path) and os.path.abspath(str(path)).startswith(os.path.abspath(directory) + os.sep)
 
 
 def dry_run(config, options: dict) -> int:

@@ -34,6 +34,9 @@ def _quiet_absl():
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or written."""
 
+    # True after a failed orbax write: its (non-daemon) threads stay blocked, so a CLI must exit with os._exit
+    threads_stuck = False
+
 
 class NonFiniteState(ValueError):
     """A tree with a NaN or an infinity, refused by :meth:`Checkpointer.save`."""
@@ -69,7 +72,7 @@ def _os_error(err: BaseException) -> OSError | None:
 
 
 @contextlib.contextmanager
-def _writing(directory: str):
+def _writing(directory: str, threads_stuck: bool = False):
     """An ``OSError`` (full disk, read-only or blocked directory) becomes one ``CheckpointError`` line."""
     try:
         yield
@@ -78,7 +81,9 @@ def _writing(directory: str):
         if os_err is None:
             raise
         reason = f"[Errno {os_err.errno}] {os_err.strerror}" if os_err.strerror else str(os_err)
-        raise CheckpointError(f"cannot write {directory}: {reason}") from None
+        error = CheckpointError(f"cannot write {directory}: {reason}")
+        error.threads_stuck = threads_stuck
+        raise error from None
 
 
 class Checkpointer:
@@ -86,6 +91,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         with _quiet_absl(), _writing(self.directory):
+            os.makedirs(self.directory, exist_ok=True)  # a file in its place fails here, before orbax starts threads
             self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -101,7 +107,7 @@ class Checkpointer:
         if bad:
             raise NonFiniteState(f"not saving step {step} in {self.directory}: {bad[0]} is not finite")
         meta = dict(meta, **{CHECKSUMS: checksums})
-        with _writing(self.directory):
+        with _quiet_absl(), _writing(self.directory, threads_stuck=True):
             if step in self._manager.all_steps():
                 self._manager.delete(step)
             args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))

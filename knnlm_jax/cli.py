@@ -85,6 +85,10 @@ def user_errors(prog: str):
         yield
     except (UserError, ConfigError, CorpusError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        if getattr(err, "threads_stuck", False):  # a failed orbax write leaves threads that never end
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

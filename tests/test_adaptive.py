@@ -85,3 +85,43 @@ def test_tied_model_shares_weights_and_has_no_tail_matrices():
     # untied adds head words (10 + 2 classes) x 16, tail projections and tail output matrices
     extra = n(untied) - n(cfg)
     assert extra == 16 * 12 - 16 * 2 + (16 * 4 + 4 * 20) + (16 * 1 + 1 * 23)
+
+
+def reference_log_probs(inp, sm, h):
+    """``B x T x V`` log-probs built in NumPy from the layer's parameters (tied weights and projections)."""
+    edges, h = inp.edges, np.asarray(h, np.float64)
+    emb0, _ = (np.asarray(a, np.float64) for a in inp.band_weights(0))
+    x = h @ np.asarray(sm.head_proj.kernel[...], np.float64) if sm.head_proj is not None else h
+    head = np.concatenate([x @ emb0.T, h @ np.asarray(sm.head_classes.kernel[...], np.float64)], axis=-1)
+    head = head - np.log(np.exp(head - head.max(-1, keepdims=True)).sum(-1, keepdims=True)) - head.max(-1, keepdims=True)
+    parts = [head[..., : edges[1]]]
+    for i in range(len(edges) - 2):
+        emb, proj = (np.asarray(a, np.float64) for a in inp.band_weights(i + 1))
+        logits = (h @ proj.T) @ emb.T  # tied projection: hidden -> band dim by the input projection's transpose
+        tail = logits - logits.max(-1, keepdims=True)
+        tail = tail - np.log(np.exp(tail).sum(-1, keepdims=True))
+        parts.append(head[..., edges[1] + i : edges[1] + i + 1] + tail)
+    return np.concatenate(parts, axis=-1)
+
+
+def test_adaptive_softmax_equals_an_independent_numpy_softmax_with_several_clusters():
+    inp, sm, h, targets = make((5, 20, 40), d=16, factor=2)
+    expected = reference_log_probs(inp, sm, h)
+    np.testing.assert_allclose(np.exp(expected).sum(-1), 1.0, atol=1e-9)
+    gathered = np.take_along_axis(expected, np.asarray(targets)[..., None], axis=-1)[..., 0]
+    caps = band_capacities(np.asarray(targets), band_edges(V, (5, 20, 40)))
+    for capacities in (None, caps):
+        np.testing.assert_allclose(sm.target_log_probs(h, targets, inp, capacities=capacities), gathered, atol=1e-4)
+    np.testing.assert_allclose(sm.full_log_probs(h, inp), expected, atol=1e-4)
+
+
+def test_a_too_small_capacity_gives_nan_never_a_wrong_number():
+    inp, sm, h, targets = make((10, 30))
+    exact = band_capacities(np.asarray(targets), band_edges(V, (10, 30)), granularity=1)
+    assert min(exact) >= 2
+    right = sm.target_log_probs(h, targets, inp, capacities=exact)
+    for short in ((exact[0] - 1, exact[1]), (exact[0], 0)):
+        logp = np.asarray(sm.target_log_probs(h, targets, inp, capacities=short))
+        finite = np.isfinite(logp)
+        assert not finite.all()  # the uncovered targets
+        np.testing.assert_allclose(logp[finite], np.asarray(right)[finite], atol=1e-6)  # the rest are exact

@@ -118,3 +118,58 @@ def test_two_devices_give_the_same_loss_as_one(tmp_path, wikitext_dir):
     two = _run_devices(2, wikitext_dir, str(tmp_path / "two"))
     assert (one["devices"], two["devices"]) == (1, 2)
     assert two["valid_ppl"] == pytest.approx(one["valid_ppl"], rel=1e-5)
+
+
+def test_wt103_is_the_papers_architecture():
+    from knnlm_jax.configs import get_config
+    from knnlm_jax.model import count_params
+
+    c = get_config("wt103")
+    assert (c.num_layers, c.d_model, c.num_heads, c.d_ff) == (16, 1024, 8, 4096)  # fairseq transformer_lm_wiki103
+    assert (tuple(c.cutoffs), c.adaptive_factor, c.tokens_per_sample) == ((20000, 60000), 4, 3072)
+    assert count_params(ModelConfig.from_config(c, vocab_size=267735)) == 246_932_928
+
+
+SGD_DEVICES_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from knnlm_jax.adaptive import band_capacities, band_edges
+from knnlm_jax.model import ModelConfig
+from knnlm_jax.training import init_model, make_train_step
+
+cfg = ModelConfig(vocab_size=40, num_layers=1, d_model=16, num_heads=2, d_ff=32, cutoffs=(8, 20))
+tx = optax.sgd(1.0)
+tokens = np.asarray(jax.random.randint(jax.random.key(0), (1, 4, 9), 0, 40))
+caps = band_capacities(tokens[..., 1:], band_edges(40, cfg.cutoffs), granularity=1)
+out = {{}}
+for n in (1, 2):
+    mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+    graphdef, params = init_model(cfg, 0)
+    state = jax.device_put(dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                                rng=jax.random.PRNGKey(1)), NamedSharding(mesh, P()))
+    batch = NamedSharding(mesh, P(None, "data", None))
+    step = jax.jit(make_train_step(graphdef, tx), static_argnums=3)
+    losses = []
+    for _ in range(3):
+        state, m = step(state, jax.device_put(tokens[..., :-1], batch), jax.device_put(tokens[..., 1:], batch), caps)
+        losses.append(float(m["loss"]))
+    out[n] = dict(losses=losses, params=[np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(state["params"])])
+print(json.dumps(dict(devices=jax.device_count(), **{{str(k): v for k, v in out.items()}})))
+"""
+
+
+def test_data_parallel_sgd_averages_gradients_over_devices():
+    """Plain SGD shows the gradient's scale: summing over 2 devices instead of averaging would double the updates."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SGD_DEVICES_SCRIPT.format(root=ROOT)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2
+    one, two = result["1"], result["2"]
+    assert one["losses"][0] != pytest.approx(one["losses"][2], rel=1e-3)  # the steps do move the parameters
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    for a, b in zip(one["params"], two["params"]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, tiny_config
 from knnlm_jax.checkpoint import Checkpointer, abstract_like
-from knnlm_jax.configs import get_config
+from knnlm_jax.configs import get_config, validate
 from knnlm_jax.model import ModelConfig
 from knnlm_jax.optim import make_optimizer
 from knnlm_jax.training import abstract_model, train
@@ -100,16 +100,27 @@ def test_a_damaged_checkpoint_is_refused_not_resumed(tmp_path, wikitext_dir):
     assert open(damaged, "rb").read() == data  # left as it was, for the user to delete
 
 
-@pytest.mark.parametrize("override,fragment", [
-    ("num_layers=-1", "num_layers"), ("d_model=0", "d_model"), ("batch_size=0", "batch_size"),
-    ("lr=0", "lr"), ("dropout=1.0", "dropout"), ("cutoffs=20,8", "cutoffs"), ("vocab_size=-3", "vocab_size"),
-    ("d_model=30", "divisible"), ("max_steps=-5", "max_steps"), ("update_freq=0", "update_freq"),
-])
+@pytest.mark.parametrize("override,fragment", [("num_layers=-1", "num_layers"), ("lr=0", "lr"), ("cutoffs=20,8", "cutoffs")])
 def test_impossible_values_are_refused_before_anything_is_written(tmp_path, override, fragment):
     work = tmp_path / "run"
     line = one_error_line(run_train("--config", "tiny", "--workdir", str(work), "--set", override))
     assert fragment in line, line
     assert not work.exists()
+
+
+@pytest.mark.parametrize("key,value", [
+    ("d_model", 0), ("num_heads", -2), ("d_ff", 0), ("tokens_per_sample", 0), ("batch_size", 0),
+    ("eval_batch_size", -4), ("update_freq", 0), ("max_steps", -5), ("vocab_size", -3), ("vocab_size", 3),
+    ("lr", -1e-3), ("lr", float("nan")), ("dropout", 1.0), ("attention_dropout", -0.1), ("momentum", 1.5),
+    ("clip_norm", -1.0), ("warmup_steps", -1), ("cutoffs", (0, 10)), ("d_model", 30), ("optimizer", "sgd"),
+])
+def test_validate_names_the_field(key, value):
+    config = get_config("tiny")
+    with config.ignore_type():
+        config[key] = value
+    with pytest.raises(ValueError, match=key):
+        validate(config)
+    validate(get_config("wt103"))
 
 
 def test_a_refused_run_leaves_no_config_behind(tmp_path, wikitext_dir):
@@ -127,3 +138,23 @@ def test_an_unwritable_checkpoint_directory_is_one_line_then_resumable(tmp_path,
     assert "cannot write" in line and "checkpoints" in line, line
     os.remove(work / "checkpoints")  # space freed / directory fixed: the same command now runs
     assert train(config, str(work), **QUIET)["steps"] == 2
+
+
+FAILED_SAVE = r"""
+import os, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
+from knnlm_jax.checkpoint import Checkpointer
+from knnlm_jax.cli import user_errors
+from test_checkpoint import make_state
+with user_errors("train.py"):
+    ckpt = Checkpointer({path!r})
+    os.rmdir({path!r}); open({path!r}, "w").close()  # the directory is gone mid-run, as on a failing disk
+    ckpt.save(1, make_state(0), {{}})
+"""
+
+
+def test_a_write_failing_inside_orbax_is_one_line_and_does_not_hang(tmp_path):
+    path = str(tmp_path / "ckpt")
+    out = subprocess.run([sys.executable, "-c", FAILED_SAVE.format(root=ROOT, path=path)], capture_output=True,
+                         text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert f"cannot write {path}: [Errno" in one_error_line(out)
