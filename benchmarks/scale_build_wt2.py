@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,11 +31,7 @@ sys.path.insert(0, ROOT)
 
 from knnlm_jax.report import write_json  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+import local_processes  # noqa: E402
 
 
 def build_cmd(args, name, *extra):
@@ -45,15 +40,7 @@ def build_cmd(args, name, *extra):
 
 
 def launch(cmd, processes: int, log_prefix: str):
-    """Start ``cmd`` as ``processes`` processes on localhost; returns the Popen objects."""
-    port = free_port()
-    procs = []
-    for p in range(processes):
-        extra = [] if processes == 1 else ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(processes),
-                                           "--process_id", str(p)]
-        log = open(f"{log_prefix}.{p}.log", "w")
-        procs.append(subprocess.Popen(cmd + extra, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-    return procs
+    return local_processes.launch(cmd, processes, log_prefix, ROOT)
 
 
 def wait_all(procs, timeout=None) -> list[int]:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -35,23 +33,12 @@ sys.path.insert(0, ROOT)
 
 from knnlm_jax.report import write_json  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+import local_processes  # noqa: E402
 
 
 def run(script, args, processes=1, log=None):
     cmd = [sys.executable, os.path.join(ROOT, script), "--no-progress", *args]
-    port = free_port()
-    procs = []
-    for p in range(processes):
-        extra = [] if processes == 1 else ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(processes),
-                                           "--process_id", str(p)]
-        out = open(f"{log}.{p}.log", "w") if log else subprocess.DEVNULL
-        procs.append(subprocess.Popen(cmd + extra, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
-    codes = [p.wait() for p in procs]
+    codes = [p.wait() for p in local_processes.launch(cmd, processes, log, ROOT)]
     if any(codes):
         raise SystemExit(f"{script} {' '.join(args)}: exit codes {codes} (logs {log}.*.log)")
 
