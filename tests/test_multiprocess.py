@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from test_build_cli import manifest
 from test_datastore import make_run, write_corpus
 
 INDEX = "IVF4,PQ4"  # d_model 16: 4 lists, 4-byte codes
@@ -58,11 +59,6 @@ def ok(results):
     for rc, out, err in results:
         assert rc == 0, err[-3000:]
     return results
-
-
-def manifest(directory):
-    with open(os.path.join(directory, "manifest.json")) as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
