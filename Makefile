@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python evaluate.py --workdir runs/demo --datastore train --split test --cache --show 3
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache
