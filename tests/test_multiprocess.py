@@ -194,3 +194,18 @@ def test_two_process_codes_only_build_merges_the_same_index(project):
             assert same_neighbours(d0[q], i0[q], d1[q], i1[q])
     results = ok(launch("build.py", ["--workdir", workdir, "--check", "codes2", "--sample", "8"], 2, root))
     assert "ok" in results[0][1]
+
+
+def test_resuming_with_another_process_count_is_refused(project):
+    import shutil
+
+    from knnlm_jax.datastore import update_manifest
+
+    root, workdir = project
+    half = os.path.join(workdir, "datastores", "half")
+    shutil.copytree(os.path.join(workdir, "datastores", "duo"), half)
+    update_manifest(half, status="building")  # as a killed 2-process build leaves it
+    rc, _, err = launch("build.py", ["--workdir", workdir, "--datastore", "half"], 1, root)[0]
+    assert rc == 2 and "by 2 processes" in err and "--num_processes 2" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert manifest(half)["status"] == "building"  # nothing marked complete
