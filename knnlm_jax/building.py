@@ -169,6 +169,10 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
     def commit(result):
         nll, keys_BxTxD, targets, mask = result
         keys_nxD = np.asarray(keys_BxTxD)[mask]
+        if not np.isfinite(keys_nxD).all():  # float16 tops out at 65,504: a residual-stream key may not fit
+            bad = lo + writer.written + int(np.flatnonzero(~np.isfinite(keys_nxD).all(axis=1))[0])
+            raise DatastoreError(f"the {signature.key_type} key of entry {bad} is not finite in float16 (a value "
+                                 "beyond 65,504 or NaN); use a normalised key type such as ffn_input_after_ln")
         if codes is None:
             writer.append(keys_nxD, targets[mask], float(nll))
         else:

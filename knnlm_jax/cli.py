@@ -90,6 +90,11 @@ def user_errors(prog: str):
             sys.stderr.flush()
             os._exit(2)
         sys.exit(2)
+    except OSError as err:  # a read-only directory, a full disk, a file where a directory goes
+        what = f"{err.strerror} ({err.filename})" if err.strerror and err.filename else (err.strerror or str(err))
+        print(f"{prog}: error: cannot write or read: {what}; fix it and run the same command again "
+              "(finished work is kept)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

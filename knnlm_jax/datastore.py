@@ -234,7 +234,11 @@ def content_hashes(store: "Datastore", progress=None) -> dict:
         stop = min(store.size, start + HASH_BLOCK)
         content["vals"] = chain(content["vals"], np.ascontiguousarray(store.vals[start:stop]).tobytes())
         if store.keys is not None:
-            content["keys"] = chain(content["keys"], np.ascontiguousarray(store.keys[start:stop]).tobytes())
+            block = np.ascontiguousarray(store.keys[start:stop])
+            if not np.isfinite(block).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise DatastoreError(f"datastore {store.name}: the key of entry {bad} is not finite")
+            content["keys"] = chain(content["keys"], block.tobytes())
         content["hashed"] = stop
         if progress is not None:
             progress(stop)
@@ -248,6 +252,8 @@ def verify_content(store: "Datastore", progress=None) -> bool:
     """
     parts = store.shards if store.shards else [store]
     if any("content" not in part.manifest for part in parts):
+        for part in parts:
+            content_hashes(part, progress)  # no hashes to compare: still every key must be finite
         return False
     for part in parts:
         recorded, fresh = part.manifest["content"], content_hashes(part, progress)

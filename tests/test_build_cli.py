@@ -139,3 +139,15 @@ def test_bad_input_is_one_line_on_stderr(project, tmp_path):
     assert_user_error(damaged("missing", file_change=os.remove), "keys.npy is missing")
     assert_user_error(damaged("short", file_change=lambda p: os.truncate(p, os.path.getsize(p) - 64)),
                       "keys.npy is truncated")
+
+
+def test_an_unwritable_datastore_directory_is_one_line(project, tmp_path):
+    root, _ = project
+    blocked = root / "runs" / "tiny" / "datastores" / "blocked"
+    blocked.write_text("a file where the datastore directory goes")
+    try:
+        out = build("--datastore", "blocked", cwd=root)
+        assert out.returncode == 2 and "cannot write or read" in out.stderr and "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    finally:
+        blocked.unlink()

@@ -345,3 +345,28 @@ def test_run_config_takes_new_defaults_and_locks_the_model(built, tmp_path):
 
     with pytest.raises(ConfigError, match="cannot change the trained model's d_model"):
         runs.run_config(built.workdir, ["d_model=32"])
+
+
+def test_keys_that_overflow_float16_are_refused_at_build_and_at_check(built, tmp_path):
+    """A residual-stream key beyond 65,504 becomes inf in float16: never stored silently, found by --check."""
+    from knnlm_jax.datastore import verify_content
+
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, 1e5) if "fc2" in jax.tree_util.keystr(path) and "bias" in
+        jax.tree_util.keystr(path) else x, built.trained.params)
+    huge = dataclasses.replace(built.trained, params=params)
+    signature = dataclasses.replace(built.signature, key_type="block_output")
+    with pytest.raises(DatastoreError, match="not finite in float16"):
+        build_datastore(str(tmp_path / "huge"), huge, signature, built.tokens, built.vocab.eos,
+                        corpus=built.split.corpus, corpus_sha256=built.split.sha256, split="train",
+                        window=built.window, context=built.context, batch_size=4, progress=False,
+                        log=lambda *a: None)
+    assert read_manifest(str(tmp_path / "huge"))["status"] == "building"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(built.directory, damaged)
+    keys = np.load(damaged / KEYS, mmap_mode="r+")
+    keys[5, 3] = np.inf
+    keys.flush()
+    del keys
+    with pytest.raises(DatastoreError, match="key of entry 5 is not finite"):
+        verify_content(open_datastore(str(damaged), built.signature))
