@@ -55,6 +55,15 @@ def test_tune_on_valid_report_on_test(project, tmp_path, capsys):
     assert r["datastore_manifest"]["num_entries"] == project.store.size and len(r["examples"]) == 2
     for name in ("sweep_k.json", "sweep_k.png", "sweep_lambda.json", "sweep_lambda.png", "logprobs-test.npz"):
         assert (out_dir / name).stat().st_size > 0
+    one = evaluate(project, "--datastore", "train", "--split", "test", "--k", "16", "--temperature", "auto",
+                   "--cache", "--cache-size", "8", "--cache-theta", "0.01,0.1", "--max-tokens", "150",
+                   "--out", str(tmp_path / "one-device"), devices=1)
+    assert one.returncode == 0, one.stderr
+    with open(tmp_path / "one-device" / "results.json") as f:
+        r1 = json.load(f)
+    for a, b in zip(r["rows"], r1["rows"]):  # the batch sharded over 2 devices gives the 1-device numbers
+        assert a["name"] == b["name"] and a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    assert (r["knn"]["lmbda"], r["knn"]["temperature"]) == (r1["knn"]["lmbda"], r1["knn"]["temperature"])
     skipping = evaluate(project, "--datastore", "train", "--split", "test", "--k", "16", "--max-tokens", "150",
                         "--lmbda", "0.5", "--temperature", "1", "--show", "50", "--show-skip", "<unk>,the",
                         "--out", str(tmp_path / "skip"))

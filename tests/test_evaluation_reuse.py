@@ -1,0 +1,77 @@
+"""Saved per-token files are reused only for the very same evaluation; each setting that changes them forces a pass.
+
+Also: valid and test being the same text is refused when something is tuned, and the cache's
+λc and θ are tuned on valid only.
+"""
+
+import dataclasses
+import os
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+
+from knnlm_jax import evaluation
+from knnlm_jax.datastore import open_datastore
+from knnlm_jax.evaluation import EvaluationError, Settings, tune_cache
+from test_evaluation import ev  # noqa: F401  (module fixture)
+
+
+def run(ev, out, split="valid", splits=None, trained=None, store=None, index=None, **kw):  # noqa: F811
+    settings = dict(k=8, lmbda=0.3, temperature=1.0, max_tokens=96, batch_size=4, window=16, context=8)
+    settings.update(kw)
+    logs = []
+    result = evaluation.run(str(out), split=split, splits=splits or ev.splits, settings=Settings(**settings),
+                            trained=trained or ev.trained, key_type=ev.config.key_type, store=store or ev.store,
+                            index=index if index is not None else ev.index, vocab=ev.vocab, progress=False,
+                            log=logs.append)
+    return result, any("reusing" in line for line in logs)
+
+
+def test_each_setting_that_changes_the_files_forces_a_new_pass(ev, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    assert not run(ev, out)[1]
+    assert run(ev, out)[1]  # the very same evaluation: reused
+    ivf = faiss.index_factory(ev.store.dim, "IVF4,Flat")
+    keys = np.asarray(ev.store.keys, np.float32)
+    ivf.train(keys)
+    ivf.add(keys)
+    other_store = tmp_path / "other"
+    shutil.copytree(ev.store.directory, other_store)
+    changes = {
+        "k": dict(k=4),
+        "exact": dict(exact=False),
+        "max_tokens": dict(max_tokens=64),
+        "weights": dict(trained=dataclasses.replace(ev.trained, fingerprint="0" * 64)),
+        "datastore": dict(store=open_datastore(str(other_store))),
+    }
+    for name, change in changes.items():
+        run(ev, out)  # the baseline's files again
+        assert run(ev, out)[1], name  # the very same evaluation reuses them
+        assert not run(ev, out, **change)[1], f"{name} changed but the saved files were reused"
+    # nprobe: with inverted lists, a new probe count is a new search
+    assert not run(ev, out, index=ivf, nprobe=1)[1]
+    assert run(ev, out, index=ivf, nprobe=1)[1]
+    assert not run(ev, out, index=ivf, nprobe=2)[1], "nprobe changed but the saved files were reused"
+
+
+def test_valid_and_test_the_same_text_is_refused_when_tuning(ev, tmp_path):  # noqa: F811
+    same = dict(ev.splits, test=ev.splits["valid"])
+    with pytest.raises(EvaluationError, match="same text"):
+        run(ev, tmp_path / "same", split="test", splits=same, lmbda=None)
+    result, _ = run(ev, tmp_path / "given", split="test", splits=same)  # nothing tuned: allowed
+    assert result["rows"][1]["ppl"] > 0
+
+
+def test_the_cache_is_tuned_on_valid_only(ev, tmp_path):  # noqa: F811
+    thetas = (0.01, 0.1, 1.0)
+    result, _ = run(ev, tmp_path / "c", split="test", cache=True, cache_size=16, cache_thetas=thetas,
+                    cache_lambda=None, lmbda=None)
+    valid = evaluation.open_token_files(str(tmp_path / "c" / "tokens-valid"))
+    best = tune_cache(valid.logp_lm, valid.cache, thetas)
+    assert (result["cache"]["cache"]["lmbda"], result["cache"]["cache"]["theta"]) == (best["lmbda"], best["theta"])
+    test = evaluation.open_token_files(str(tmp_path / "c" / "tokens-test"))
+    on_test = tune_cache(test.logp_lm, test.cache, thetas)
+    assert result["valid"]["cache"]["ppl"] == pytest.approx(best["ppl"])
+    assert os.path.isdir(tmp_path / "c" / "tokens-test") and on_test["ppl"] > 0
