@@ -546,6 +546,13 @@ def stores_keys(manifest: dict) -> bool:
 SHARDED = "sharded"
 
 
+def build_command(store_directory: str, *flags: str) -> str:
+    """``python build.py --workdir W --datastore NAME FLAGS``: a hint that works when pasted."""
+    workdir = os.path.dirname(os.path.dirname(os.path.normpath(store_directory)))
+    return " ".join(["python build.py --workdir", workdir, "--datastore", os.path.basename(
+        os.path.normpath(store_directory)), *flags])
+
+
 def shard_name(p: int, count: int) -> str:
     return f"shard-{p:05d}-of-{count:05d}"
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from knnlm_jax import distributed, index_shards
 from knnlm_jax import index as faiss_index
-from knnlm_jax.datastore import INDEX, Datastore, DatastoreError, shard_name
+from knnlm_jax.datastore import INDEX, Datastore, DatastoreError, build_command, shard_name
 from knnlm_jax.distributed import Processes
 
 _STOP, _SEARCH = 0, 1
@@ -98,7 +98,7 @@ def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode:
     info = store.manifest.get("index") or {}
     if not info:
         raise DatastoreError(f"datastore {store.name} has no FAISS index; index it with: "
-                             f"python build.py --datastore {store.name} --index-only")
+                             f"{build_command(store.directory, '--index-only')}")
     sharded = store.shards is not None
     if processes.multi and not sharded:
         raise DatastoreError(f"datastore {store.name} is not sharded (built by one process): evaluate it with one "
@@ -112,7 +112,7 @@ def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode:
         path = os.path.join(store.directory, INDEX)
         if not os.path.isfile(path):
             raise DatastoreError(f"datastore {store.name}: {INDEX} is missing; re-index it with: "
-                                 f"python build.py --datastore {store.name} --index-only")
+                                 f"{build_command(store.directory, '--index-only')}")
         index = faiss_index.read_index(path, nprobe, mmap=True)  # lists mapped, not read into RAM
         _check_index(store, index)
         return index
@@ -130,7 +130,7 @@ def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode:
         path = os.path.join(shard.directory, INDEX)
         if not os.path.isfile(path):
             raise DatastoreError(f"datastore {store.name}: shard {shard_name(p, count)} has no {INDEX}; re-index "
-                                 f"it with: python build.py --datastore {store.name} --index-only")
+                                 f"it with: {build_command(store.directory, '--index-only')}")
         ix = faiss_index.read_index(path, nprobe, mmap=True)
         lo, hi = store.manifest["shard_entries"][p]
         if ix.ntotal != hi - lo:
@@ -144,4 +144,4 @@ def _check_index(store: Datastore, index) -> None:
     if index.ntotal != store.size or index.d != store.dim:
         raise DatastoreError(f"datastore {store.name}: its index holds {index.ntotal} {index.d}-dim keys, the "
                              f"datastore {store.size} {store.dim}-dim ones; re-index it with: "
-                             f"python build.py --datastore {store.name} --index-only")
+                             f"{build_command(store.directory, '--index-only')}")
