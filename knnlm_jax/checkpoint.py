@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import sys
+import threading
 import zlib
 
 import jax
@@ -29,6 +32,27 @@ def _quiet_absl():
         yield
     finally:
         absl.setLevel(level)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 (and thread tracebacks) to /dev/null for the duration."""
+    sys.stderr.flush()
+    saved, hook = os.dup(2), threading.excepthook
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    threading.excepthook = lambda args: None
+    try:
+        yield
+    except Exception as err:  # orbax's threads may still be dying: stay silent; the error keeps the real stderr
+        os.close(devnull)
+        err.stderr_fd = saved
+        raise
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+    threading.excepthook = hook
 
 
 class CheckpointError(RuntimeError):
@@ -121,11 +145,16 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree), meta=ocp.args.JsonRestore())
         try:
-            with _quiet_absl():
+            with _quiet_absl(), _stderr_silenced():  # a damaged file makes orbax's threads print their ends
                 restored = self._manager.restore(step, args=args)
         except Exception as err:  # orbax raises many types for damaged files
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable: {msg}") from None
+            msg = re.sub(r"\s*\[tensorstore_spec.*$", "", msg)[:200]  # not the whole storage spec
+            error = CheckpointError(f"checkpoint step {step} in {self.directory} is damaged (unreadable: {msg})")
+            error.threads_stuck = True  # orbax's reader threads may outlive the failure: exit without them
+            error.stderr_fd = getattr(err, "stderr_fd", None)
+            threading.excepthook = lambda args: None  # ... and their dying tracebacks are not the user's error
+            raise error from None
         tree, meta = restored["state"], dict(restored["meta"])
         saved = meta.pop(CHECKSUMS, None)  # None: a checkpoint from before checksums were recorded
         checksums, bad = leaf_summary(tree)

@@ -84,11 +84,14 @@ def user_errors(prog: str):
     try:
         yield
     except (UserError, ConfigError, CorpusError, CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        if getattr(err, "threads_stuck", False):  # a failed orbax write leaves threads that never end
+        if getattr(err, "threads_stuck", False):  # a failed orbax write or read leaves threads that never end
             sys.stdout.flush()
             sys.stderr.flush()
+            own = getattr(err, "stderr_fd", None) or os.dup(2)  # fd 2 may already be silenced
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # their dying words would follow ours: silence them
+            os.write(own, f"{prog}: error: {err}\n".encode())
             os._exit(2)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # a read-only directory, a full disk, a file where a directory goes
         what = f"{err.strerror} ({err.filename})" if err.strerror and err.filename else (err.strerror or str(err))

@@ -266,7 +266,10 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
         try:
             state, meta = ckpt.restore(abstract_like(state))
         except CheckpointError as err:
-            raise CheckpointError(f"{err}; delete it to resume from an earlier one, or --overwrite") from None
+            hinted = CheckpointError(f"{err}; delete it to resume from an earlier one, or --overwrite")
+            hinted.threads_stuck = getattr(err, "threads_stuck", False)
+            hinted.stderr_fd = getattr(err, "stderr_fd", None)
+            raise hinted from None
         log(f"resumed from step {int(state['step'])} (checkpoint in {ckpt.directory})")
     else:
         _append_jsonl(metrics_path, {"step": 0, "event": "start", "parameters": count_params_of(params),
