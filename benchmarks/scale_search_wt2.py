@@ -31,6 +31,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from knnlm_jax.index_shards import same_neighbours  # noqa: E402
 from knnlm_jax.report import write_json  # noqa: E402
 
 import local_processes  # noqa: E402
@@ -59,13 +60,6 @@ def monolithic_index(workdir: str) -> dict:
                 note="two's trained.faiss with every key of one added in order")
     update_manifest(one.directory, index=info)
     return info
-
-
-def same_neighbours(d_ref, i_ref, d, i) -> bool:
-    cut = d_ref[-1]
-    a = sorted((float(x), int(y)) for x, y in zip(d_ref, i_ref) if x < cut)
-    b = sorted((float(x), int(y)) for x, y in zip(d, i) if x < cut)
-    return a == b and np.array_equal(np.sort(d_ref), np.sort(d))
 
 
 def main() -> int:

@@ -120,3 +120,12 @@ def merge_results(dists_list: list[np.ndarray], ids_list: list[np.ndarray], k: i
         dists_SxQxK[s, :, :kk] = dists[:, :kk]
         ids_SxQxK[s, :, :kk] = ids[:, :kk]
     return faiss.merge_knn_results(dists_SxQxK, ids_SxQxK)
+
+
+def same_neighbours(d_ref, i_ref, d, i) -> bool:
+    """Whether two top-k lists agree, ties aside: equal sorted distances, and equal (distance, id) pairs
+    below the reference's k-th distance (FAISS does not define which equal-distance entries make the cut)."""
+    cut = d_ref[-1]
+    a = sorted((float(x), int(y)) for x, y in zip(d_ref, i_ref) if x < cut)
+    b = sorted((float(x), int(y)) for x, y in zip(d, i) if x < cut)
+    return a == b and np.array_equal(np.sort(d_ref), np.sort(d))

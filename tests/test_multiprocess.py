@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from knnlm_jax.index_shards import same_neighbours
 from test_build_cli import manifest
 from test_datastore import make_run, write_corpus
 
@@ -114,13 +115,6 @@ def test_merged_sharded_and_monolithic_indexes_agree(project):
     for dists, ids in answers:
         for q in range(len(queries)):
             assert same_neighbours(reference[0][q], reference[1][q], dists[q], ids[q])
-
-
-def same_neighbours(d_ref, i_ref, d, i) -> bool:
-    cut = d_ref[-1]
-    a = sorted((float(x), int(y)) for x, y in zip(d_ref, i_ref) if x < cut)
-    b = sorted((float(x), int(y)) for x, y in zip(d, i) if x < cut)
-    return a == b and np.array_equal(np.sort(d_ref), np.sort(d))
 
 
 def evaluation(root, workdir, name, processes, *extra):
