@@ -180,7 +180,7 @@ def evaluate_main(args, config, workdir, vocab, directory, settings, index, trai
     for split in wanted:
         splits[split] = runs.split_tokens(workdir, vocab, source, split, **options)
 
-    from knnlm_jax import evaluation
+    from knnlm_jax import eval_report, evaluation
     from knnlm_jax.report import write_json
 
     store = open_datastore(directory, runs.signature(config, vocab, trained.fingerprint, trained.step))
@@ -194,13 +194,13 @@ def evaluate_main(args, config, workdir, vocab, directory, settings, index, trai
                    config=config.to_dict(), datastore_manifest=store.manifest,
                    settings={k: v for k, v in vars(settings).items()})
     path = os.path.join(out_dir, "results.json")
-    write_json(path, evaluation.json_safe(results))
-    print(evaluation.format_table(results))
+    write_json(path, eval_report.json_safe(results))
+    print(eval_report.format_table(results))
     print(describe_tuning(results))
     if results["examples"]:
         if settings.show_skip:
             print(f"(--show skips the targets {', '.join(settings.show_skip)})")
-        print(evaluation.format_examples(results["examples"]))
+        print(eval_report.format_examples(results["examples"]))
     print(f"results: {path}")
     return 0
 

@@ -55,7 +55,8 @@ def run(args) -> int:
     from knnlm_jax.adaptive import band_edges
     from knnlm_jax.building import build_capacities
     from knnlm_jax.datastore import datastore_dir, open_datastore, windows
-    from knnlm_jax.evaluation import eval_window_sizes, evaluate_tokens
+    from knnlm_jax.eval_pass import evaluate_tokens
+    from knnlm_jax.eval_settings import eval_window_sizes
     from knnlm_jax.report import write_json
 
     config = runs.run_config(args.workdir)

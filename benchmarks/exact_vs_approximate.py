@@ -34,7 +34,9 @@ def main() -> int:
     from knnlm_jax import runs
     from knnlm_jax import index as faiss_index
     from knnlm_jax.datastore import datastore_dir, open_datastore
-    from knnlm_jax.evaluation import eval_window_sizes, evaluate_tokens, knn_log_probs, mix, tune_knn
+    from knnlm_jax.eval_pass import evaluate_tokens
+    from knnlm_jax.eval_settings import eval_window_sizes
+    from knnlm_jax.mixing import knn_log_probs, mix, tune_knn
     from knnlm_jax.eval_settings import perplexity
     from knnlm_jax.report import write_json
 

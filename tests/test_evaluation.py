@@ -13,8 +13,10 @@ from knnlm_jax import corpus, evaluation, runs
 from knnlm_jax.building import window_sizes
 from knnlm_jax.indexing import index_datastore
 from knnlm_jax.datastore import open_datastore, token_stream, window_batch, windows
-from knnlm_jax.evaluation import (EvaluationError, Settings, evaluate_tokens, knn_log_probs, mix, perplexity,
-                                  tune_knn)
+from knnlm_jax.eval_pass import evaluate_tokens, rerank
+from knnlm_jax.eval_settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
+from knnlm_jax.token_files import open_token_files
+from knnlm_jax.mixing import knn_log_probs, mix, tune_knn
 from knnlm_jax.index import read_index
 
 
@@ -188,7 +190,7 @@ def test_rerank_in_threaded_chunks_equals_the_reference():
     found = rng.random((13, 6)) > 0.2
     ref = np.where(found, ((keys.astype(np.float32)[ids] - queries[:, None]) ** 2).sum(-1), np.inf)
     for rows, threads in [(13, 1), (4, 1), (4, 2), (1, 3)]:  # one chunk, several, several on threads
-        got = evaluation.rerank(keys, queries, ids, found, rows, threads=threads)
+        got = rerank(keys, queries, ids, found, rows, threads=threads)
         np.testing.assert_allclose(got, ref, rtol=1e-6)
         assert np.array_equal(np.isinf(got), ~found)
 
@@ -200,8 +202,8 @@ def test_tuning_picks_the_best_grid_point_on_valid(ev, tmp_path):
     assert best["ppl"] == pytest.approx(min(grid.min(), fine.min()), rel=1e-12) and best["ppl"] <= grid.min()
     coarse_t = best["grid"]["labels"][int(np.argmin(grid.min(axis=1)))]
     assert all(coarse_t / 2**0.5 < t < coarse_t * 2**0.5 for t in best["fine_grid"]["labels"])  # between neighbours
-    assert best["lmbda"] in evaluation.LAMBDAS
-    assert best["temperature"] in evaluation.TEMPERATURES + tuple(best["fine_grid"]["labels"])
+    assert best["lmbda"] in LAMBDAS
+    assert best["temperature"] in TEMPERATURES + tuple(best["fine_grid"]["labels"])
     recomputed = perplexity(mix(files.logp_lm, knn_log_probs(files, [best["temperature"]])[0], best["lmbda"]))
     assert recomputed == pytest.approx(best["ppl"], rel=1e-5)
     for lam in (0.0, 0.1, 0.5, 0.9, 1.0):
@@ -222,7 +224,7 @@ def test_run_tunes_on_valid_and_reports_test(ev, tmp_path):
                        log=logs.append)
     assert [row["name"] for row in r["rows"]] == ["base LM", "+kNN-LM", "+cache", "+kNN-LM+cache"]
     assert r["tokens"] == 150 and r["valid"]["tokens"] == 150 and r["knn"]["lmbda_source"] == "tuned on valid"
-    valid_files = evaluation.open_token_files(str(tmp_path / "out" / "tokens-valid"))
+    valid_files = open_token_files(str(tmp_path / "out" / "tokens-valid"))
     assert valid_files.meta["identity"]["split"] == "valid"
     # the chosen lambda is the valid optimum, not the test one
     best = tune_knn(valid_files)
@@ -274,11 +276,11 @@ def test_drop_self_on_the_datastores_own_text(ev, tmp_path):
     assert np.all(dropped.valid.sum(axis=1) >= 3)
     # detection: the datastore's own text by sha256 (and length)
     m, (train, tokens), (valid, vtokens) = ev.store.manifest, ev.splits["train"], ev.splits["valid"]
-    assert evaluation.drop_self_for(Settings(), m, train, len(tokens), True)
-    assert not evaluation.drop_self_for(Settings(drop_self="no"), m, train, len(tokens), True)
-    assert not evaluation.drop_self_for(Settings(), m, valid, len(vtokens), True)
+    assert drop_self_for(Settings(), m, train, len(tokens), True)
+    assert not drop_self_for(Settings(drop_self="no"), m, train, len(tokens), True)
+    assert not drop_self_for(Settings(), m, valid, len(vtokens), True)
     with pytest.raises(EvaluationError, match="not the text"):
-        evaluation.drop_self_for(Settings(drop_self="yes"), m, valid, len(vtokens), True)
+        drop_self_for(Settings(drop_self="yes"), m, valid, len(vtokens), True)
 
 
 def test_settings_refuse_bad_values():

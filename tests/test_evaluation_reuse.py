@@ -14,7 +14,9 @@ import pytest
 
 from knnlm_jax import evaluation
 from knnlm_jax.datastore import open_datastore
-from knnlm_jax.evaluation import EvaluationError, Settings, tune_cache
+from knnlm_jax.eval_settings import EvaluationError, Settings
+from knnlm_jax.mixing import tune_cache
+from knnlm_jax.token_files import open_token_files
 from test_evaluation import ev  # noqa: F401  (module fixture)
 
 
@@ -68,10 +70,10 @@ def test_the_cache_is_tuned_on_valid_only(ev, tmp_path):  # noqa: F811
     thetas = (0.01, 0.1, 1.0)
     result, _ = run(ev, tmp_path / "c", split="test", cache=True, cache_size=16, cache_thetas=thetas,
                     cache_lambda=None, lmbda=None)
-    valid = evaluation.open_token_files(str(tmp_path / "c" / "tokens-valid"))
+    valid = open_token_files(str(tmp_path / "c" / "tokens-valid"))
     best = tune_cache(valid.logp_lm, valid.cache, thetas)
     assert (result["cache"]["cache"]["lmbda"], result["cache"]["cache"]["theta"]) == (best["lmbda"], best["theta"])
-    test = evaluation.open_token_files(str(tmp_path / "c" / "tokens-test"))
+    test = open_token_files(str(tmp_path / "c" / "tokens-test"))
     on_test = tune_cache(test.logp_lm, test.cache, thetas)
     assert result["valid"]["cache"]["ppl"] == pytest.approx(best["ppl"])
     assert os.path.isdir(tmp_path / "c" / "tokens-test") and on_test["ppl"] > 0

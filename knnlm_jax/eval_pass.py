@@ -1,0 +1,272 @@
+"""Stage 1 of an evaluation: the streaming pass that writes the per-token files.
+
+One pass over a split in windows (the datastore's :func:`~knnlm_jax.datastore.windows`:
+every target scored exactly once, each with at least ``context`` prior tokens where the
+text allows). One jitted forward per batch of windows gives each scored target's LM
+log-prob, its query key (the datastore's key type) and, with the continuous cache, its
+cache log-probs for a grid of θ; the softmax (and, without the cache, the last block's
+feed-forward) runs only at scored positions. The forward of batch ``i+1`` is dispatched
+before batch ``i`` is searched with FAISS on the host, so device and FAISS overlap. Exact
+mode re-ranks FAISS's candidates by full-precision squared L2 against the stored float16
+keys, in chunks on one thread per core. Which tokens search, and with which candidates,
+is a :mod:`~knnlm_jax.retrieval` policy (every token by default). Everything per token goes
+to ``.npy`` memmaps (:mod:`~knnlm_jax.token_files`): memory is bounded by a batch, not by
+the split.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from knnlm_jax import index as faiss_index
+from knnlm_jax.adaptive import band_edges
+from knnlm_jax.building import build_capacities, check_batch_size
+from knnlm_jax.cache import cache_target_log_prob
+from knnlm_jax.datastore import token_stream, window_batch, windows
+from knnlm_jax.model import forward_states
+from knnlm_jax.search import search as search_index
+from knnlm_jax.token_files import FILES_FORMAT, META, TokenFiles, open_token_files
+
+RERANK_BYTES = 32 << 20  # stored (float16) keys gathered per exact re-ranking chunk (one chunk per thread)
+
+
+@functools.lru_cache(maxsize=8)
+def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
+    """Jitted ``(params, inputs, targets, mask, capacities) -> dict`` of the ``rows`` first masked positions.
+
+    ``logp`` (rows), ``keys`` (rows x D float32, when ``key_type``), ``states`` (rows x D
+    float32, the softmax input: what the continuous cache remembers, when ``states``).
+    Masked positions are taken in row-major order: the spans in stream order. The softmax
+    and the last block's feed-forward run only at the scored positions; rows past the
+    batch's count are padding (target ``</s>``'s band).
+    """
+
+    def step(params, inputs_BxL, targets_BxL, mask_BxL, capacities):
+        model = nnx.merge(graphdef, params)
+        (flat_R,) = jnp.nonzero(mask_BxL.reshape(-1), size=rows, fill_value=0)
+        real_R = jnp.arange(rows) < mask_BxL.sum()
+        targets_R = jnp.where(real_R, targets_BxL.reshape(-1)[flat_R], 0)  # padding: a head-band id, no tail work
+        wanted = ((key_type,) if key_type else ()) + (("final_output",) if states else ())
+        hidden, sown = forward_states(model, inputs_BxL, wanted, rows_R=flat_R)
+        hidden_RxD = hidden.reshape(rows, -1)
+        out = {"logp": model.target_log_probs(hidden_RxD[None], targets_R[None], capacities=capacities)[0]}
+        if key_type:
+            out["keys"] = sown[key_type].reshape(rows, -1).astype(jnp.float32)
+        if states:
+            out["states"] = sown["final_output"].reshape(rows, -1).astype(jnp.float32)
+        return out
+
+    return jax.jit(step, static_argnums=4)
+
+
+FAR = -(1 << 30)  # the position of an empty cache slot: never within reach of a query (int32 positions)
+
+
+@functools.lru_cache(maxsize=8)
+def make_cache_step(thetas: tuple, size: int, rows: int):
+    """Jitted continuous cache over the evaluated stream: ``(memory, states, targets, first, count) -> (cache, memory)``.
+
+    ``memory`` holds the last ``size`` scored positions before this batch (states ``MxD``,
+    the token that followed each, their stream positions; empty slots at ``FAR``). The
+    batch's ``count`` scored positions (``first``, ``first + 1``, ...) see the previous
+    ``size`` positions of the stream, in earlier windows and batches too; the returned
+    memory ends at the batch's last scored position.
+    """
+    thetas_H = tuple(float(t) for t in thetas)
+
+    def step(memory, states_RxD, targets_R, first, count):
+        mem_h, mem_v, mem_p = memory
+        pos_R = first + jnp.arange(rows, dtype=jnp.int32)
+        real_R = jnp.arange(rows) < count
+        all_h = jnp.concatenate([mem_h, states_RxD])
+        all_v = jnp.concatenate([mem_v, targets_R])  # the state at p pairs with the token after it, p's target
+        all_p = jnp.concatenate([mem_p, jnp.where(real_R, pos_R, FAR)])
+        cache_RxH = cache_target_log_prob(states_RxD, pos_R, targets_R, all_h, all_v, all_p,
+                                          jnp.asarray(thetas_H, jnp.float32), size)
+        kept = tuple(jax.lax.dynamic_slice_in_dim(a, count, size) for a in (all_h, all_v, all_p))
+        return cache_RxH, kept
+
+    return jax.jit(step)
+
+
+def empty_cache_memory(size: int, dim: int):
+    return (jnp.zeros((size, dim), jnp.float32), jnp.zeros((size,), jnp.int32), jnp.full((size,), FAR, jnp.int32))
+
+
+def rerank(keys_NxD, queries_QxD: np.ndarray, ids_QxK: np.ndarray, found_QxK: np.ndarray, rows: int,
+           threads: int | None = None) -> np.ndarray:
+    """Exact squared L2 (float32) of each query to its candidates' stored keys; ``inf`` where not found.
+
+    Candidates are gathered from the (float16) key memmap ``rows`` queries at a time and
+    compared on the host (NumPy), as ``sum((key - query)**2)`` (no cancellation). Chunks run
+    on ``threads`` threads (default: one per CPU); NumPy and FAISS release the GIL.
+    """
+    q, k = ids_QxK.shape
+    out = np.empty((q, k), np.float32)
+
+    def chunk(c: int) -> None:
+        ids = np.where(found_QxK[c : c + rows], ids_QxK[c : c + rows], 0)
+        m = len(ids)
+        diff_MxKxD = faiss_index.as_float32(keys_NxD[ids.reshape(-1)]).reshape(m, k, -1)
+        diff_MxKxD -= np.asarray(queries_QxD[c : c + rows], np.float32)[:, None, :]
+        out[c : c + m] = np.einsum("mkd,mkd->mk", diff_MxKxD, diff_MxKxD)
+
+    starts = range(0, q, rows)
+    with ThreadPoolExecutor(max(1, min(len(starts), threads or os.cpu_count() or 1))) as pool:
+        list(pool.map(chunk, starts))  # list(): re-raises a chunk's exception
+    return np.where(found_QxK, out, np.inf).astype(np.float32)
+
+
+def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, key_type: str, window: int,
+                    context: int, batch_size: int, index=None, store=None, k: int = 0, exact: bool = True,
+                    nprobe: int | None = None, drop_self: bool = False, cache_thetas=(), cache_size: int = 0,
+                    identity: dict | None = None, capacities=None, progress: bool = True, desc: str = "eval",
+                    on_queries=None, overlap: bool = True) -> TokenFiles:
+    """Score every target of ``tokens_N`` and write the per-token files to ``directory``.
+
+    Without ``index`` only the LM log-probs (and the cache's) are computed: a base-LM
+    evaluation. ``drop_self``: ``tokens_N`` is the datastore's own text (entry ``p`` is
+    target ``p``), so a neighbour with the query's own id is dropped. Files are written
+    under ``directory.tmp`` and renamed when complete. ``on_queries(queries_QxD)`` sees
+    each batch's query keys (a benchmark hook). ``overlap=False`` waits for each batch's
+    forward before searching it (no overlap: a diagnostic of the pipeline's own cost).
+    """
+    n = len(tokens_N)
+    searching = index is not None
+    if searching and (store is None or k < 1):
+        raise ValueError("a search needs the datastore and k >= 1")
+    mesh = check_batch_size(batch_size)
+    sharding = NamedSharding(mesh, P("data", None))
+    windows_Wx3 = windows(n, window, context)
+    edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
+    rows = min(batch_size * window, window + (batch_size - 1) * (window - context))  # most targets in one batch
+    # the softmax runs on the scored rows only: no band needs more than ``rows``
+    caps = tuple(min(c, rows) for c in capacities or build_capacities(tokens_N, windows_Wx3, batch_size, edges, window))
+    thetas = tuple(float(t) for t in cache_thetas)
+    step = make_eval_step(trained.graphdef, key_type if searching else None, bool(thetas), rows)
+    if thetas:
+        cache_step = make_cache_step(thetas, int(cache_size), rows)
+        memory = [empty_cache_memory(int(cache_size), trained.cfg.d_model)]
+    stream = token_stream(tokens_N, eos)
+
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+    def memmap(name, dtype, shape):
+        return np.lib.format.open_memmap(os.path.join(tmp, name + ".npy"), "w+", dtype, shape)
+
+    out = {"logp_lm": memmap("logp_lm", np.float32, (n,)), "targets": memmap("targets", np.int32, (n,))}
+    out["targets"][:] = tokens_N
+    if searching:
+        id_dtype = np.int32 if store.size < 2**31 else np.int64
+        out.update(dists=memmap("dists", np.float32, (n, k)), ids=memmap("ids", id_dtype, (n, k)),
+                   hit=memmap("hit", np.bool_, (n, k)), valid=memmap("valid", np.bool_, (n, k)))
+        rerank_rows = max(1, min(rows, RERANK_BYTES // (k * store.dim * 2)))
+    if thetas:
+        out["cache"] = memmap("cache", np.float32, (n, len(thetas)))
+    timings = dict(forward_wait=0.0, search=0.0, rerank=0.0, write=0.0)
+    counts = dict(not_found=0, self_dropped=0, batches=0)
+
+    def dispatch(batch_Wx3):
+        inputs, targets, mask = window_batch(stream, batch_Wx3, window, eos, rows=batch_size)
+        first = bool((batch_Wx3[:, 1] == 0).any())  # the split's first window scores all its positions
+        if not first and mask[:, :context].any():
+            raise RuntimeError("a later window scores a position before its context")
+        result = step(trained.params, *(jax.device_put(a, sharding) for a in (inputs, targets, mask)), caps)
+        return result, int(mask.sum())
+
+    def process(pending, offset: int) -> int:
+        result, count = pending
+        t0 = time.perf_counter()
+        logp = np.asarray(result["logp"])[:count]  # waits for this batch's forward
+        queries = np.asarray(result["keys"])[:count] if searching else None
+        cache = None
+        if thetas:  # the cache spans the stream: this batch's positions see the previous cache_size ones
+            targets_R = np.zeros(rows, np.int32)
+            targets_R[:count] = tokens_N[offset : offset + count]
+            cache_RxH, memory[0] = cache_step(memory[0], result["states"], targets_R, np.int32(offset), np.int32(count))
+            cache = np.asarray(cache_RxH)[:count]
+        t1 = time.perf_counter()
+        timings["forward_wait"] += t1 - t0
+        span = slice(offset, offset + count)
+        out["logp_lm"][span] = logp
+        if cache is not None:
+            out["cache"][span] = cache
+        if searching:
+            if on_queries is not None:
+                on_queries(queries)
+            dists, ids = search_index(index, queries, k, nprobe)
+            t2 = time.perf_counter()
+            timings["search"] += t2 - t1
+            found = ids >= 0
+            counts["not_found"] += int((~found).sum())
+            if drop_self:
+                own = ids == np.arange(offset, offset + count)[:, None]
+                counts["self_dropped"] += int(own.sum())
+                found &= ~own
+            if exact:
+                dists = rerank(store.keys, queries, ids, found, rerank_rows)
+            dists = np.where(found, dists, np.inf).astype(np.float32)
+            order = np.argsort(dists, axis=1, kind="stable")
+            dists = np.take_along_axis(dists, order, axis=1)
+            found = np.take_along_axis(found, order, axis=1)
+            ids = np.where(found, np.take_along_axis(ids, order, axis=1), -1)
+            vals = np.asarray(store.vals[np.where(found, ids, 0).reshape(-1)]).reshape(ids.shape)
+            t3 = time.perf_counter()
+            timings["rerank"] += t3 - t2
+            out["dists"][span] = dists
+            out["ids"][span] = ids
+            out["valid"][span] = found
+            out["hit"][span] = found & (vals == tokens_N[span, None])
+            timings["write"] += time.perf_counter() - t3
+        counts["batches"] += 1
+        bar.update(count)
+        return offset + count
+
+    bar = tqdm(total=n, disable=not progress, unit="tok", unit_scale=True, dynamic_ncols=True, desc=desc)
+    start = time.perf_counter()
+    pending, offset = None, 0
+    try:
+        for i in range(0, len(windows_Wx3), batch_size):
+            result = dispatch(windows_Wx3[i : i + batch_size])  # batch i+1 runs while batch i is searched
+            if not overlap:
+                offset = process(result, offset)
+                continue
+            if pending is not None:
+                offset = process(pending, offset)
+            pending = result
+        if pending is not None:
+            offset = process(pending, offset)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    if offset != n:
+        raise RuntimeError(f"scored {offset} targets of {n}")
+    for array in out.values():
+        array.flush()
+    out.clear()  # close the memmaps before the rename
+    meta = dict(format=FILES_FORMAT, n=n, k=k if searching else 0, identity=identity or {}, cache_thetas=list(thetas),
+                cache_size=int(cache_size) if thetas else None, exact=bool(exact) if searching else None,
+                drop_self=bool(drop_self),
+                windows=len(windows_Wx3), batch_size=batch_size, seconds=seconds,
+                tokens_per_s=n / max(seconds, 1e-9), timings=timings, **counts)
+    with open(os.path.join(tmp, META), "w") as f:
+        json.dump(meta, f, indent=2)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    files = open_token_files(directory)
+    assert files is not None
+    return files
