@@ -47,6 +47,12 @@ def main(argv=None) -> int:
                       help="re-rank FAISS's candidates by full-precision L2 to the stored keys (default, unless the "
                            "datastore keeps no keys: --keys none)")
     mode.add_argument("--approximate", dest="exact", action="store_false", help="use FAISS's distances as they are")
+    parser.add_argument("--retomaton", type=int, default=0, metavar="N",
+                        help="follow RetoMaton pointers (Alon et al. 2022): a token whose predecessor's matching "
+                             "neighbours leave at least N successor entries uses them without a search (0: off)")
+    parser.add_argument("--retrieve-fraction", type=float, default=1.0, metavar="F",
+                        help="adaptive retrieval (He et al. 2021): a gate fitted on half of valid lets only the "
+                             "fraction F of tokens search; the others use the LM alone (1: off)")
     parser.add_argument("--cache", action="store_true", help="also evaluate the continuous cache (Grave et al. 2017)")
     parser.add_argument("--cache-size", type=int, default=1024,
                         help="cache memory: the last N evaluated tokens, across windows (default 1024)")
@@ -102,7 +108,8 @@ def settings_from(args, config):
                         batch_size=config.eval_batch_size if args.batch_size is None else args.batch_size,
                         window=window, context=context,
                         recompute=args.recompute, show=args.show,
-                        show_skip=tuple(w for w in args.show_skip.split(",") if w))
+                        show_skip=tuple(w for w in args.show_skip.split(",") if w), min_pointers=args.retomaton,
+                        retrieve_fraction=args.retrieve_fraction)
     settings.check()
     return settings
 
@@ -144,6 +151,9 @@ def evaluate(args) -> int:
         if args.exact:
             raise DatastoreError(f"datastore {store.name} keeps no keys (built with --keys none): exact re-ranking "
                                  "needs them; use --approximate")
+        if settings.min_pointers:
+            raise DatastoreError(f"datastore {store.name} keeps no keys (built with --keys none): --retomaton "
+                                 "scores pointers by their stored keys")
         settings.exact = False
     if not store.manifest.get("index"):
         raise DatastoreError(f"datastore {store.name} has no FAISS index; index it with: "
@@ -219,6 +229,11 @@ def describe_tuning(r) -> str:
     for split, speed in r["speed"].items():
         parts.append(f"{split}: {speed['seconds']:.1f}s, {speed['tokens_per_s']:,.0f} tokens/s "
                      "(forward, search, re-ranking and per-token files, compilation included)")
+    ret = r.get("retrieval") or {}
+    if ret.get("policy", "full") != "full":
+        parts.append(f"retrieval: {ret['policy']} (--retomaton {ret['min_pointers']}, --retrieve-fraction "
+                     f"{ret['retrieve_fraction']:g}); saved searches (FoSS) "
+                     + ", ".join(f"{s} {f:.1%}" for s, f in ret["foss"].items()))
     if r.get("self_dropped"):
         parts.append(f"dropped {r['self_dropped']} self-retrievals (the split is the datastore's own text)")
     return "\n".join(parts)

@@ -168,6 +168,15 @@ class AdaptiveSoftmax(nnx.Module):
             logp_BxT = logp_BxT.reshape(n).at[rows_C].set(band_lp_C, mode="drop").reshape(shape)
         return logp_BxT
 
+    def head_features(self, h_BxTxD, adaptive_input=None):
+        """The head softmax's summary of each position, ``B x T x (2 + tails)``: its entropy (the tail
+        clusters as single outcomes), its top log-prob, and each tail cluster's log-prob. Cheap
+        (the head only): what adaptive retrieval decides from before any search."""
+        head_lp = jax.nn.log_softmax(self._head_logits(h_BxTxD, adaptive_input).astype(jnp.float32), axis=-1)
+        entropy = -jnp.sum(jnp.exp(head_lp) * head_lp, axis=-1, keepdims=True)
+        top = jnp.max(head_lp, axis=-1, keepdims=True)
+        return jnp.concatenate([entropy, top, head_lp[..., self.edges[1]:]], axis=-1)
+
     def full_log_probs(self, h_BxTxD, adaptive_input=None, *, deterministic=True, rngs=None):
         """``log p(w)`` for every word: ``B x T x V`` (use only where the full distribution is needed)."""
         head_lp = jax.nn.log_softmax(self._head_logits(h_BxTxD, adaptive_input).astype(jnp.float32), axis=-1)

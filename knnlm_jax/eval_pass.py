@@ -36,6 +36,7 @@ from knnlm_jax.building import build_capacities, check_batch_size
 from knnlm_jax.cache import cache_target_log_prob
 from knnlm_jax.datastore import token_stream, window_batch, windows
 from knnlm_jax.model import forward_states
+from knnlm_jax.retrieval import Policy, retrieve_batch
 from knnlm_jax.search import search as search_index
 from knnlm_jax.token_files import FILES_FORMAT, META, TokenFiles, open_token_files
 
@@ -46,7 +47,8 @@ RERANK_BYTES = 32 << 20  # stored (float16) keys gathered per exact re-ranking c
 def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
     """Jitted ``(params, inputs, targets, mask, capacities) -> dict`` of the ``rows`` first masked positions.
 
-    ``logp`` (rows), ``keys`` (rows x D float32, when ``key_type``), ``states`` (rows x D
+    ``logp`` (rows), ``keys`` (rows x D float32, when ``key_type``) with ``features`` (rows x F,
+    the head softmax's summary that adaptive retrieval gates on), ``states`` (rows x D
     float32, the softmax input: what the continuous cache remembers, when ``states``).
     Masked positions are taken in row-major order: the spans in stream order. The softmax
     and the last block's feed-forward run only at the scored positions; rows past the
@@ -64,6 +66,7 @@ def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
         out = {"logp": model.target_log_probs(hidden_RxD[None], targets_R[None], capacities=capacities)[0]}
         if key_type:
             out["keys"] = sown[key_type].reshape(rows, -1).astype(jnp.float32)
+            out["features"] = model.softmax.head_features(hidden_RxD, model.embed)
         if states:
             out["states"] = sown["final_output"].reshape(rows, -1).astype(jnp.float32)
         return out
@@ -133,7 +136,7 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
                     context: int, batch_size: int, index=None, store=None, k: int = 0, exact: bool = True,
                     nprobe: int | None = None, drop_self: bool = False, cache_thetas=(), cache_size: int = 0,
                     identity: dict | None = None, capacities=None, progress: bool = True, desc: str = "eval",
-                    on_queries=None, overlap: bool = True) -> TokenFiles:
+                    on_queries=None, overlap: bool = True, policy: Policy = Policy()) -> TokenFiles:
     """Score every target of ``tokens_N`` and write the per-token files to ``directory``.
 
     Without ``index`` only the LM log-probs (and the cache's) are computed: a base-LM
@@ -141,7 +144,8 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
     target ``p``), so a neighbour with the query's own id is dropped. Files are written
     under ``directory.tmp`` and renamed when complete. ``on_queries(queries_QxD)`` sees
     each batch's query keys (a benchmark hook). ``overlap=False`` waits for each batch's
-    forward before searching it (no overlap: a diagnostic of the pipeline's own cost).
+    forward before searching it (no overlap: a diagnostic of the pipeline's own cost). ``policy``: which
+    tokens search (:mod:`~knnlm_jax.retrieval`; default every one).
     """
     n = len(tokens_N)
     searching = index is not None
@@ -175,10 +179,20 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         out.update(dists=memmap("dists", np.float32, (n, k)), ids=memmap("ids", id_dtype, (n, k)),
                    hit=memmap("hit", np.bool_, (n, k)), valid=memmap("valid", np.bool_, (n, k)))
         rerank_rows = max(1, min(rows, RERANK_BYTES // (k * store.dim * 2)))
+        out["features"] = memmap("features", np.float32, (n, len(edges)))
+        if not policy.full:
+            out["retrieved"] = memmap("retrieved", np.bool_, (n,))
     if thetas:
         out["cache"] = memmap("cache", np.float32, (n, len(thetas)))
     timings = dict(forward_wait=0.0, search=0.0, rerank=0.0, write=0.0)
-    counts = dict(not_found=0, self_dropped=0, batches=0)
+    counts = dict(not_found=0, self_dropped=0, batches=0, searches=0)
+
+    def timed_search(queries_QxD):
+        t = time.perf_counter()
+        try:
+            return search_index(index, queries_QxD, k, nprobe)
+        finally:
+            timings["search"] += time.perf_counter() - t
 
     def dispatch(batch_Wx3):
         inputs, targets, mask = window_batch(stream, batch_Wx3, window, eos, rows=batch_size)
@@ -186,10 +200,10 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         if not first and mask[:, :context].any():
             raise RuntimeError("a later window scores a position before its context")
         result = step(trained.params, *(jax.device_put(a, sharding) for a in (inputs, targets, mask)), caps)
-        return result, int(mask.sum())
+        return result, int(mask.sum()), mask.sum(axis=1)
 
     def process(pending, offset: int) -> int:
-        result, count = pending
+        result, count, spans_W = pending
         t0 = time.perf_counter()
         logp = np.asarray(result["logp"])[:count]  # waits for this batch's forward
         queries = np.asarray(result["keys"])[:count] if searching else None
@@ -201,6 +215,7 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
             cache = np.asarray(cache_RxH)[:count]
         t1 = time.perf_counter()
         timings["forward_wait"] += t1 - t0
+        search_before = timings["search"]
         span = slice(offset, offset + count)
         out["logp_lm"][span] = logp
         if cache is not None:
@@ -208,7 +223,27 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         if searching:
             if on_queries is not None:
                 on_queries(queries)
+            features = np.asarray(result["features"])[:count]
+            out["features"][span] = features
+        if searching and not policy.full:
+            dists, ids, retrieved, searched = retrieve_batch(
+                policy, queries, tokens_N[span], spans_W, search=timed_search, keys_NxD=store.keys, vals_N=store.vals,
+                k=k, features_RxF=features, own_ids_R=np.arange(offset, offset + count) if drop_self else None,
+                exact=exact)
+            counts["searches"] += int(searched.sum())
+            t3 = time.perf_counter()
+            timings["rerank"] += t3 - t1 - timings["search"] + search_before
+            found = ids >= 0
+            vals = np.asarray(store.vals[np.where(found, ids, 0).reshape(-1)]).reshape(ids.shape)
+            out["dists"][span] = dists
+            out["ids"][span] = ids
+            out["valid"][span] = found
+            out["hit"][span] = found & (vals == tokens_N[span, None])
+            out["retrieved"][span] = retrieved
+            timings["write"] += time.perf_counter() - t3
+        elif searching:
             dists, ids = search_index(index, queries, k, nprobe)
+            counts["searches"] += count
             t2 = time.perf_counter()
             timings["search"] += t2 - t1
             found = ids >= 0
@@ -260,7 +295,8 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
     out.clear()  # close the memmaps before the rename
     meta = dict(format=FILES_FORMAT, n=n, k=k if searching else 0, identity=identity or {}, cache_thetas=list(thetas),
                 cache_size=int(cache_size) if thetas else None, exact=bool(exact) if searching else None,
-                drop_self=bool(drop_self),
+                drop_self=bool(drop_self), policy=policy.identity() if searching else None,
+                foss=1.0 - counts["searches"] / max(1, n) if searching else None,
                 windows=len(windows_Wx3), batch_size=batch_size, seconds=seconds,
                 tokens_per_s=n / max(seconds, 1e-9), timings=timings, **counts)
     with open(os.path.join(tmp, META), "w") as f:

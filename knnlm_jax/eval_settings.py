@@ -56,6 +56,8 @@ class Settings:
     recompute: bool = False
     show: int = 0
     show_skip: tuple = ()  # words --show does not list (e.g. <unk>)
+    min_pointers: int = 0  # RetoMaton: search only when fewer pointers remain (0: no pointers)
+    retrieve_fraction: float = 1.0  # adaptive retrieval: the fraction of tokens the gate lets retrieve
 
     def check(self) -> None:
         if self.k < 1:
@@ -75,6 +77,13 @@ class Settings:
             raise EvaluationError(f"--drop-self {self.drop_self}: choose auto, yes or no")
         if self.max_tokens < 0 or self.show < 0:
             raise EvaluationError("--max-tokens and --show must not be negative")
+        if self.min_pointers < 0:
+            raise EvaluationError(f"--retomaton {self.min_pointers}: the pointer threshold must not be negative")
+        if self.min_pointers and not self.exact:
+            raise EvaluationError("--retomaton: pointers are scored by exact distances to the stored keys; "
+                                  "drop --approximate")
+        if not 0.0 < self.retrieve_fraction <= 1.0:
+            raise EvaluationError(f"--retrieve-fraction {self.retrieve_fraction:g}: must be in (0, 1]")
         if self.batch_size < 1:
             raise EvaluationError(f"--batch-size {self.batch_size}: must be a positive integer")
 

@@ -10,6 +10,7 @@ mean NLL over exactly the scored tokens. Then the sweeps on valid
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -25,12 +26,17 @@ from knnlm_jax.eval_settings import LAMBDAS, TEMPERATURES, EvaluationError, Sett
 from knnlm_jax.mixing import knn_log_probs, mix, tune_cache, tune_knn
 from knnlm_jax.search import has_lists
 from knnlm_jax.sweeps import plot_sweep, sweep_k, sweep_lambda
+from knnlm_jax.retrieval import Gate, Policy, fit_gate
 from knnlm_jax.token_files import TokenFiles, files_match, open_token_files
 
 
 def split_files(out_dir: str, split: str, data, tokens_N, *, settings: Settings, trained, key_type: str, store, index,
-                eos: int, nprobe, requested: bool, capacities=None, progress=True, log=print) -> TokenFiles:
-    """The per-token files of one split: reused when saved ones match, else computed."""
+                eos: int, nprobe, requested: bool, capacities=None, progress=True, log=print,
+                policy: Policy = Policy()) -> TokenFiles:
+    """The per-token files of one split under ``policy``: reused when saved ones match, else computed.
+
+    The full kNN-LM's files are ``tokens-SPLIT``, another policy's ``tokens-SPLIT-POLICY``.
+    """
     m = store.manifest
     n_full = len(tokens_N)
     tokens = tokens_N[: settings.max_tokens] if settings.max_tokens else tokens_N
@@ -41,8 +47,8 @@ def split_files(out_dir: str, split: str, data, tokens_N, *, settings: Settings,
                     window=settings.window, context=settings.context, k=settings.k, exact=settings.exact,
                     nprobe=nprobe, drop_self=drop,
                     cache_thetas=list(settings.cache_thetas) if settings.cache else None,
-                    cache_size=settings.cache_size if settings.cache else None)
-    directory = os.path.join(out_dir, f"tokens-{split}")
+                    cache_size=settings.cache_size if settings.cache else None, **policy.identity())
+    directory = os.path.join(out_dir, f"tokens-{split}" + ("" if policy.full else f"-{policy.name}"))
     saved = None if settings.recompute else open_token_files(directory)
     if files_match(saved, identity):
         log(f"{split}: reusing the per-token files in {directory}")
@@ -52,7 +58,14 @@ def split_files(out_dir: str, split: str, data, tokens_N, *, settings: Settings,
                            k=settings.k, exact=settings.exact, nprobe=nprobe, drop_self=drop,
                            cache_thetas=settings.cache_thetas if settings.cache else (),
                            cache_size=settings.cache_size, identity=identity, capacities=capacities,
-                           progress=progress, desc=f"{split} {store.name}")
+                           progress=progress, desc=f"{split} {store.name}", policy=policy)
+
+
+def saved_fraction(files: TokenFiles) -> float:
+    """FoSS: the fraction of the split's tokens that did not search (gated off or served by pointers)."""
+    if files.retrieved is not None and (files.meta.get("policy") or {}).get("policy") == "full":
+        return float(1.0 - np.mean(files.retrieved))  # the full files seen through the gate
+    return float(files.meta.get("foss") or 0.0)
 
 
 def clear_outputs(out_dir: str) -> None:
@@ -72,6 +85,24 @@ def union_capacities(trained, settings: Settings, token_arrays) -> tuple:
         w = windows(len(tokens), settings.window, settings.context)
         caps.append(build_capacities(tokens, w, settings.batch_size, edges, settings.window))
     return tuple(int(c) for c in np.max(caps, axis=0)) if caps and caps[0] else ()
+
+
+def fit_adaptive_gate(valid: TokenFiles, settings: Settings) -> tuple[Gate, dict]:
+    """The adaptive-retrieval gate, fitted on the first half of valid (the full kNN-LM's files).
+
+    A token "is helped" when ``p_kNN(target) > p_LM(target)`` at the temperature given or tuned
+    on valid; the threshold lets ``settings.retrieve_fraction`` of the fitting tokens retrieve.
+    """
+    if valid.features is None:
+        raise EvaluationError(f"{valid.directory} has no LM features (older files): rerun with --recompute")
+    temperature = settings.temperature
+    if temperature is None:
+        temperature = tune_knn(valid, LAMBDAS, TEMPERATURES)["temperature"]
+    half = valid.n // 2
+    helps = knn_log_probs(valid, [temperature])[0][:half] > np.asarray(valid.logp_lm[:half])
+    gate = fit_gate(np.asarray(valid.features[:half]), helps, settings.retrieve_fraction)
+    return gate, dict(dataclasses.asdict(gate), fitted_on=f"valid tokens 0..{half - 1}", temperature=temperature,
+                      helped_fraction=float(helps.mean()))
 
 
 def _rows(base: float, named: list[tuple[str, float]]) -> list[dict]:
@@ -99,7 +130,11 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
         nprobe = None  # no inverted lists: nothing to probe
     data, tokens = splits[split]
     evaluated = [split]
-    if settings.tunes and split != "valid":
+    adaptive = settings.retrieve_fraction < 1
+    if adaptive and split == "valid":
+        raise EvaluationError("adaptive retrieval's gate is fitted on valid: report it on another split "
+                              "(--split test)")
+    if (settings.tunes or adaptive) and split != "valid":
         if "valid" not in splits:
             raise EvaluationError("auto parameters are tuned on valid, but there is no valid split")
         if splits["valid"][0].sha256 == data.sha256:
@@ -107,10 +142,22 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
                                   "give --lmbda, --temperature (and the cache's) as numbers instead of auto")
         evaluated = ["valid", split]
     caps = union_capacities(trained, settings, [splits[s][1] for s in evaluated])
-    files = {s: split_files(out_dir, s, *splits[s], settings=settings, trained=trained, key_type=key_type,
-                            store=store, index=index, eos=vocab.eos, nprobe=nprobe, requested=s == split,
-                            capacities=caps, progress=progress, log=log)
-             for s in evaluated}
+
+    def files_for(s: str, policy: Policy) -> TokenFiles:
+        return split_files(out_dir, s, *splits[s], settings=settings, trained=trained, key_type=key_type, store=store,
+                           index=index, eos=vocab.eos, nprobe=nprobe, requested=s == split, capacities=caps,
+                           progress=progress, log=log, policy=policy)
+
+    policy, gate_report, files = Policy(settings.min_pointers), None, {}
+    if adaptive:  # the gate: fitted on valid's first half, from the full kNN-LM's files
+        valid_full = files_for("valid", Policy())
+        gate, gate_report = fit_adaptive_gate(valid_full, settings)
+        policy = Policy(settings.min_pointers, gate)
+        if not settings.min_pointers:  # the same neighbours where the gate retrieves: no second pass
+            files["valid"] = dataclasses.replace(valid_full, retrieved=gate.retrieve(valid_full.features))
+    for s in evaluated:
+        if s not in files:
+            files[s] = files_for(s, policy)
     tuning = files["valid"] if settings.tunes else None
 
     # kNN-LM: λ and T
@@ -205,6 +252,9 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
         sweeps=sweeps, examples=examples,
         speed={s: dict(seconds=f.meta.get("seconds"), tokens_per_s=f.meta.get("tokens_per_s"),
                        timings=f.meta.get("timings")) for s, f in files.items()},
+        retrieval=dict(policy=policy.name, min_pointers=settings.min_pointers,
+                       retrieve_fraction=settings.retrieve_fraction, gate=gate_report,
+                       foss={s: saved_fraction(f) for s, f in files.items()}),
         files=dict(tokens={s: f.directory for s, f in files.items()}, logprobs=npz,
                    sweeps=[os.path.join(out_dir, f"sweep_{x}.{e}") for x in ("k", "lambda") for e in ("json", "png")]
                    if sweeps else []),

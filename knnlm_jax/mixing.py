@@ -64,6 +64,9 @@ def knn_log_probs(files: TokenFiles, temperatures, ks=None, rows: int = MIX_ROWS
         res = _knn_chunk(_padded(files.dists[a:b], rows, np.inf), _padded(files.hit[a:b], rows),
                          _padded(files.valid[a:b], rows), jnp.asarray(temps), jnp.asarray(ks))
         out[:, a:b] = np.asarray(res)[:, : b - a]
+    if files.retrieved is not None:  # a token that did not retrieve is the LM's alone: p_kNN := p_LM, any λ
+        skipped = ~np.asarray(files.retrieved)
+        out[:, skipped] = np.asarray(files.logp_lm)[skipped]
     return out
 
 
