@@ -38,10 +38,11 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", default="auto",
                         help="softmax temperature of -distance (the paper: 1), or auto: tuned on valid (default)")
     parser.add_argument("--nprobe", type=int, default=None, help="inverted lists to probe (default: the index's)")
-    parser.add_argument("--search", default="auto", choices=("auto", "merged", "shards"),
+    parser.add_argument("--search", default="auto", choices=("auto", "merged", "shards", "device"),
                         help="a sharded datastore: its merged on-disk index, or its shards' indexes (one per "
                              "process under a multi-process launch); auto: shards under several processes, "
-                             "else merged")
+                             "else merged. device: exact search of the stored keys on the accelerators "
+                             "(JAX, sharded over the local devices), the same neighbours as a Flat index")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--exact", dest="exact", action="store_true", default=None,
                       help="re-rank FAISS's candidates by full-precision L2 to the stored keys (default, unless the "
@@ -155,7 +156,7 @@ def evaluate(args) -> int:
             raise DatastoreError(f"datastore {store.name} keeps no keys (built with --keys none): --retomaton "
                                  "scores pointers by their stored keys")
         settings.exact = False
-    if not store.manifest.get("index"):
+    if args.search != "device" and not store.manifest.get("index"):
         raise DatastoreError(f"datastore {store.name} has no FAISS index; index it with: "
                              f"python build.py --workdir {workdir} --datastore {store.name} --index-only")
     if settings.k > store.size:

@@ -24,7 +24,7 @@ from knnlm_jax.eval_pass import evaluate_tokens
 from knnlm_jax.eval_report import helped_most, json_safe
 from knnlm_jax.eval_settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
 from knnlm_jax.mixing import knn_log_probs, mix, tune_cache, tune_knn
-from knnlm_jax.search import has_lists
+from knnlm_jax.search import has_lists, searcher_kind
 from knnlm_jax.sweeps import plot_sweep, sweep_k, sweep_lambda
 from knnlm_jax.retrieval import Gate, Policy, fit_gate
 from knnlm_jax.token_files import TokenFiles, files_match, open_token_files
@@ -45,7 +45,7 @@ def split_files(out_dir: str, split: str, data, tokens_N, *, settings: Settings,
                     datastore_created=m.get("created"), datastore_entries=store.size, index=m.get("index"),
                     corpus=data.corpus, split=data.split, corpus_sha256=data.sha256, targets=len(tokens),
                     window=settings.window, context=settings.context, k=settings.k, exact=settings.exact,
-                    nprobe=nprobe, drop_self=drop,
+                    nprobe=nprobe, drop_self=drop, searcher=searcher_kind(index),
                     cache_thetas=list(settings.cache_thetas) if settings.cache else None,
                     cache_size=settings.cache_size if settings.cache else None, **policy.identity())
     directory = os.path.join(out_dir, f"tokens-{split}" + ("" if policy.full else f"-{policy.name}"))
@@ -245,7 +245,8 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
     meta = target.meta
     return dict(
         split=split, corpus_name=data.corpus, datastore=store.name, datastore_entries=store.size,
-        index=index_info.get("factory"), tokens=target.n, unit="word", window=settings.window,
+        index="exact on device (JAX)" if searcher_kind(index) == "device" else index_info.get("factory"),
+        tokens=target.n, unit="word", window=settings.window,
         context=settings.context, rows=rows, knn=knn, cache=cache, tuned_on_valid=bool(settings.tunes),
         valid=valid_report or None, drop_self=meta.get("drop_self"),
         self_dropped=meta.get("self_dropped", 0), not_found=meta.get("not_found", 0),

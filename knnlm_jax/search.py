@@ -23,6 +23,8 @@ _STOP, _SEARCH = 0, 1
 
 def has_lists(index) -> bool:
     """Whether ``index`` probes inverted lists (so ``nprobe`` means something)."""
+    if _on_device(index):
+        return False
     if isinstance(index, ShardSearcher):
         return index.lists
     return faiss_index.faiss.try_extract_index_ivf(index) is not None
@@ -30,16 +32,29 @@ def has_lists(index) -> bool:
 
 def inverted_lists(index) -> int:
     """How many inverted lists ``index`` (or each shard's) probes; 0 for an exact index."""
+    if _on_device(index):
+        return 0
     shards = [ix for ix, _ in index.shards] if isinstance(index, ShardSearcher) else [index]
     ivf = faiss_index.faiss.try_extract_index_ivf(shards[0])
     return int(ivf.nlist) if ivf is not None else 0
 
 
 def search(index, queries_BxD: np.ndarray, k: int, nprobe: int | None = None):
-    """``(dists BxK, ids BxK)`` from a FAISS index or a :class:`ShardSearcher`."""
+    """``(dists BxK, ids BxK)`` from a FAISS index, a :class:`ShardSearcher` or a device searcher."""
+    if _on_device(index):
+        return index.search(queries_BxD, k)
     if isinstance(index, ShardSearcher):
         return index.search(queries_BxD, k, nprobe)
     return faiss_index.search(index, queries_BxD, k, nprobe)
+
+
+def _on_device(index) -> bool:
+    return type(index).__name__ == "DeviceSearcher"  # no JAX import for FAISS-only callers
+
+
+def searcher_kind(index) -> str:
+    """``device`` (exact search of the keys in JAX) or ``faiss`` (an index, merged or in shards)."""
+    return "device" if _on_device(index) else "faiss"
 
 
 class ShardSearcher:
@@ -92,9 +107,19 @@ def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode:
     """The index to search ``store`` with.
 
     ``mode``: ``merged`` (the one index file, lists memory-mapped), ``shards`` (this
-    process's shards; all of them with one process) or ``auto`` (shards under a
-    multi-process launch, else the merged or only index).
+    process's shards; all of them with one process), ``device`` (the stored keys on this
+    process's accelerators, searched exactly by :mod:`~knnlm_jax.device_search`) or
+    ``auto`` (shards under a multi-process launch, else the merged or only index).
     """
+    if mode == "device":
+        if store.keys is None:
+            raise DatastoreError(f"datastore {store.name} keeps no keys (built with --keys none): --search device "
+                                 "searches the stored keys")
+        if processes.multi:
+            raise DatastoreError("--search device runs in one process (its keys sharded over the local devices)")
+        from knnlm_jax.device_search import DeviceSearcher
+
+        return DeviceSearcher(store.keys)
     info = store.manifest.get("index") or {}
     if not info:
         raise DatastoreError(f"datastore {store.name} has no FAISS index; index it with: "

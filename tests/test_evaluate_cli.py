@@ -141,3 +141,15 @@ def test_bad_input_is_one_line_on_stderr(project, tmp_path, capsys):
     ivf.add(keys)
     faiss.write_index(ivf, os.path.join(stores, "ivf", "index.faiss"))
     assert "4 inverted lists" in error("--datastore", "ivf", "--nprobe", "9", "--lmbda", "0.3", "--temperature", "1")
+
+
+def test_device_search_with_fewer_searches_from_the_command_line(project, tmp_path):
+    out = evaluate(project, "--datastore", "train", "--split", "test", "--k", "16", "--max-tokens", "150",
+                   "--search", "device", "--retomaton", "2", "--retrieve-fraction", "0.5",
+                   "--out", str(tmp_path / "dev"), devices=2)  # keys sharded over 2 devices
+    assert out.returncode == 0, out.stderr
+    assert "retrieval: both (--retomaton 2, --retrieve-fraction 0.5); saved searches (FoSS) valid" in out.stdout
+    with open(tmp_path / "dev" / "results.json") as f:
+        r = json.load(f)
+    assert r["index"] == "exact on device (JAX)" and r["retrieval"]["foss"]["test"] > 0.4
+    assert r["rows"][1]["ppl"] < r["rows"][0]["ppl"]

@@ -195,3 +195,22 @@ def test_run_fits_the_gate_on_valid_and_reports_saved_searches(ev, tmp_path):
     assert not (tmp_path / "adaptive" / "tokens-valid-adaptive").exists()
     with pytest.raises(EvaluationError, match="fitted on valid"):
         run_eval(ev, tmp_path / "v", split="valid", retrieve_fraction=0.5)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_device_search_gives_the_flat_index_perplexity(ev, tmp_path, exact):
+    """``--search device`` on a Flat datastore: the same neighbours, the same perplexity (1e-6 relative)."""
+    from knnlm_jax import evaluation
+    from knnlm_jax.device_search import DeviceSearcher
+
+    assert ev.index.__class__.__name__ == "IndexFlatL2"
+    settings = Settings(k=16, lmbda=0.3, temperature=2.0, max_tokens=150, batch_size=4, window=16, context=8,
+                        exact=exact)
+    results = {}
+    for name, index in (("faiss", ev.index), ("device", DeviceSearcher(ev.store.keys, block=64))):
+        results[name] = evaluation.run(str(tmp_path / name), split="test", splits=ev.splits, settings=settings,
+                                       trained=ev.trained, key_type=ev.config.key_type, store=ev.store, index=index,
+                                       vocab=ev.vocab, progress=False, log=lambda m: None)
+    faiss_ppl, device_ppl = (results[n]["rows"][1]["ppl"] for n in ("faiss", "device"))
+    assert device_ppl == pytest.approx(faiss_ppl, rel=1e-6)
+    assert results["device"]["index"] == "exact on device (JAX)"
