@@ -22,6 +22,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from knnlm_jax import faiss_gpu
+
 FLAT_MAX = 200_000  # below this many keys the exact index is the default
 MAX_CENTROIDS = 4096  # the paper's list count; more only past MAX_PER_LIST keys per list
 MAX_PER_LIST = 50_000  # past 4096 * this (~2^27.6 keys), lists grow to keep this many keys each
@@ -137,6 +139,7 @@ def train_index(sample_SxD: np.ndarray, factory: str, dim: int, *, seed: int | N
     if not index.is_trained:
         if progress:
             print(f"training {factory} on {len(sample_SxD):,} sampled keys", file=sys.stderr, flush=True)
+        faiss_gpu.cluster_on_gpus(index)  # k-means on the GPUs when FAISS has them
         _train(index, sample_SxD, factory)
     return index
 

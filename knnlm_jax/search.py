@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from knnlm_jax import distributed, index_shards
+from knnlm_jax import distributed, faiss_gpu, index_shards
 from knnlm_jax import index as faiss_index
 from knnlm_jax.datastore import INDEX, Datastore, DatastoreError, build_command, shard_name
 from knnlm_jax.distributed import Processes
@@ -27,14 +27,14 @@ def has_lists(index) -> bool:
         return False
     if isinstance(index, ShardSearcher):
         return index.lists
-    return faiss_index.faiss.try_extract_index_ivf(index) is not None
+    return faiss_index.faiss.try_extract_index_ivf(getattr(index, "host", index)) is not None
 
 
 def inverted_lists(index) -> int:
     """How many inverted lists ``index`` (or each shard's) probes; 0 for an exact index."""
     if _on_device(index):
         return 0
-    shards = [ix for ix, _ in index.shards] if isinstance(index, ShardSearcher) else [index]
+    shards = [ix for ix, _ in index.shards] if isinstance(index, ShardSearcher) else [getattr(index, "host", index)]
     ivf = faiss_index.faiss.try_extract_index_ivf(shards[0])
     return int(ivf.nlist) if ivf is not None else 0
 
@@ -43,7 +43,7 @@ def search(index, queries_BxD: np.ndarray, k: int, nprobe: int | None = None):
     """``(dists BxK, ids BxK)`` from a FAISS index, a :class:`ShardSearcher` or a device searcher."""
     if _on_device(index):
         return index.search(queries_BxD, k)
-    if isinstance(index, ShardSearcher):
+    if isinstance(index, (ShardSearcher, faiss_gpu.OnGpus)):
         return index.search(queries_BxD, k, nprobe)
     return faiss_index.search(index, queries_BxD, k, nprobe)
 
@@ -140,7 +140,7 @@ def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode:
                                  f"{build_command(store.directory, '--index-only')}")
         index = faiss_index.read_index(path, nprobe, mmap=True)  # lists mapped, not read into RAM
         _check_index(store, index)
-        return index
+        return faiss_gpu.for_search(index)  # a GPU copy when FAISS has GPUs
     if not sharded:
         raise DatastoreError(f"datastore {store.name} is not sharded: it has one index")
     count = len(store.shards)

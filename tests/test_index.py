@@ -105,3 +105,19 @@ def test_as_float32_decodes_float16_exactly():
     assert got.dtype == np.float32 and got.shape == (37, 12)
     np.testing.assert_array_equal(got, keys.astype(np.float32))
     assert ix.as_float32(keys[:0]).shape == (0, 12)
+
+
+def test_faiss_without_gpus_leaves_indexes_on_the_host(monkeypatch):
+    """faiss-cpu (CI): no GPU copies, k-means untouched; KNNLM_FAISS_GPU=0 turns GPUs off even with them."""
+    import faiss
+
+    from knnlm_jax import faiss_gpu
+
+    index = faiss.index_factory(8, "IVF4,Flat")
+    expected = int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
+    assert faiss_gpu.gpus() == expected
+    if expected == 0:
+        assert faiss_gpu.for_search(index) is index
+        assert faiss_gpu.cluster_on_gpus(index) is index and faiss.extract_index_ivf(index).clustering_index is None
+    monkeypatch.setenv("KNNLM_FAISS_GPU", "0")
+    assert faiss_gpu.gpus() == 0 and faiss_gpu.for_search(index) is index
