@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Train the base Transformer LM: ``python train.py --config NAME [--set key=value ...]``.
 
-Resumes automatically from the run directory's latest checkpoint.
+Resumes automatically from the run directory's latest checkpoint. Data-parallel over several
+processes (hosts) with ``--coordinator HOST:PORT --num_processes P --process_id I`` (one launch
+per process; auto-detected on SLURM and TPU pods): every process feeds its devices' rows of each
+global batch and the gradients are averaged across all devices.
 """
 
 import argparse
@@ -14,8 +17,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from knnlm_jax.cli import UserError, add_config_args, corpus_options, load_config, user_errors
     from knnlm_jax.configs import validate
+    from knnlm_jax.distributed import add_process_args, check_process_args
 
     add_config_args(parser)
+    add_process_args(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the exact parameter count, then exit")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
@@ -25,10 +30,15 @@ def main(argv=None) -> int:
     with user_errors("train.py"):
         config, workdir = load_config(args)
         validate(config)
+        check_process_args(args.coordinator, args.num_processes, args.process_id)
         if args.dry_run:
             return dry_run(config, corpus_options(args))
-        if args.overwrite:
+        from knnlm_jax import distributed
+
+        processes = distributed.initialize_from(args)
+        if args.overwrite and processes.is_main:
             shutil.rmtree(workdir, ignore_errors=True)
+        distributed.barrier("overwrite")
         from knnlm_jax.training import train
 
         try:
@@ -40,6 +50,8 @@ def main(argv=None) -> int:
                     raise  # user_errors says which
                 raise UserError(f"cannot read {err.filename}: {reason}") from None
             raise UserError(f"cannot write {err.filename or workdir}: {reason}") from None
+        if not processes.is_main:
+            return 0
         print(f"valid perplexity {result['valid_ppl']:.2f} (best {result['best_valid_ppl']:.2f} "
               f"at step {result['best_step']}); add-one unigram {result['unigram_valid_ppl']:.2f}; "
               f"ratio {result['valid_ppl'] / result['unigram_valid_ppl']:.3f}; "

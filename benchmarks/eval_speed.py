@@ -11,6 +11,16 @@ One process, after a warm-up pass of each kind (compilation excluded), ``--repea
   - a diagnostic kNN-LM pass without overlap (each forward finishes before its search).
 Medians are reported, with the search stage's time inside the pipeline against the bare
 search (pipeline overhead %: what running FAISS beside the device's forward costs it).
+
+Fewer searches (``variants``: full, retomaton, adaptive, both). Their knobs are chosen on
+valid (its first ``--choose-tokens`` targets): the RetoMaton threshold from
+``--retomaton-grid`` and the adaptive gate's retrieve fraction from ``--fraction-grid``,
+each the one saving the most searches at a valid perplexity within ``--budget-pct`` of the
+full kNN-LM's (each setting with its own λ and T tuned there); "both" combines the two
+choices. Each variant's test perplexity is then that of ``evaluate.py --split test`` with
+those options (λ, T tuned on all of valid; per-token files in ``--variants-dir``, reused
+from ``--reuse`` where they answer the same question), and its speed is measured in the
+same repeats as the full kNN-LM's: ratios paired within each repeat, then their median.
 Where the "device" is the host CPU, the overlapped forward competes with FAISS for the
 same cores, so its CPU time shows up in the search stage; the pass without overlap
 separates that from the pipeline's own cost (copies, conversions, bookkeeping).
@@ -39,6 +49,18 @@ def main(argv=None) -> int:
     parser.add_argument("--approximate", action="store_true", help="FAISS distances, no exact re-ranking")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "eval_speed.json"))
+    parser.add_argument("--no-variants", dest="variants", action="store_false", help="only the full kNN-LM")
+    parser.add_argument("--retomaton-grid", default="1,4,16,64")
+    parser.add_argument("--fraction-grid", default="0.3,0.4,0.5,0.6,0.7")
+    parser.add_argument("--budget-pct", type=float, default=1.0,
+                        help="largest valid perplexity increase over the full kNN-LM when choosing knobs")
+    parser.add_argument("--choose-tokens", type=int, default=50_000, help="valid targets used to choose knobs")
+    parser.add_argument("--variant-tokens", type=int, default=0,
+                        help="first N targets of valid and test for the variants' perplexities (0: all)")
+    parser.add_argument("--variants-dir", default=None, help="per-token files of the variants "
+                                                             "(default <workdir>/eval/variants)")
+    parser.add_argument("--reuse", default=None, metavar="DIR",
+                        help="an evaluation directory whose tokens-valid/tokens-test (full kNN-LM) may be reused")
     args = parser.parse_args(argv)
 
     from knnlm_jax.cli import user_errors
@@ -76,18 +98,24 @@ def run(args) -> int:
                             band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs), window)
     exact = not args.approximate
 
+    from knnlm_jax.retrieval import Policy
+
+    variants = choose_and_score_variants(args, config, vocab, trained, store, index, exact) if args.variants else []
+    policies = {v["name"]: v["policy"] for v in variants if v["name"] != "full"}
+
     with tempfile.TemporaryDirectory() as tmp:
-        def once(search: bool, on_queries=None, overlap: bool = True) -> dict:
+        def once(search: bool, on_queries=None, overlap: bool = True, policy=Policy()) -> dict:
             files = evaluate_tokens(os.path.join(tmp, "tokens"), trained, tokens, vocab.eos, key_type=config.key_type,
                                     window=window, context=context, batch_size=batch_size,
                                     index=index if search else None, store=store, k=args.k, exact=exact,
                                     nprobe=nprobe, capacities=caps, progress=False, on_queries=on_queries,
-                                    overlap=overlap)
+                                    overlap=overlap, policy=policy)
             return files.meta
 
         once(False)  # warm-up: compile both kinds of pass
         once(True)
         base, knn, sequential, bare = [], [], [], []
+        fewer = {name: [] for name in policies}
         for _ in range(args.repeats):
             base.append(once(False))
             queries = []
@@ -97,6 +125,8 @@ def run(args) -> int:
             for batch in queries:
                 faiss_index.search(index, batch, args.k, nprobe)
             bare.append(time.perf_counter() - t0)
+            for name, policy in policies.items():
+                fewer[name].append(once(True, policy=policy))
 
     med = statistics.median
     base_tps = med(m["tokens_per_s"] for m in base)
@@ -120,6 +150,18 @@ def run(args) -> int:
         knn_seconds_without_overlap=med(m["seconds"] for m in sequential),
         runs=dict(base=[m["seconds"] for m in base], knn=[m["seconds"] for m in knn], bare_search=bare,
                   knn_without_overlap=[m["seconds"] for m in sequential]))
+    if variants:
+        full_tps = [m["tokens_per_s"] for m in knn]
+        for v in variants:
+            metas = knn if v["name"] == "full" else fewer[v["name"]]
+            tps = [m["tokens_per_s"] for m in metas]
+            v.update(tokens_per_s=med(tps), speedup_over_full=med(t / f for t, f in zip(tps, full_tps)),
+                     speed_runs_tokens_per_s=tps, foss_speed_pass=med(m.get("foss") or 0.0 for m in metas))
+            v["test_ppl_over_full"] = v["test_ppl"] / variants[0]["test_ppl"]
+            v.pop("policy")
+        payload["variants"] = variants
+        payload["variants_note"] = ("tokens_per_s and foss_speed_pass: the first tokens of the speed split; test_ppl "
+                                    "and foss: evaluate.py --split test with the variant's options (tuned on valid)")
     write_json(args.out, payload)
     print(f"{len(tokens)} tokens, k {args.k}, {'exact' if exact else 'approximate'}, {payload['index']} "
           f"over {store.size} keys, on {payload['device']}:")
@@ -130,8 +172,100 @@ def run(args) -> int:
     print(f"  without overlap: search {in_sequential:.3f}s "
           f"({payload['pipeline_search_overhead_without_overlap_pct']:+.1f}%), whole pass "
           f"{payload['knn_seconds_without_overlap']:.2f}s against {payload['knn_seconds']:.2f}s overlapped")
+    for v in payload.get("variants", []):
+        print(f"  {v['name']:>9}: {v['tokens_per_s']:,.0f} tokens/s ({v['speedup_over_full']:.2f}x full), test ppl "
+              f"{v['test_ppl']:.3f} ({100 * (v['test_ppl_over_full'] - 1):+.2f}%), FoSS {v['foss']:.1%}")
     print(f"-> {args.out}")
     return 0
+
+
+def choose_and_score_variants(args, config, vocab, trained, store, index, exact) -> list[dict]:
+    """The four variants with their knobs chosen on valid and their test perplexity (see the module doc)."""
+    import dataclasses
+    import shutil
+
+    from knnlm_jax import evaluation, runs
+    from knnlm_jax.eval_pass import evaluate_tokens
+    from knnlm_jax.eval_settings import Settings, eval_window_sizes
+    from knnlm_jax.mixing import tune_knn
+    from knnlm_jax.retrieval import Gate, Policy
+    from knnlm_jax.token_files import open_token_files
+
+    out_dir = args.variants_dir or os.path.join(args.workdir, "eval", "variants")
+    os.makedirs(out_dir, exist_ok=True)
+    if args.reuse:  # hard links of full kNN-LM files: split_files still checks they answer the same question
+        for split in ("valid", "test"):
+            src, dst = os.path.join(args.reuse, f"tokens-{split}"), os.path.join(out_dir, f"tokens-{split}")
+            if os.path.isdir(src) and not os.path.isdir(dst):
+                shutil.copytree(src, dst, copy_function=os.link)
+    window, context = eval_window_sizes(config)
+    source = runs.run_corpus(config)
+    splits = {s: runs.split_tokens(args.workdir, vocab, source, s) for s in ("valid", "test")}
+    base = dict(k=args.k, exact=exact, nprobe=args.nprobe, batch_size=args.batch_size or config.eval_batch_size,
+                window=window, context=context, max_tokens=args.variant_tokens)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+
+    def evaluate(**options) -> dict:
+        settings = Settings(lmbda=None, temperature=None, **base, **options)
+        return evaluation.run(out_dir, split="test", splits=splits, settings=settings, trained=trained,
+                              key_type=config.key_type, store=store, index=index, vocab=vocab, log=log)
+
+    full = evaluate()
+    valid_full = open_token_files(os.path.join(out_dir, "tokens-valid"))
+    n = min(args.choose_tokens, valid_full.n)
+    prefix = dataclasses.replace(valid_full, **{a: getattr(valid_full, a)[:n] for a in (
+        "logp_lm", "targets", "dists", "ids", "hit", "valid", "features")}, cache=None, meta=dict(valid_full.meta, n=n))
+    full_valid_ppl = tune_knn(prefix)["ppl"]
+    limit = full_valid_ppl * (1 + args.budget_pct / 100)
+    choice = dict(tokens=n, full_valid_ppl=full_valid_ppl, limit=limit, retomaton=[], fraction=[])
+    valid_tokens = splits["valid"][1][:n]
+    with tempfile.TemporaryDirectory() as tmp:
+        for tau in (int(t) for t in args.retomaton_grid.split(",")):
+            files = evaluate_tokens(os.path.join(tmp, "reto"), trained, valid_tokens, vocab.eos,
+                                    key_type=config.key_type, window=window, context=context,
+                                    batch_size=base["batch_size"], index=index, store=store, k=args.k, exact=exact,
+                                    nprobe=args.nprobe or (store.manifest.get("index") or {}).get("nprobe"),
+                                    progress=False, policy=Policy(min_pointers=tau))
+            choice["retomaton"].append(dict(min_pointers=tau, valid_ppl=tune_knn(files)["ppl"],
+                                            foss=files.meta["foss"]))
+            log(f"retomaton {tau}: {choice['retomaton'][-1]}")
+    for fraction in (float(f) for f in args.fraction_grid.split(",")):
+        gate, _ = evaluation.fit_adaptive_gate(prefix, Settings(temperature=None, retrieve_fraction=fraction))
+        gated = dataclasses.replace(prefix, retrieved=gate.retrieve(prefix.features))
+        choice["fraction"].append(dict(retrieve_fraction=fraction, valid_ppl=tune_knn(gated)["ppl"],
+                                       foss=float(1 - gated.retrieved.mean())))
+        log(f"adaptive {fraction}: {choice['fraction'][-1]}")
+
+    def best(rows, key):
+        ok = [r for r in rows if r["valid_ppl"] <= limit]
+        return max(ok, key=lambda r: r["foss"])[key] if ok else None
+
+    tau, fraction = best(choice["retomaton"], "min_pointers"), best(choice["fraction"], "retrieve_fraction")
+    choice.update(chosen_min_pointers=tau, chosen_retrieve_fraction=fraction)
+    tau = tau or int(args.retomaton_grid.split(",")[-1])  # none within budget: the most conservative setting
+    fraction = fraction or max(float(f) for f in args.fraction_grid.split(","))
+    variants = [dict(name="full", options={}, result=full)]
+    variants.append(dict(name="retomaton", options=dict(min_pointers=tau), result=evaluate(min_pointers=tau)))
+    variants.append(dict(name="adaptive", options=dict(retrieve_fraction=fraction),
+                         result=evaluate(retrieve_fraction=fraction)))
+    variants.append(dict(name="both", options=dict(min_pointers=tau, retrieve_fraction=fraction),
+                         result=evaluate(min_pointers=tau, retrieve_fraction=fraction)))
+    out = []
+    for v in variants:
+        r = v["result"]
+        gate = (r["retrieval"] or {}).get("gate")
+        policy = Policy(v["options"].get("min_pointers", 0),
+                        Gate(**{f.name: gate[f.name] for f in dataclasses.fields(Gate)}) if gate else None)
+        flags = " ".join(f"--{k.replace('min_pointers', 'retomaton').replace('_', '-')} {val}"
+                         for k, val in v["options"].items())
+        out.append(dict(name=v["name"], options=v["options"], policy=policy, test_ppl=r["rows"][1]["ppl"],
+                        test_base_ppl=r["rows"][0]["ppl"], foss=r["retrieval"]["foss"]["test"],
+                        valid_foss=r["retrieval"]["foss"].get("valid"), lmbda=r["knn"]["lmbda"],
+                        temperature=r["knn"]["temperature"], valid_ppl=(r["valid"] or {}).get("knn", {}).get("ppl"),
+                        command=f"python evaluate.py --workdir {args.workdir} --datastore {store.name} --split test "
+                                f"{flags}".strip()))
+    out[0]["choice_on_valid"] = choice
+    return out
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ RERANK_BYTES = 32 << 20  # stored (float16) keys gathered per exact re-ranking c
 def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
     """Jitted ``(params, inputs, targets, mask, capacities) -> dict`` of the ``rows`` first masked positions.
 
-    ``logp`` (rows), ``keys`` (rows x D float32, when ``key_type``) with ``features`` (rows x F,
-    the head softmax's summary that adaptive retrieval gates on), ``states`` (rows x D
+    ``logp`` (rows), ``keys`` (rows x D float32, when ``key_type``) with ``features`` (rows x F:
+    the head softmax's summary and the key, what adaptive retrieval gates on), ``states`` (rows x D
     float32, the softmax input: what the continuous cache remembers, when ``states``).
     Masked positions are taken in row-major order: the spans in stream order. The softmax
     and the last block's feed-forward run only at the scored positions; rows past the
@@ -66,7 +66,7 @@ def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
         out = {"logp": model.target_log_probs(hidden_RxD[None], targets_R[None], capacities=capacities)[0]}
         if key_type:
             out["keys"] = sown[key_type].reshape(rows, -1).astype(jnp.float32)
-            out["features"] = model.softmax.head_features(hidden_RxD, model.embed)
+            out["features"] = jnp.concatenate([model.softmax.head_features(hidden_RxD, model.embed), out["keys"]], -1)
         if states:
             out["states"] = sown["final_output"].reshape(rows, -1).astype(jnp.float32)
         return out
@@ -179,7 +179,7 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         out.update(dists=memmap("dists", np.float32, (n, k)), ids=memmap("ids", id_dtype, (n, k)),
                    hit=memmap("hit", np.bool_, (n, k)), valid=memmap("valid", np.bool_, (n, k)))
         rerank_rows = max(1, min(rows, RERANK_BYTES // (k * store.dim * 2)))
-        out["features"] = memmap("features", np.float32, (n, len(edges)))
+        out["features"] = memmap("features", np.float32, (n, len(edges) + store.dim))  # head summary, query key
         if not policy.full:
             out["retrieved"] = memmap("retrieved", np.bool_, (n,))
     if thetas:

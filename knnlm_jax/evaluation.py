@@ -90,19 +90,23 @@ def union_capacities(trained, settings: Settings, token_arrays) -> tuple:
 def fit_adaptive_gate(valid: TokenFiles, settings: Settings) -> tuple[Gate, dict]:
     """The adaptive-retrieval gate, fitted on the first half of valid (the full kNN-LM's files).
 
-    A token "is helped" when ``p_kNN(target) > p_LM(target)`` at the temperature given or tuned
-    on valid; the threshold lets ``settings.retrieve_fraction`` of the fitting tokens retrieve.
+    The gain at a token is ``log p_mixed - log p_LM`` of its target with the full kNN-LM's λ and
+    T (given, or tuned on valid); the threshold lets ``settings.retrieve_fraction`` of the
+    fitting tokens retrieve.
     """
     if valid.features is None:
         raise EvaluationError(f"{valid.directory} has no LM features (older files): rerun with --recompute")
-    temperature = settings.temperature
-    if temperature is None:
-        temperature = tune_knn(valid, LAMBDAS, TEMPERATURES)["temperature"]
+    lmbda, temperature = settings.lmbda, settings.temperature
+    if lmbda is None or temperature is None:
+        best = tune_knn(valid, LAMBDAS if lmbda is None else (lmbda,),
+                        TEMPERATURES if temperature is None else (temperature,))
+        lmbda, temperature = best["lmbda"], best["temperature"]
     half = valid.n // 2
-    helps = knn_log_probs(valid, [temperature])[0][:half] > np.asarray(valid.logp_lm[:half])
-    gate = fit_gate(np.asarray(valid.features[:half]), helps, settings.retrieve_fraction)
+    lm = np.asarray(valid.logp_lm[:half])
+    gain = mix(lm, knn_log_probs(valid, [temperature])[0][:half], lmbda) - lm
+    gate = fit_gate(np.asarray(valid.features[:half]), gain, settings.retrieve_fraction)
     return gate, dict(dataclasses.asdict(gate), fitted_on=f"valid tokens 0..{half - 1}", temperature=temperature,
-                      helped_fraction=float(helps.mean()))
+                      lmbda=lmbda, helped_fraction=float((gain > 0).mean()))
 
 
 def _rows(base: float, named: list[tuple[str, float]]) -> list[dict]:

@@ -4,6 +4,23 @@
 target or full log-probabilities. When asked for a ``key_type`` the model sows that
 state of the last block (``nnx.Intermediate``) so that ``nnx.capture`` can return it as
 the kNN key of every position; nothing is sown otherwise, so training pays nothing.
+
+Speed options (none changes the parameters, so a checkpoint loads under any of them; the
+defaults give exactly the original numerics):
+
+- ``attention_impl``: ``"explicit"`` (default) builds the ``B x H x T x T`` scores by hand;
+  ``"xla"``, ``"cudnn"`` and ``"auto"`` call ``jax.nn.dot_product_attention`` (``is_causal``)
+  with that implementation (``"auto"``: cuDNN's flash kernel on a GPU with bf16/fp16 inputs and
+  a head size it supports, else XLA's). A fused kernel cannot drop attention probabilities,
+  so while attention dropout is active (``attention_dropout > 0`` and not ``deterministic``)
+  the explicit path runs instead; evaluation and datastore builds (deterministic) and
+  training with ``attention_dropout = 0`` use the fused one.
+- ``compute_dtype``: ``"float32"`` (default) or ``"bfloat16"``: activations and the blocks'
+  matmuls in bf16, parameters (hence gradients and optimizer state) float32; LayerNorm
+  statistics, attention softmax, the adaptive input, the adaptive softmax (its projections,
+  log-softmax) and so the loss stay float32; hidden states and sown keys come out float32.
+- ``remat``: recompute each block's activations in the backward pass (``nnx.remat``) instead
+  of keeping them: memory for time, identical gradients.
 """
 
 from __future__ import annotations
@@ -17,6 +34,9 @@ import numpy as np
 from flax import nnx
 
 from knnlm_jax.adaptive import AdaptiveInput, AdaptiveSoftmax
+
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn", "auto")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 KEY_TYPES = (
     "ffn_input_after_ln",  # the paper's best (Table 5): last block's FFN input after its LayerNorm
@@ -44,6 +64,10 @@ class ModelConfig:
     adaptive_softmax_dropout: float = 0.0
     final_norm: bool = False
     scale_embedding: bool = True
+    # speed only (see the module docstring): the parameters are the same under every value
+    attention_impl: str = "explicit"
+    compute_dtype: str = "float32"
+    remat: bool = False
 
     @classmethod
     def from_config(cls, config, vocab_size: int | None = None) -> "ModelConfig":
@@ -60,6 +84,15 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         if self.vocab_size < 5:
             raise ValueError(f"vocab_size {self.vocab_size} is too small")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+
+    @property
+    def dtype(self):
+        """The layers' computation dtype: ``None`` (the parameters', float32) or ``jnp.bfloat16``."""
+        return None if self.compute_dtype == "float32" else jnp.dtype(self.compute_dtype)
 
 
 def sinusoidal_positions(length: int, dim: int, offset: int = 0) -> np.ndarray:
@@ -74,35 +107,71 @@ def sinusoidal_positions(length: int, dim: int, offset: int = 0) -> np.ndarray:
 
 
 class CausalSelfAttention(nnx.Module):
+    """Causal multi-head self-attention; ``cfg.attention_impl`` picks how (see the module docstring)."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
-        self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
-        self.out = nnx.Linear(cfg.d_model, cfg.d_model, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        self.impl = cfg.attention_impl
+        xavier = nnx.initializers.xavier_uniform()
+        self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
+        self.out = nnx.Linear(cfg.d_model, cfg.d_model, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
         self.attn_dropout = nnx.Dropout(cfg.attention_dropout)
 
     def __call__(self, x_BxTxD, *, deterministic, rngs):
         b, t, d = x_BxTxD.shape
         h, hd = self.num_heads, d // self.num_heads
         q, k, v = jnp.split(self.qkv(x_BxTxD).reshape(b, t, 3 * h, hd), 3, axis=2)
-        scores_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * hd**-0.5
+        dropping = not deterministic and self.attn_dropout.rate > 0
+        if self.impl == "explicit" or dropping:  # a fused kernel has no dropout on the probabilities
+            ctx_BxTxHxK = self._explicit(q, k, v, deterministic=deterministic, rngs=rngs)
+        else:
+            ctx_BxTxHxK = fused_attention(q, k, v, self.impl)
+        return self.out(ctx_BxTxHxK.reshape(b, t, d))
+
+    def _explicit(self, q, k, v, *, deterministic, rngs):
+        t, hd = q.shape[1], q.shape[-1]
+        scores_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * hd**-0.5
         causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
         scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(v.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
-        ctx_BxTxHxK = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return self.out(ctx_BxTxHxK.reshape(b, t, d))
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def cudnn_supported(q_BxTxHxK) -> bool:
+    """Whether cuDNN's flash attention can take these inputs here: a GPU, bf16/fp16, head size <= 128 and % 8."""
+    hd = q_BxTxHxK.shape[-1]
+    return (jax.default_backend() == "gpu" and q_BxTxHxK.dtype in (jnp.bfloat16, jnp.float16)
+            and hd % 8 == 0 and hd <= 128)
+
+
+def fused_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, impl: str):
+    """``jax.nn.dot_product_attention``, causal, scale ``1/sqrt(head size)``: ``B x T x H x K``.
+
+    ``impl``: ``"xla"``, ``"cudnn"`` (raises where cuDNN cannot run it) or ``"auto"`` (cuDNN where
+    :func:`cudnn_supported`, else XLA; a cuDNN refusal at trace time falls back to XLA).
+    """
+    if impl == "auto":
+        if cudnn_supported(q_BxTxHxK):
+            try:
+                return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
+                                                    implementation="cudnn")
+            except (NotImplementedError, RuntimeError, ValueError):  # e.g. an older GPU or cuDNN
+                pass
+        impl = "xla"
+    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True, implementation=impl)
 
 
 class Block(nnx.Module):
     """Pre-norm block: ``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
         xavier = nnx.initializers.xavier_uniform()
-        self.fc1 = nnx.Linear(cfg.d_model, cfg.d_ff, kernel_init=xavier, rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.d_ff, cfg.d_model, kernel_init=xavier, rngs=rngs)
+        self.fc1 = nnx.Linear(cfg.d_model, cfg.d_ff, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(cfg.d_ff, cfg.d_model, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
         self.act_dropout = nnx.Dropout(cfg.activation_dropout)
 
@@ -131,7 +200,7 @@ class TransformerLM(nnx.Module):
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.dropout = nnx.Dropout(cfg.dropout)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_ln = nnx.LayerNorm(cfg.d_model, rngs=rngs) if cfg.final_norm else None
+        self.final_ln = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs) if cfg.final_norm else None
         self.softmax = AdaptiveSoftmax(
             cfg.vocab_size,
             cfg.d_model,
@@ -154,28 +223,39 @@ class TransformerLM(nnx.Module):
                            rows_R=rows_R)
 
     def embed_tokens(self, tokens_BxT):
-        """Scaled adaptive-input embeddings plus sinusoidal positions: ``B x T x D``."""
+        """Scaled adaptive-input embeddings plus sinusoidal positions: ``B x T x D`` (in the compute dtype)."""
         t = tokens_BxT.shape[1]
-        return self.embed_scale * self.embed(tokens_BxT) + sinusoidal_positions(t, self.cfg.d_model)
+        x_BxTxD = self.embed_scale * self.embed(tokens_BxT) + sinusoidal_positions(t, self.cfg.d_model)
+        return x_BxTxD if self.cfg.dtype is None else x_BxTxD.astype(self.cfg.dtype)
 
     def decode(self, x_BxTxD, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, key_type=None,
                rows_R=None):
-        """The Transformer stack on embedded inputs; sows ``key_type`` (one name or a tuple) when given."""
+        """The Transformer stack on embedded inputs; sows ``key_type`` (one name or a tuple) when given.
+
+        Returns float32 whatever the compute dtype (the softmax input), and sows float32 states.
+        """
         key_types = _key_types(key_type)
+        if self.cfg.dtype is not None:
+            x_BxTxD = x_BxTxD.astype(self.cfg.dtype)
         x = self.dropout(x_BxTxD, deterministic=deterministic, rngs=rngs)
         states: dict | None = {} if key_types else None
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
-            x = block(x, deterministic=deterministic, rngs=rngs, states=states if last else None,
-                      rows_R=rows_R if last else None)
+            if self.cfg.remat and not (last and (states is not None or rows_R is not None)):
+                x = _remat_block(block, x, rngs, deterministic)
+            else:
+                x = block(x, deterministic=deterministic, rngs=rngs, states=states if last else None,
+                          rows_R=rows_R if last else None)
         if states is not None:
             states["block_output"] = x
         if self.final_ln is not None:
             x = self.final_ln(x)
+        if self.cfg.dtype is not None:
+            x = x.astype(jnp.float32)
         if states is not None:
             states["final_output"] = x
             for name in key_types:
-                self.sow(nnx.Intermediate, name, states[name])
+                self.sow(nnx.Intermediate, name, states[name].astype(jnp.float32))
         return x
 
     def target_log_probs(self, h_BxTxD, targets_BxT, *, capacities=None, deterministic=True, rngs=None):
@@ -185,6 +265,12 @@ class TransformerLM(nnx.Module):
 
     def full_log_probs(self, h_BxTxD, *, deterministic=True, rngs=None):
         return self.softmax.full_log_probs(h_BxTxD, self.embed, deterministic=deterministic, rngs=rngs)
+
+
+@nnx.remat(static_argnums=3)
+def _remat_block(block: Block, x_BxTxD, rngs, deterministic: bool):
+    """``block(x)`` whose activations are recomputed in the backward pass (``ModelConfig.remat``)."""
+    return block(x_BxTxD, deterministic=deterministic, rngs=rngs)
 
 
 def _key_types(key_type) -> tuple[str, ...]:

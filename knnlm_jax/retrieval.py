@@ -9,11 +9,13 @@ Three ways to save searches, all evaluation options (the full kNN-LM searches ev
   candidate's distance is the exact squared L2 from the stored keys; the ``k`` nearest are
   kept. Pointers are followed within an evaluation window (the windows of a batch run side
   by side, step by step), so each window's first scored token starts afresh.
-- **Adaptive retrieval** (He et al. 2021): a logistic gate on the LM's own summary of the
-  token (:func:`features`: head-softmax entropy, top log-prob, tail-cluster masses) decides
-  before the search whether to retrieve; a token that does not retrieve is scored by the
-  LM alone (λ = 0 there). The gate is fitted on one half of valid, its threshold set so that
-  a chosen fraction of tokens retrieves.
+- **Adaptive retrieval** (He et al. 2021): a linear gate on what the LM computed for the
+  token (the head softmax's entropy, top log-prob and tail-cluster log-probs, and the query
+  key itself) predicts, before the search, how much retrieval will gain there (the log of
+  the mixed over the LM's probability of the target); only tokens predicted to gain most
+  retrieve, and one that does not is scored by the LM alone (λ = 0 there). The gate is a
+  ridge regression fitted on one half of valid, its threshold set so that a chosen fraction
+  of tokens retrieves.
 - **Both**: pointers first; a token with too few pointers searches only when the gate lets it.
 
 :func:`retrieve_batch` serves one batch of the streaming pass for any of these; the
@@ -26,15 +28,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-FEATURES = ("head_entropy", "head_max_logp", "tail_cluster_logp")  # the last one per tail band
+from knnlm_jax.index import as_float32
+
+EXACT_CHUNK = 16384  # candidate keys gathered per chunk of exact distances (8 MiB of float16 at D = 256)
+FEATURES = ("head_entropy", "head_max_logp", "tail_cluster_logp", "query_key")  # per tail band; D values
 
 
 @dataclasses.dataclass(frozen=True)
 class Gate:
-    """A fitted adaptive-retrieval gate: retrieve when ``w · standardise(f) + b >= threshold``."""
+    """A fitted adaptive-retrieval gate: retrieve when ``w · standardise(f) + b >= threshold`` (predicted gain)."""
 
     weights_F: tuple
     bias: float
@@ -77,36 +84,29 @@ class Policy:
 
 
 # ---------------------------------------------------------------------------------
-# the adaptive gate: fit by Newton's method (pure NumPy)
+# the adaptive gate: ridge regression (pure NumPy)
 
 
-def fit_gate(features_NxF, helps_N, fraction: float, l2: float = 1e-2, iterations: int = 50) -> Gate:
-    """Logistic regression of ``helps`` on standardised features; threshold at ``fraction`` retrieving.
+def fit_gate(features_NxF, gain_N, fraction: float, l2: float = 1e-2) -> Gate:
+    """Ridge regression of ``gain`` on standardised features; threshold at ``fraction`` retrieving.
 
-    ``helps_N``: whether retrieval helped the token (e.g. ``p_kNN(target) > p_LM(target)``).
-    The threshold is the ``1 - fraction`` quantile of the fitted scores, so that
-    ``fraction`` of these tokens retrieve.
+    ``gain_N``: what retrieval gained at each token (e.g. ``log p_mixed - log p_LM`` at the
+    tuned λ and T, so ranking by the prediction targets perplexity). The threshold is the
+    ``1 - fraction`` quantile of the fitted scores, so that ``fraction`` of these tokens
+    retrieve.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"retrieve fraction {fraction}: must be in (0, 1]")
     x = np.asarray(features_NxF, np.float64)
-    y = np.asarray(helps_N, np.float64)
+    y = np.asarray(gain_N, np.float64)
     if len(x) == 0:
         raise ValueError("no tokens to fit the adaptive-retrieval gate on")
     mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 0, scale, 1.0)
     z = np.concatenate([(x - mean) / scale, np.ones((len(x), 1))], axis=1)
-    w = np.zeros(z.shape[1])
     reg = l2 * np.eye(z.shape[1])
     reg[-1, -1] = 0.0  # no penalty on the bias
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(z @ w)))
-        grad = z.T @ (p - y) / len(z) + reg @ w
-        hess = (z * (p * (1 - p))[:, None]).T @ z / len(z) + reg
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.max(np.abs(step)) < 1e-10:
-            break
+    w = np.linalg.solve(z.T @ z / len(z) + reg, z.T @ y / len(z))
     scores = z @ w
     threshold = float(np.quantile(scores, 1.0 - fraction, method="lower")) if fraction < 1 else -np.inf
     return Gate(tuple(float(v) for v in w[:-1]), float(w[-1]), tuple(float(v) for v in mean),
@@ -117,17 +117,31 @@ def fit_gate(features_NxF, helps_N, fraction: float, l2: float = 1e-2, iteration
 # one batch of the pass
 
 
-def exact_distances(keys_NxD, queries_QxD, ids_QxC) -> np.ndarray:
+def exact_distances(keys_NxD, queries_QxD, ids_QxC, threads: int | None = None,
+                    chunk: int = EXACT_CHUNK) -> np.ndarray:
     """Squared L2 (float32) of each query to its candidates' stored keys; ``inf`` where the id is -1.
 
-    Only the real candidates are gathered (a pointer set is often far smaller than k).
+    Only the real candidates are gathered (a pointer set is often far smaller than k), in
+    chunks on one thread per core; float16 keys are decoded by FAISS's SIMD routine.
     """
     q_idx, c_idx = np.nonzero(ids_QxC >= 0)
+    flat_ids = ids_QxC[q_idx, c_idx]
+    queries_QxD = np.asarray(queries_QxD, np.float32)
+    flat = np.empty(len(flat_ids), np.float32)
+
+    def part(a: int) -> None:
+        diff = as_float32(keys_NxD[flat_ids[a : a + chunk]])
+        diff -= queries_QxD[q_idx[a : a + chunk]]
+        flat[a : a + chunk] = np.einsum("md,md->m", diff, diff)
+
+    starts = range(0, len(flat_ids), chunk)
+    if len(starts) == 1:
+        part(0)
+    elif len(starts) > 1:
+        with ThreadPoolExecutor(max(1, min(len(starts), threads or os.cpu_count() or 1))) as pool:
+            list(pool.map(part, starts))  # list(): re-raises a chunk's exception
     out = np.full(ids_QxC.shape, np.inf, np.float32)
-    if len(q_idx):
-        diff = np.asarray(keys_NxD[ids_QxC[q_idx, c_idx]], np.float32)
-        diff -= np.asarray(queries_QxD, np.float32)[q_idx]
-        out[q_idx, c_idx] = np.einsum("md,md->m", diff, diff)
+    out[q_idx, c_idx] = flat
     return out
 
 

@@ -51,10 +51,14 @@ def latest_run(root: str = RUNS_ROOT) -> str:
     return max(runs, key=_mtime)
 
 
+LEGACY_NUMERICS = dict(attention_impl="explicit", compute_dtype="float32", remat=False)
+
+
 def run_config(workdir: str, overrides=()) -> ConfigDict:
     """The run's saved ``config.json`` over its named config's defaults, then ``overrides``.
 
-    Fields added to the configs after the run was trained take their defaults; ``derived``
+    Fields added to the configs after the run was trained take their defaults, except the
+    speed fields, which take the numerics such a run was trained with; ``derived``
     (corpus, sha256, vocabulary size) is kept. Overrides may not change the trained model.
     """
     path = os.path.join(workdir, "config.json")
@@ -65,6 +69,9 @@ def run_config(workdir: str, overrides=()) -> ConfigDict:
     derived = saved.pop("derived", {})
     config = get_config(saved["name"]) if saved.get("name") in NAMES else ConfigDict()
     with config.ignore_type():
+        for key, value in LEGACY_NUMERICS.items():  # a run saved before these fields was trained with these
+            if key not in saved and key in config:
+                config[key] = value
         for key, value in saved.items():
             config[key] = tuple(value) if isinstance(value, list) else value
     before = {k: config.get(k) for k in MODEL_FIELDS}

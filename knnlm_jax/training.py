@@ -3,6 +3,13 @@
 A step is a pure function ``(state, batch) -> (state, metrics)`` jitted with the state
 donated. ``state`` is a dict pytree: ``params`` (``nnx.State``), ``opt_state``, ``step``
 and ``rng``. The batch is sharded over a ``data`` mesh axis; parameters are replicated.
+
+Under several processes (:mod:`knnlm_jax.distributed`, initialised before :func:`train`) the
+mesh spans every process's devices: each process computes the same global batch order and
+puts only its devices' rows of each batch on them; the jitted step's mean over the ``data``
+axis averages the gradients across processes. Process 0 alone writes the run directory's
+files (vocabulary, token caches, ``config.json``, ``metrics.jsonl``); checkpoints are written
+by all together (orbax).
 """
 
 from __future__ import annotations
@@ -21,12 +28,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from knnlm_jax import corpus
+from knnlm_jax import corpus, distributed
 from knnlm_jax.adaptive import band_edges, block_band_counts, capacities_for_batches
 from knnlm_jax.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like
 from knnlm_jax.configs import validate
 from knnlm_jax.data import BatchOrder, lm_blocks
-from knnlm_jax.distributed import make_mesh
 from knnlm_jax.model import ModelConfig, TransformerLM
 from knnlm_jax.optim import lr_schedule, make_optimizer
 from knnlm_jax.vocab import Vocab
@@ -122,11 +128,18 @@ def evaluate(eval_step, params, blocks, batch_size: int, mesh, edges, max_tokens
     sharding = NamedSharding(mesh, P("data", None))
     nll, count = 0.0, 0
     for i in range(0, len(inputs), batch_size):
-        batch = [jax.device_put(a[i : i + batch_size], sharding) for a in (inputs, targets, mask)]
+        batch = [global_array(a[i : i + batch_size], sharding) for a in (inputs, targets, mask)]
         s, c = eval_step(params, *batch, caps)
         nll += float(s)
         count += int(c)
     return nll, count
+
+
+def global_array(host, sharding):
+    """A global array of ``sharding`` from the host array every process holds whole (the same in all):
+    each process puts only its own devices' slices on them (one process: all of it)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def unigram_perplexity(train_ids: np.ndarray, target_ids: np.ndarray, vocab_size: int) -> float:
@@ -154,8 +167,19 @@ def prepare_data(config, workdir: str, *, need_valid: bool = True, corpus_option
     """Vocabulary (built once from the train split, saved) and cached token arrays (memory-mapped).
 
     ``config.data_dir`` is any corpus spec; ``corpus_options`` (``tfds_data_dir``, ``text_feature``)
-    apply to ``tfds:`` sources. The corpus is streamed, never held whole.
+    apply to ``tfds:`` sources. The corpus is streamed, never held whole. Under several processes
+    process 0 builds and caches them first; the others then read its files.
     """
+    processes = distributed.current()
+    if not processes.is_main:
+        distributed.barrier("training data")
+    data = _prepare_data(config, workdir, need_valid=need_valid, corpus_options=corpus_options)
+    if processes.is_main:
+        distributed.barrier("training data")
+    return data
+
+
+def _prepare_data(config, workdir: str, *, need_valid: bool, corpus_options: dict | None) -> RunData:
     cache = os.path.join(workdir, "tokens")
     options = dict(corpus_options or {}, cache_dir=cache)
     train = corpus.read_split(config.data_dir, "train", **options)
@@ -184,8 +208,8 @@ def resolved_config(config, data: RunData) -> dict:
 TRAINING_NEUTRAL = ("build_", "eval_")
 
 
-def check_run_config(workdir: str, resolved: dict) -> None:
-    """Save ``config.json``, or refuse to continue a run whose saved config differs."""
+def check_run_config(workdir: str, resolved: dict, *, write: bool = True) -> None:
+    """Save ``config.json`` (unless ``write`` is false), or refuse to continue a run whose saved config differs."""
     path = os.path.join(workdir, "config.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -197,6 +221,8 @@ def check_run_config(workdir: str, resolved: dict) -> None:
                 f"{workdir} holds a run with a different config ({', '.join(diff)}); "
                 "use another --workdir or --overwrite"
             )
+        return
+    if not write:
         return
     os.makedirs(workdir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -230,12 +256,17 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     ``corpus_options`` (``tfds_data_dir``, ``text_feature``) apply to ``tfds:``/``wiki3b`` corpora.
     A run whose loss or valid perplexity stops being finite raises :class:`Diverged`; every
     checkpoint it leaves is finite. Every check of the config comes before ``config.json`` is written.
+    Under several processes every process calls this (see the module docstring); only process 0
+    logs, shows progress and writes files other than checkpoints.
     """
     validate(config)
+    main = distributed.current().is_main
+    if not main:
+        progress, log = False, lambda *a: None
     data = prepare_data(config, workdir, corpus_options=corpus_options)
     resolved = resolved_config(config, data)
     cfg = ModelConfig.from_config(config, vocab_size=len(data.vocab))
-    mesh = make_mesh()
+    mesh = distributed.make_mesh()
     n_dev = mesh.devices.size
     if config.batch_size % n_dev or config.eval_batch_size % n_dev:
         raise ValueError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
@@ -245,7 +276,8 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     train_counts = block_band_counts(train_tgt, band_edges(cfg.vocab_size, cfg.cutoffs))
     valid_blocks = lm_blocks(data.valid_ids, L, data.vocab.eos, pad_last=True)
     order = BatchOrder(len(train_in), config.batch_size * config.update_freq, config.seed)
-    check_run_config(workdir, resolved)
+    check_run_config(workdir, resolved, write=main)  # every process refuses alike; process 0 writes
+    distributed.barrier("run config")
 
     tx = make_optimizer(config)
     graphdef, params = init_model(cfg, config.seed)
@@ -256,7 +288,7 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.PRNGKey(config.seed + 1),
     )
-    state = jax.device_put(state, replicated)
+    state = jax.tree_util.tree_map(lambda x: global_array(x, replicated), state)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     best_ckpt = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
@@ -271,11 +303,13 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
             hinted.stderr_fd = getattr(err, "stderr_fd", None)
             raise hinted from None
         log(f"resumed from step {int(state['step'])} (checkpoint in {ckpt.directory})")
-    else:
+    elif main:
         _append_jsonl(metrics_path, {"step": 0, "event": "start", "parameters": count_params_of(params),
                                      "time": time.time()})
     start_step = int(state["step"])
-    _truncate_metrics(metrics_path, start_step)
+    if main:
+        _truncate_metrics(metrics_path, start_step)
+    append = _append_jsonl if main else (lambda path, record: None)
 
     train_step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0, static_argnums=3)
     eval_step = jax.jit(make_eval_step(graphdef), static_argnums=4)
@@ -313,8 +347,8 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
         idx = order.indices(step)
         targets_np = train_tgt[idx].reshape(F, B, L)
         caps = epoch_capacities(order, train_counts, order.position(step)[0], B, L)
-        inputs = jax.device_put(train_in[idx].reshape(F, B, L), batch_sharding)
-        targets = jax.device_put(targets_np, batch_sharding)
+        inputs = global_array(train_in[idx].reshape(F, B, L), batch_sharding)
+        targets = global_array(targets_np, batch_sharding)
         state, metrics = train_step(state, inputs, targets, caps)
         tokens_since += tokens_per_update
         done = step + 1
@@ -334,15 +368,15 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
             grad_norm = float(metrics["grad_norm"])
             if not math.isfinite(grad_norm):
                 raise diverged("gradient norm", done)
-            _append_jsonl(metrics_path, {"step": done, "epoch": epoch, "loss": loss, "lr": float(schedule(step)),
-                                         "grad_norm": grad_norm, "tokens_per_s": tps,
-                                         "time": time.time()})
+            append(metrics_path, {"step": done, "epoch": epoch, "loss": loss, "lr": float(schedule(step)),
+                                  "grad_norm": grad_norm, "tokens_per_s": tps, "time": time.time()})
         if is_eval:
             valid_ppl = run_eval(done)
             if not math.isfinite(valid_ppl):
                 raise diverged("valid perplexity", done)
-            _append_jsonl(metrics_path, {"step": done, "valid_ppl": valid_ppl, "time": time.time()})
-            bar.write(f"step {done}: valid ppl {valid_ppl:.2f}")
+            append(metrics_path, {"step": done, "valid_ppl": valid_ppl, "time": time.time()})
+            if main:
+                bar.write(f"step {done}: valid ppl {valid_ppl:.2f}")
             if valid_ppl < meta["best_valid_ppl"]:
                 meta = {"best_valid_ppl": valid_ppl, "best_step": done}
                 try:
@@ -377,7 +411,7 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
         "vocab_size": len(data.vocab),
         "parameters": count_params_of(state["params"]),
     }
-    _append_jsonl(metrics_path, dict(result, step=int(state["step"]), event="end", time=time.time()))
+    append(metrics_path, dict(result, step=int(state["step"]), event="end", time=time.time()))
     return result
 
 

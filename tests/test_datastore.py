@@ -345,6 +345,11 @@ def test_run_config_takes_new_defaults_and_locks_the_model(built, tmp_path):
 
     with pytest.raises(ConfigError, match="cannot change the trained model's d_model"):
         runs.run_config(built.workdir, ["d_model=32"])
+    # a wt103 run saved before the speed fields keeps the numerics it was trained with, not bf16
+    old = dict({k: v for k, v in saved.items() if k not in runs.LEGACY_NUMERICS}, name="wt103")
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    config = runs.run_config(str(tmp_path))
+    assert (config.compute_dtype, config.attention_impl, config.remat) == ("float32", "explicit", False)
 
 
 def test_keys_that_overflow_float16_are_refused_at_build_and_at_check(built, tmp_path):

@@ -127,7 +127,7 @@ def test_retrieve_all_gate_gives_the_full_kNN_LM(ev, tmp_path):
     """A gate that lets every token retrieve is the full kNN-LM, to the bit."""
     tokens = ev.splits["valid"][1][:96]
     full = run_tokens(ev, tmp_path, tokens, name="full")
-    assert full.features is not None and full.features.shape == (96, len(ev.trained.cfg.cutoffs) + 2)
+    assert full.features is not None and full.features.shape == (96, len(ev.trained.cfg.cutoffs) + 2 + ev.store.dim)
     gate = fit_gate(np.asarray(full.features), np.arange(96) % 2 == 0, 1.0)
     gated = run_tokens(ev, tmp_path, tokens, name="gated", policy=Policy(gate=gate))
     assert gated.retrieved.all() and gated.meta["searches"] == 96 and gated.meta["foss"] == 0

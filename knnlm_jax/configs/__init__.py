@@ -75,6 +75,9 @@ NON_NEGATIVE = ("warmup_steps", "max_eval_tokens", "warmup_init_lr", "min_lr", "
 UNIT_INTERVAL = ("dropout", "attention_dropout", "activation_dropout", "adaptive_softmax_dropout", "momentum",
                  "beta1", "beta2")  # each in [0, 1)
 MIN_VOCAB = 5
+# model.ATTENTION_IMPLS and model.COMPUTE_DTYPES, spelled out to keep configs JAX-free
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn", "auto")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def validate(config: ConfigDict) -> ConfigDict:
@@ -108,4 +111,13 @@ def validate(config: ConfigDict) -> ConfigDict:
         raise ConfigError(f"d_model {config.d_model} is not divisible by num_heads {config.num_heads}")
     if "optimizer" in config and config.optimizer not in ("nag", "adamw"):
         raise ConfigError(f"optimizer = {config.optimizer!r}: choose nag or adamw")
+    if "attention_impl" in config and config.attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"attention_impl = {config.attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+    if "compute_dtype" in config and config.compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype = {config.compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+    if config.get("attention_impl") == "cudnn" and config.get("compute_dtype") != "bfloat16":
+        raise ConfigError(f"attention_impl = 'cudnn' needs compute_dtype = bfloat16 (cuDNN's flash attention "
+                          f"takes no {config.get('compute_dtype', 'float32')}); use auto or xla")
+    if "remat" in config and not isinstance(config.remat, bool):
+        raise ConfigError(f"remat = {config.remat!r}: must be true or false")
     return config

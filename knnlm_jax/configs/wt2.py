@@ -9,6 +9,10 @@ def get_config() -> ConfigDict:
     c = wt103.get_config()
     c.name = "wt2"
     c.num_layers = 2
+    # a CPU config: float32 and the hand-written attention (the numerics every run so far was trained with)
+    c.attention_impl = "explicit"
+    c.compute_dtype = "float32"
+    c.remat = False
     c.d_model = 256
     c.num_heads = 4
     c.d_ff = 1024
