@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -30,18 +29,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from knnlm_jax import index as faiss_index
 from knnlm_jax.adaptive import band_edges
 from knnlm_jax.building import build_capacities, check_batch_size
 from knnlm_jax.cache import cache_target_log_prob
 from knnlm_jax.datastore import token_stream, window_batch, windows
 from knnlm_jax.model import forward_states
-from knnlm_jax.retrieval import Policy, retrieve_batch
+from knnlm_jax.retrieval import Policy, exact_distances, retrieve_batch
 from knnlm_jax.search import search as search_index
 from knnlm_jax.token_files import FILES_FORMAT, META, TokenFiles, open_token_files
-
-RERANK_BYTES = 32 << 20  # stored (float16) keys gathered per exact re-ranking chunk (one chunk per thread)
-
 
 @functools.lru_cache(maxsize=8)
 def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
@@ -108,30 +103,6 @@ def empty_cache_memory(size: int, dim: int):
     return (jnp.zeros((size, dim), jnp.float32), jnp.zeros((size,), jnp.int32), jnp.full((size,), FAR, jnp.int32))
 
 
-def rerank(keys_NxD, queries_QxD: np.ndarray, ids_QxK: np.ndarray, found_QxK: np.ndarray, rows: int,
-           threads: int | None = None) -> np.ndarray:
-    """Exact squared L2 (float32) of each query to its candidates' stored keys; ``inf`` where not found.
-
-    Candidates are gathered from the (float16) key memmap ``rows`` queries at a time and
-    compared on the host (NumPy), as ``sum((key - query)**2)`` (no cancellation). Chunks run
-    on ``threads`` threads (default: one per CPU); NumPy and FAISS release the GIL.
-    """
-    q, k = ids_QxK.shape
-    out = np.empty((q, k), np.float32)
-
-    def chunk(c: int) -> None:
-        ids = np.where(found_QxK[c : c + rows], ids_QxK[c : c + rows], 0)
-        m = len(ids)
-        diff_MxKxD = faiss_index.as_float32(keys_NxD[ids.reshape(-1)]).reshape(m, k, -1)
-        diff_MxKxD -= np.asarray(queries_QxD[c : c + rows], np.float32)[:, None, :]
-        out[c : c + m] = np.einsum("mkd,mkd->mk", diff_MxKxD, diff_MxKxD)
-
-    starts = range(0, q, rows)
-    with ThreadPoolExecutor(max(1, min(len(starts), threads or os.cpu_count() or 1))) as pool:
-        list(pool.map(chunk, starts))  # list(): re-raises a chunk's exception
-    return np.where(found_QxK, out, np.inf).astype(np.float32)
-
-
 def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, key_type: str, window: int,
                     context: int, batch_size: int, index=None, store=None, k: int = 0, exact: bool = True,
                     nprobe: int | None = None, drop_self: bool = False, cache_thetas=(), cache_size: int = 0,
@@ -178,7 +149,6 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         id_dtype = np.int32 if store.size < 2**31 else np.int64
         out.update(dists=memmap("dists", np.float32, (n, k)), ids=memmap("ids", id_dtype, (n, k)),
                    hit=memmap("hit", np.bool_, (n, k)), valid=memmap("valid", np.bool_, (n, k)))
-        rerank_rows = max(1, min(rows, RERANK_BYTES // (k * store.dim * 2)))
         out["features"] = memmap("features", np.float32, (n, len(edges) + store.dim))  # head summary, query key
         if not policy.full:
             out["retrieved"] = memmap("retrieved", np.bool_, (n,))
@@ -253,7 +223,7 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
                 counts["self_dropped"] += int(own.sum())
                 found &= ~own
             if exact:
-                dists = rerank(store.keys, queries, ids, found, rerank_rows)
+                dists = exact_distances(store.keys, queries, np.where(found, ids, -1))
             dists = np.where(found, dists, np.inf).astype(np.float32)
             order = np.argsort(dists, axis=1, kind="stable")
             dists = np.take_along_axis(dists, order, axis=1)

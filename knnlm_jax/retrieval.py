@@ -121,28 +121,50 @@ def exact_distances(keys_NxD, queries_QxD, ids_QxC, threads: int | None = None,
                     chunk: int = EXACT_CHUNK) -> np.ndarray:
     """Squared L2 (float32) of each query to its candidates' stored keys; ``inf`` where the id is -1.
 
-    Only the real candidates are gathered (a pointer set is often far smaller than k), in
-    chunks on one thread per core; float16 keys are decoded by FAISS's SIMD routine.
+    Computed as ``sum((key - query)**2)`` (no cancellation), in chunks of about ``chunk``
+    candidate keys on one thread per core; float16 keys are decoded by FAISS's SIMD routine.
+    Mostly-real candidate lists (a search's k) are gathered row by row; sparse ones (pointer
+    sets, padded) only where the id is real.
     """
-    q_idx, c_idx = np.nonzero(ids_QxC >= 0)
-    flat_ids = ids_QxC[q_idx, c_idx]
+    ids_QxC = np.asarray(ids_QxC)
+    q, c = ids_QxC.shape
     queries_QxD = np.asarray(queries_QxD, np.float32)
+    real_QxC = ids_QxC >= 0
+    out = np.full((q, c), np.inf, np.float32)
+    if not real_QxC.any():
+        return out
+    if real_QxC.mean() >= 0.5:  # dense: chunks of whole rows
+        rows = max(1, chunk // max(1, c))
+
+        def part(a: int) -> None:
+            ids = np.where(real_QxC[a : a + rows], ids_QxC[a : a + rows], 0)
+            diff = as_float32(keys_NxD[ids.reshape(-1)]).reshape(len(ids), c, -1)
+            diff -= queries_QxD[a : a + rows, None, :]
+            out[a : a + rows] = np.where(real_QxC[a : a + rows], np.einsum("mkd,mkd->mk", diff, diff), np.inf)
+
+        _threaded(part, range(0, q, rows), threads)
+        return out
+    q_idx, c_idx = np.nonzero(real_QxC)
+    flat_ids = ids_QxC[q_idx, c_idx]
     flat = np.empty(len(flat_ids), np.float32)
 
-    def part(a: int) -> None:
+    def part_sparse(a: int) -> None:
         diff = as_float32(keys_NxD[flat_ids[a : a + chunk]])
         diff -= queries_QxD[q_idx[a : a + chunk]]
         flat[a : a + chunk] = np.einsum("md,md->m", diff, diff)
 
-    starts = range(0, len(flat_ids), chunk)
-    if len(starts) == 1:
-        part(0)
-    elif len(starts) > 1:
-        with ThreadPoolExecutor(max(1, min(len(starts), threads or os.cpu_count() or 1))) as pool:
-            list(pool.map(part, starts))  # list(): re-raises a chunk's exception
-    out = np.full(ids_QxC.shape, np.inf, np.float32)
+    _threaded(part_sparse, range(0, len(flat_ids), chunk), threads)
     out[q_idx, c_idx] = flat
     return out
+
+
+def _threaded(fn, starts, threads: int | None) -> None:
+    """``fn(start)`` for each start, on up to ``threads`` threads (NumPy and FAISS release the GIL)."""
+    if len(starts) == 1:
+        fn(starts[0])
+        return
+    with ThreadPoolExecutor(max(1, min(len(starts), threads or os.cpu_count() or 1))) as pool:
+        list(pool.map(fn, starts))  # list(): re-raises a chunk's exception
 
 
 def _dedupe(ids_QxC: np.ndarray) -> np.ndarray:

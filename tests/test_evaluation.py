@@ -13,7 +13,8 @@ from knnlm_jax import corpus, evaluation, runs
 from knnlm_jax.building import window_sizes
 from knnlm_jax.indexing import index_datastore
 from knnlm_jax.datastore import open_datastore, token_stream, window_batch, windows
-from knnlm_jax.eval_pass import evaluate_tokens, rerank
+from knnlm_jax.eval_pass import evaluate_tokens
+from knnlm_jax.retrieval import exact_distances
 from knnlm_jax.eval_settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
 from knnlm_jax.token_files import open_token_files
 from knnlm_jax.mixing import knn_log_probs, mix, tune_knn
@@ -182,15 +183,16 @@ def test_the_cache_spans_windows_and_batches(ev, tmp_path):
     assert np.isfinite(files.cache[:, 0]).sum() > np.isfinite(small.cache[:, 0]).sum()
 
 
-def test_rerank_in_threaded_chunks_equals_the_reference():
+@pytest.mark.parametrize("density", [0.8, 0.2])  # row-by-row gathering, and only the real candidates
+def test_exact_distances_in_threaded_chunks_equal_the_reference(density):
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(50, 8)).astype(np.float16)
     queries = rng.normal(size=(13, 8)).astype(np.float32)
     ids = rng.integers(0, 50, size=(13, 6))
-    found = rng.random((13, 6)) > 0.2
+    found = rng.random((13, 6)) < density
     ref = np.where(found, ((keys.astype(np.float32)[ids] - queries[:, None]) ** 2).sum(-1), np.inf)
-    for rows, threads in [(13, 1), (4, 1), (4, 2), (1, 3)]:  # one chunk, several, several on threads
-        got = rerank(keys, queries, ids, found, rows, threads=threads)
+    for chunk, threads in [(78, 1), (24, 1), (24, 2), (6, 3), (1, 2)]:  # one chunk, several, several on threads
+        got = exact_distances(keys, queries, np.where(found, ids, -1), threads=threads, chunk=chunk)
         np.testing.assert_allclose(got, ref, rtol=1e-6)
         assert np.array_equal(np.isinf(got), ~found)
 
