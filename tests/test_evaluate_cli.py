@@ -153,3 +153,11 @@ def test_device_search_with_fewer_searches_from_the_command_line(project, tmp_pa
         r = json.load(f)
     assert r["index"] == "exact on device (JAX)" and r["retrieval"]["foss"]["test"] > 0.4
     assert r["rows"][1]["ppl"] < r["rows"][0]["ppl"]
+    # the full kNN-LM on 2 devices' keys against FAISS's Flat index: the same perplexity
+    for search in ("device", "auto"):
+        out = evaluate(project, "--datastore", "train", "--split", "test", "--k", "16", "--max-tokens", "150",
+                       "--lmbda", "0.3", "--temperature", "2", "--search", search,
+                       "--out", str(tmp_path / search), devices=2)
+        assert out.returncode == 0, out.stderr
+    ppl = [json.load(open(tmp_path / s / "results.json"))["rows"][1]["ppl"] for s in ("device", "auto")]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)

@@ -214,3 +214,11 @@ def test_device_search_gives_the_flat_index_perplexity(ev, tmp_path, exact):
     faiss_ppl, device_ppl = (results[n]["rows"][1]["ppl"] for n in ("faiss", "device"))
     assert device_ppl == pytest.approx(faiss_ppl, rel=1e-6)
     assert results["device"]["index"] == "exact on device (JAX)"
+    # real keys: the same neighbours as IndexFlatL2 (queries: held-out keys of the same model)
+    queries = np.asarray(ev.store.keys[::7][:40], np.float32) + 0.01
+    d_dev, i_dev = DeviceSearcher(ev.store.keys, block=64).search(queries, 16)
+    d_ref, i_ref = ev.index.search(queries, 16)
+    np.testing.assert_allclose(d_dev, d_ref, rtol=1e-4, atol=1e-4)
+    differ = i_dev != i_ref
+    assert differ.mean() < 0.02  # only swaps between (near-)equal distances
+    np.testing.assert_allclose(d_dev[differ], d_ref[differ], rtol=1e-4, atol=1e-4)
