@@ -64,6 +64,9 @@ class ModelConfig:
     adaptive_softmax_dropout: float = 0.0
     final_norm: bool = False
     scale_embedding: bool = True
+    # fairseq compatibility (knnlm_jax/fairseq_convert.py); the defaults are this project's own numerics
+    position_offset: int = 0  # index of the first position in the sinusoid table (fairseq: padding_idx + 1 = 2)
+    layer_norm_eps: float = 1e-6  # flax's default; fairseq (PyTorch) uses 1e-5
     # speed only (see the module docstring): the parameters are the same under every value
     attention_impl: str = "explicit"
     compute_dtype: str = "float32"
@@ -166,9 +169,9 @@ class Block(nnx.Module):
     """Pre-norm block: ``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
         xavier = nnx.initializers.xavier_uniform()
         self.fc1 = nnx.Linear(cfg.d_model, cfg.d_ff, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
         self.fc2 = nnx.Linear(cfg.d_ff, cfg.d_model, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
@@ -200,7 +203,8 @@ class TransformerLM(nnx.Module):
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.dropout = nnx.Dropout(cfg.dropout)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_ln = nnx.LayerNorm(cfg.d_model, dtype=cfg.dtype, rngs=rngs) if cfg.final_norm else None
+        self.final_ln = (nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
+                         if cfg.final_norm else None)
         self.softmax = AdaptiveSoftmax(
             cfg.vocab_size,
             cfg.d_model,
@@ -225,7 +229,8 @@ class TransformerLM(nnx.Module):
     def embed_tokens(self, tokens_BxT):
         """Scaled adaptive-input embeddings plus sinusoidal positions: ``B x T x D`` (in the compute dtype)."""
         t = tokens_BxT.shape[1]
-        x_BxTxD = self.embed_scale * self.embed(tokens_BxT) + sinusoidal_positions(t, self.cfg.d_model)
+        positions_TxD = sinusoidal_positions(t, self.cfg.d_model, self.cfg.position_offset)
+        x_BxTxD = self.embed_scale * self.embed(tokens_BxT) + positions_TxD
         return x_BxTxD if self.cfg.dtype is None else x_BxTxD.astype(self.cfg.dtype)
 
     def decode(self, x_BxTxD, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, key_type=None,

@@ -21,7 +21,7 @@ from knnlm_jax.vocab import Vocab
 RUNS_ROOT = "runs"
 # config fields a trained model fixes (ModelConfig's, spelled out to keep this module JAX-free)
 MODEL_FIELDS = ("num_layers", "d_model", "num_heads", "d_ff", "cutoffs", "adaptive_factor", "tie_adaptive_weights",
-                "tie_adaptive_proj", "final_norm", "scale_embedding", "vocab_size")
+                "tie_adaptive_proj", "final_norm", "scale_embedding", "vocab_size", "position_offset", "layer_norm_eps")
 
 
 class RunError(ValueError):

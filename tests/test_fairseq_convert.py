@@ -1,0 +1,507 @@
+"""fairseq transformer_lm checkpoints -> this project's model and run directory (knnlm_jax/fairseq_convert.py).
+
+The checkpoints are built here with the parameter names and shapes fairseq 0.12.2's
+``TransformerLanguageModel.state_dict()`` has (adaptive input / softmax, tied duplicates and
+buffers included), random weights, and compared against :func:`fairseq_log_probs`, a NumPy
+re-implementation of fairseq's forward written from its source (``make_positions``,
+``SinusoidalPositionalEmbedding``, ``AdaptiveInput``, pre-norm ``TransformerDecoderLayer``,
+``MultiheadAttention``, ``AdaptiveSoftmax.get_log_prob``) that shares no code with the model.
+"""
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from knnlm_jax import fairseq_convert as fc
+from knnlm_jax.vocab import Vocab
+
+PAD = 1
+WIKI103_LIKE = dict(arch="transformer_lm_wiki103", decoder_layers=2, decoder_embed_dim=16, decoder_ffn_embed_dim=32,
+                    decoder_attention_heads=2, adaptive_input_cutoff="8,20", adaptive_softmax_cutoff="8,20",
+                    adaptive_input_factor=4.0, adaptive_softmax_factor=4.0, tokens_per_sample=64)
+CASES = {  # name: (state-dict options, args beyond WIKI103_LIKE)
+    "wiki103": (dict(), dict()),  # tied weights and projections, no final LayerNorm (the paper's model)
+    "tied-own-proj-final-norm": (dict(tie_proj=False, final_norm=True),
+                                 dict(tie_adaptive_proj=False, no_decoder_final_norm=False)),
+    "untied": (dict(tied=False, tie_proj=False), dict(tie_adaptive_weights=False, tie_adaptive_proj=False)),
+    "plain-shared": (dict(adaptive=False, final_norm=True),
+                     dict(arch="transformer_lm", adaptive_input=False, adaptive_input_cutoff=None,
+                          adaptive_softmax_cutoff=None, tie_adaptive_weights=False, tie_adaptive_proj=False,
+                          share_decoder_input_output_embed=True)),
+}
+
+
+# ---------------------------------------------------------------------------------
+# a fairseq-layout checkpoint
+
+
+def fairseq_state(seed=0, *, vocab_size=40, cutoffs=(8, 20), d=16, ffn=32, layers=2, factor=4, adaptive=True,
+                  tied=True, tie_proj=True, final_norm=False):
+    """Names and shapes as fairseq 0.12.2 creates them (PyTorch ``(out, in)`` weights), random values."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=0.3):
+        return (rng.normal(size=shape) * scale).astype(np.float32)
+
+    def ln(prefix):
+        return {f"{prefix}.weight": 1 + w(d, scale=0.1), f"{prefix}.bias": w(d, scale=0.1)}
+
+    sd = {"decoder.version": np.array([3.0], np.float32), "decoder.embed_positions._float_tensor": np.zeros(1)}
+    edges = (0, *cutoffs, vocab_size)
+    dims = [int(d // factor**i) for i in range(len(edges) - 1)]
+    emb, proj = [], []
+    if adaptive:  # AdaptiveInput: embeddings.i = Sequential(Embedding(size, dim, pad), Linear(dim, d, bias=False))
+        for i, dim in enumerate(dims):
+            emb.append(w(edges[i + 1] - edges[i], dim, scale=dim**-0.5))
+            proj.append(w(d, dim))
+            sd[f"decoder.embed_tokens.embeddings.{i}.0.weight"] = emb[i]
+            sd[f"decoder.embed_tokens.embeddings.{i}.1.weight"] = proj[i]
+        emb[0][PAD] = 0
+        sd["decoder.embed_tokens._float_tensor"] = np.zeros(1)
+    else:
+        sd["decoder.embed_tokens.weight"] = w(vocab_size, d, scale=d**-0.5)
+    for i in range(layers):
+        pre = f"decoder.layers.{i}."
+        for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            sd[pre + f"self_attn.{name}.weight"], sd[pre + f"self_attn.{name}.bias"] = w(d, d), w(d, scale=0.1)
+        sd.update(ln(pre + "self_attn_layer_norm"))
+        sd[pre + "fc1.weight"], sd[pre + "fc1.bias"] = w(ffn, d), w(ffn, scale=0.1)
+        sd[pre + "fc2.weight"], sd[pre + "fc2.bias"] = w(d, ffn), w(d, scale=0.1)
+        sd.update(ln(pre + "final_layer_norm"))
+    if final_norm:
+        sd.update(ln("decoder.layer_norm"))
+    sm = "decoder.adaptive_softmax."
+    if adaptive:
+        sd[sm + "version"] = np.array([1])
+        n_tails = len(cutoffs)
+        if tied:  # TiedHeadModule(word_proj = TiedLinear(band 0 embeddings), class_proj); tails tied too
+            sd[sm + "head.word_proj.weight"] = emb[0]
+            sd[sm + "head.class_proj.weight"] = w(n_tails, d)
+            sd[sm + "head._float_tensor"] = np.zeros(1)
+            for i in range(n_tails):
+                sd[sm + f"tail.{i}.0.weight"] = proj[i + 1] if tie_proj else w(dims[i + 1], d)
+                sd[sm + f"tail.{i}.2.weight"] = emb[i + 1]
+        else:
+            sd[sm + "head.weight"] = w(cutoffs[0] + n_tails, d)
+            for i in range(n_tails):
+                sd[sm + f"tail.{i}.0.weight"] = w(dims[i + 1], d)
+                sd[sm + f"tail.{i}.2.weight"] = w(edges[i + 2] - edges[i + 1], dims[i + 1])
+    else:  # share_decoder_input_output_embed: output_projection.weight is embed_tokens.weight
+        sd["decoder.output_projection.weight"] = sd["decoder.embed_tokens.weight"]
+    return sd
+
+
+def case(name, seed=0):
+    options, args = CASES[name]
+    return fairseq_state(seed, **options), {**WIKI103_LIKE, **args}
+
+
+def vocab_of(size=40) -> Vocab:
+    return Vocab(["<s>", "<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(size - 4)])
+
+
+# ---------------------------------------------------------------------------------
+# fairseq's forward in NumPy (float64), from fairseq 0.12.2's source
+
+
+def layer_norm(x, weight, bias, eps=1e-5):  # torch.nn.LayerNorm
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def sinusoid_table(num_embeddings, dim, padding_idx):  # SinusoidalPositionalEmbedding.get_embedding, float32
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freq = np.exp(np.arange(half, dtype=np.float32) * np.float32(-step))
+    angles = np.arange(num_embeddings, dtype=np.float32)[:, None] * freq[None, :]
+    table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2:
+        table = np.concatenate([table, np.zeros((num_embeddings, 1), np.float32)], axis=1)
+    table[padding_idx] = 0
+    return table
+
+
+def fairseq_log_probs(sd, args, tokens_BxT):
+    """``B x T x V`` log-probabilities of fairseq's TransformerLanguageModel (eval mode, no incremental state)."""
+    sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    heads = args["decoder_attention_heads"]
+    layers = sum(1 for k in sd if k.startswith("decoder.layers.") and k.endswith(".fc1.weight"))
+    adaptive = "decoder.embed_tokens.embeddings.0.0.weight" in sd
+    # make_positions: numbers from padding_idx + 1, pads keep padding_idx (a zero row)
+    mask = (tokens_BxT != PAD).astype(np.int64)
+    positions = np.cumsum(mask, axis=1) * mask + PAD
+    if adaptive:
+        bands = sum(1 for k in sd if k.startswith("decoder.embed_tokens.embeddings.") and k.endswith(".0.weight"))
+        cutoff = list(np.cumsum([sd[f"decoder.embed_tokens.embeddings.{i}.0.weight"].shape[0] for i in range(bands)]))
+        d = sd["decoder.embed_tokens.embeddings.0.1.weight"].shape[0]
+        emb = np.zeros(tokens_BxT.shape + (d,))
+        for i in range(bands):  # AdaptiveInput.forward
+            lo = cutoff[i - 1] if i > 0 else 0
+            m = (tokens_BxT < cutoff[i]) & (tokens_BxT >= lo)
+            emb[m] = sd[f"decoder.embed_tokens.embeddings.{i}.0.weight"][tokens_BxT[m] - lo] @ \
+                sd[f"decoder.embed_tokens.embeddings.{i}.1.weight"].T
+    else:
+        d = sd["decoder.embed_tokens.weight"].shape[1]
+        emb = sd["decoder.embed_tokens.weight"][tokens_BxT]
+    scale = 1.0 if args.get("no_scale_embedding") else math.sqrt(d)
+    x = scale * emb + sinusoid_table(positions.max() + 1, d, PAD)[positions]
+    b, t = tokens_BxT.shape
+    hd = d // heads
+    future = np.triu(np.full((t, t), -np.inf), 1)  # buffered_future_mask
+    key_pad = np.where(tokens_BxT == PAD, -np.inf, 0.0)[:, None, None, :]
+    for i in range(layers):
+        p = f"decoder.layers.{i}."
+        residual = x
+        h = layer_norm(x, sd[p + "self_attn_layer_norm.weight"], sd[p + "self_attn_layer_norm.bias"])
+        q = (h @ sd[p + "self_attn.q_proj.weight"].T + sd[p + "self_attn.q_proj.bias"]) * hd**-0.5
+        k = h @ sd[p + "self_attn.k_proj.weight"].T + sd[p + "self_attn.k_proj.bias"]
+        v = h @ sd[p + "self_attn.v_proj.weight"].T + sd[p + "self_attn.v_proj.bias"]
+        q, k, v = (a.reshape(b, t, heads, hd).transpose(0, 2, 1, 3) for a in (q, k, v))
+        scores = q @ k.transpose(0, 1, 3, 2) + future + (key_pad if (tokens_BxT == PAD).any() else 0.0)
+        probs = np.exp(log_softmax(scores))
+        attn = (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        x = residual + attn @ sd[p + "self_attn.out_proj.weight"].T + sd[p + "self_attn.out_proj.bias"]
+        residual = x
+        h = layer_norm(x, sd[p + "final_layer_norm.weight"], sd[p + "final_layer_norm.bias"])
+        h = np.maximum(h @ sd[p + "fc1.weight"].T + sd[p + "fc1.bias"], 0.0)
+        x = residual + h @ sd[p + "fc2.weight"].T + sd[p + "fc2.bias"]
+    if "decoder.layer_norm.weight" in sd and sd["decoder.version"][0] > 2:
+        x = layer_norm(x, sd["decoder.layer_norm.weight"], sd["decoder.layer_norm.bias"])
+    if not adaptive:  # output_projection
+        return log_softmax(x @ sd["decoder.output_projection.weight"].T)
+    # AdaptiveSoftmax.get_log_prob(input, target=None)
+    sm = "decoder.adaptive_softmax."
+    vocab_size = cutoff[-1]
+    tails = len(cutoff) - 1
+    if sm + "head.class_proj.weight" in sd:  # TiedHeadModule: [words | classes]
+        head_y = np.concatenate([x @ sd[sm + "head.word_proj.weight"].T, x @ sd[sm + "head.class_proj.weight"].T], -1)
+    else:
+        head_y = x @ sd[sm + "head.weight"].T
+    log_probs = np.zeros((b, t, vocab_size))
+    head_sz = cutoff[0] + tails
+    log_probs[..., :head_sz] = log_softmax(head_y)
+    tail_priors = log_probs[..., cutoff[0]:head_sz].copy()
+    for i in range(tails):
+        start, end = cutoff[i], cutoff[i + 1]
+        proj = sd[sm + f"tail.{i}.0.weight"]  # nn.Linear(d, dim): dim x d; TiedLinear(transpose=True): d x dim
+        tail_out = (x @ (proj if proj.shape[0] == d else proj.T)) @ sd[sm + f"tail.{i}.2.weight"].T
+        log_probs[..., start:end] = log_softmax(tail_out) + tail_priors[..., i, None]
+    return log_probs
+
+
+def tokens(seed=1, b=2, t=12, vocab_size=40):
+    """Ids from every band, never <pad> (this project never feeds it)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, (b, t))
+    return np.where(ids == PAD, 2, ids).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------
+
+
+def flax_log_probs(cfg, params, toks):
+    model = fc.build_model(cfg, params)
+    return np.asarray(model.full_log_probs(model(jnp.asarray(toks)))), model
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_converted_model_matches_fairseqs_forward(name):
+    sd, args = case(name)
+    arch, params = fc.convert(sd, args, vocab_of())
+    assert arch["position_offset"] == 2 and arch["layer_norm_eps"] == 1e-5
+    cfg = fc.model_config(arch)
+    toks = tokens()
+    ref = fairseq_log_probs(sd, args, toks)
+    np.testing.assert_allclose(np.exp(ref).sum(-1), 1.0, atol=1e-9)  # the reference is a distribution
+    got, model = flax_log_probs(cfg, params, toks)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    targets = np.roll(toks, -1, axis=1)
+    target_lp = np.asarray(model.target_log_probs(model(jnp.asarray(toks)), jnp.asarray(targets)))
+    np.testing.assert_allclose(target_lp, np.take_along_axis(ref, targets[..., None], -1)[..., 0], atol=1e-4)
+
+
+def test_the_paper_architecture_is_read_from_the_args_and_weights():
+    sd, args = case("wiki103")
+    minimal = {"arch": "transformer_lm_wiki103", "decoder_attention_heads": 2, "adaptive_input_cutoff": "8,20",
+               "adaptive_softmax_cutoff": "8,20"}  # the rest: transformer_lm_wiki103 defaults
+    arch, _ = fc.convert(sd, minimal, vocab_of())
+    assert arch == dict(
+        vocab_size=40, num_layers=2, d_model=16, num_heads=2, d_ff=32, cutoffs=(8, 20), adaptive_factor=4,
+        tie_adaptive_weights=True, tie_adaptive_proj=True, final_norm=False, scale_embedding=True,
+        position_offset=2, layer_norm_eps=1e-5, dropout=0.3, attention_dropout=0.1, activation_dropout=0.1,
+        adaptive_softmax_dropout=0.2)
+
+
+def test_fairseq_positions_and_epsilon_matter():
+    """Without fairseq's position offset (2) the model is measurably different: the test can see it."""
+    sd, args = case("wiki103")
+    arch, params = fc.convert(sd, args, vocab_of())
+    toks = tokens()
+    ref = fairseq_log_probs(sd, args, toks)
+    shifted, _ = flax_log_probs(fc.model_config({**arch, "position_offset": 0}), params, toks)
+    assert np.abs(shifted - ref).max() > 1e-2
+
+
+def test_older_checkpoint_names_are_upgraded_as_fairseq_does():
+    """in_proj_weight (q|k|v), layer_norms.0/.2, the old sinusoid buffer and a version-2 decoder."""
+    sd, args = case("tied-own-proj-final-norm")
+    _, new = fc.convert(sd, args, vocab_of())
+    old = dict(sd)
+    for i in range(2):
+        p = f"decoder.layers.{i}."
+        old[p + "self_attn.in_proj_weight"] = np.concatenate([old.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        old[p + "self_attn.in_proj_bias"] = np.concatenate([old.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        for j, name in (("0", "self_attn_layer_norm"), ("2", "final_layer_norm")):
+            for what in ("weight", "bias"):
+                old[p + f"layer_norms.{j}.{what}"] = old.pop(p + f"{name}.{what}")
+    old["decoder.embed_positions.weights"] = np.zeros((10, 16), np.float32)
+    arch, converted = fc.convert(old, args, vocab_of())
+    assert converted.keys() == new.keys() and all(np.array_equal(converted[k], new[k]) for k in new)
+    old["decoder.version"] = np.array([2.0], np.float32)  # fairseq: "earlier checkpoints did not normalize after"
+    arch, converted = fc.convert(old, args, vocab_of())
+    assert not arch["final_norm"] and ("final_ln", "scale") not in converted
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd, a: a.update(activation_fn="gelu"), "activation_fn 'gelu'"),
+    (lambda sd, a: sd.update({"decoder.embed_positions.weight": np.zeros((66, 16))}), "learned positions"),
+    (lambda sd, a: sd.update({"decoder.layers.0.self_attn.bias_k": np.zeros((1, 1, 16))}),
+     "unsupported fairseq parameters: decoder.layers.0.self_attn.bias_k"),
+    (lambda sd, a: sd.update({"decoder.adaptive_softmax.tail.0.2.weight": np.zeros((12, 4), np.float32)}),
+     "differs from decoder.embed_tokens.embeddings.1.0.weight"),
+    (lambda sd, a: sd.pop("decoder.layers.1.fc2.bias"), "no decoder.layers.1.fc2.bias"),
+    (lambda sd, a: sd.update({"decoder.layers.1.fc2.bias": np.zeros(5)}), "has shape (5,), expected (16,)"),
+    (lambda sd, a: a.update(adaptive_softmax_cutoff="8,24"), "adaptive_softmax_cutoff 8,24"),
+])
+def test_unsupported_or_damaged_checkpoints_are_refused_in_one_line(change, message):
+    sd, args = case("wiki103")
+    change(sd, args)
+    with pytest.raises(fc.ConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fc.convert(sd, args, vocab_of())
+
+
+def test_dict_txt_keeps_fairseqs_ids(tmp_path):
+    path = tmp_path / "dict.txt"
+    path.write_text("the 100\n, 90\nmadeupword0000 0\n", encoding="utf-8")
+    vocab = fc.read_dict(str(path))
+    assert vocab.words == ("<s>", "<pad>", "</s>", "<unk>", "the", ",", "madeupword0000")
+    assert (vocab.bos, vocab.pad, vocab.eos, vocab.unk) == (0, 1, 2, 3) and vocab.index["the"] == 4
+    for text, message in (("the 1\nthe 2\n", "line 2: repeated word 'the'"), ("the\n", "line 1: expected"),
+                          ("<unk> 5\n", "repeated word '<unk>'"), ("x 1 #fairseq:overwrite\n", "overwrite")):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(fc.ConvertError, match=message):
+            fc.read_dict(str(path))
+    sd, args = case("wiki103")
+    with pytest.raises(fc.ConvertError, match="the dictionary has 39 words .* 40 rows"):
+        fc.convert(sd, args, vocab_of(39))
+
+
+def test_model_args_from_old_and_new_checkpoints():
+    import argparse
+
+    assert fc.model_args({"args": argparse.Namespace(arch="transformer_lm_wiki103", decoder_layers=16)})["arch"] == \
+        "transformer_lm_wiki103"
+    assert fc.model_args({"args": None, "cfg": {"model": {"_name": "transformer_lm", "decoder_layers": 2}}})[
+        "decoder_layers"] == 2
+    with pytest.raises(fc.ConvertError, match="no model args"):
+        fc.model_args({"model": {}})
+    old = fc.resolve_args({"arch": "transformer_lm_wiki103", "no_tie_adaptive_proj": False})
+    assert old["tie_adaptive_proj"] and old["no_decoder_final_norm"] and old["adaptive_input_cutoff"] == "20000,60000"
+
+
+def test_unpickling_stubs_classes_of_an_absent_fairseq(monkeypatch):
+    """Old checkpoints pickle fairseq objects (meters) beside the weights: read them without fairseq."""
+    import pickle
+    import types
+
+    module = types.ModuleType("fairseq.gone_meters")
+
+    class AverageMeter:
+        def __init__(self):
+            self.avg = 1.5
+
+    AverageMeter.__module__, AverageMeter.__qualname__ = module.__name__, "AverageMeter"
+    module.AverageMeter = AverageMeter
+    monkeypatch.setitem(sys.modules, "fairseq", types.ModuleType("fairseq"))  # never the real one, if installed
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    blob = pickle.dumps({"args": {"arch": "transformer_lm_wiki103"}, "extra_state": {"loss": AverageMeter()}})
+    monkeypatch.delitem(sys.modules, module.__name__)
+    loaded = fc._stub_pickle.loads(blob)
+    assert loaded["args"]["arch"] == "transformer_lm_wiki103" and loaded["extra_state"]["loss"].avg == 1.5
+    with pytest.raises(ModuleNotFoundError):  # only fairseq's classes are stubbed
+        fc._stub_pickle.loads(blob.replace(b"fairseq.gone_meters", b"fairxeq.gone_meters"))
+
+
+def test_run_directory_round_trip(tmp_path):
+    """write_run leaves a run that runs.load_model restores to the same log-probs."""
+    from knnlm_jax import runs
+
+    sd, args = case("wiki103")
+    vocab = vocab_of()
+    arch, params = fc.convert(sd, args, vocab)
+    cfg = fc.model_config(arch)
+    config = fc.run_config(arch, vocab, tokens_per_sample=64, source={"arch": "transformer_lm_wiki103"})
+    out = fc.write_run(str(tmp_path / "runs" / "fs"), config, vocab, cfg, params, step=7)
+    assert sorted(os.listdir(tmp_path / "runs")) == ["fs"]  # no temporary directory left
+    config = runs.run_config(out)
+    assert (config.position_offset, config.layer_norm_eps, config.eval_window, config.eval_context) == (2, 1e-5, 64, 32)
+    assert runs.latest_run(str(tmp_path / "runs")) == out
+    loaded_vocab = runs.load_vocab(out, config)
+    assert loaded_vocab == vocab
+    trained = runs.load_model(out, config, loaded_vocab)
+    assert (trained.step, trained.source) == (7, "best")
+    assert trained.cfg == dataclasses.replace(cfg, attention_impl="auto")  # wt103's speed fields
+    toks = jnp.asarray(tokens())
+    model = trained.model()
+    expected, _ = flax_log_probs(trained.cfg, params, np.asarray(toks))
+    np.testing.assert_array_equal(np.asarray(model.full_log_probs(model(toks))), expected)
+    np.testing.assert_allclose(expected, fairseq_log_probs(sd, args, np.asarray(toks)), atol=1e-4, rtol=0)
+    with pytest.raises(fc.ConvertError, match="already exists"):
+        fc.write_run(out, fc.run_config(arch, vocab), vocab, cfg, params)
+
+
+def test_cli_converts_an_npz_copy_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    sd, args = case("wiki103")
+    fc.save_npz(str(tmp_path / "model.npz"), sd, args, num_updates=3)
+    (tmp_path / "dict.txt").write_text("".join(f"w{i} {100 - i}\n" for i in range(36)), encoding="utf-8")
+    base = ["--checkpoint", str(tmp_path / "model.npz"), "--dict", str(tmp_path / "dict.txt")]
+    assert fc.main([*base, "--out", str(tmp_path / "run")]) == 0
+    assert "2 layers, d 16, 2 heads" in capsys.readouterr().out
+    with open(tmp_path / "run" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["derived"]["fairseq"]["num_updates"] == 3 and saved["compute_dtype"] == "float32"
+    bad = [
+        ([*base, "--out", str(tmp_path / "run")], "already exists"),
+        (["--checkpoint", str(tmp_path / "none.pt"), "--dict", str(tmp_path / "dict.txt"), "--out",
+          str(tmp_path / "r2")], "no such file"),
+        ([*base[:3], str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r3")], "--dict .*: no such file"),
+    ]
+    for argv, message in bad:
+        assert fc.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("fairseq_convert: error:")
+        assert re.search(message, err), err
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    assert fc.main(["--checkpoint", str(tmp_path / "model.pt"), *base[2:], "--out", str(tmp_path / "r4")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("needs PyTorch" in err or "not a readable PyTorch checkpoint" in err)
+    assert not (tmp_path / "r4").exists()
+
+
+def test_build_py_runs_on_a_converted_run(tmp_path):
+    """build.py finds the converted run's corpus (--data_dir at conversion) and builds its datastore."""
+    from test_datastore import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_train=20)
+    words = Vocab.build(open(os.path.join(corpus, "train.txt"), encoding="utf-8").read().splitlines())
+    (tmp_path / "dict.txt").write_text("".join(f"{w} {c}\n" for w, c in zip(words.words[4:], words.counts[4:])),
+                                       encoding="utf-8")
+    fc.save_npz(str(tmp_path / "model.npz"), fairseq_state(vocab_size=len(words)), WIKI103_LIKE)
+    assert fc.main(["--checkpoint", str(tmp_path / "model.npz"), "--dict", str(tmp_path / "dict.txt"),
+                    "--out", str(tmp_path / "run"), "--data_dir", corpus]) == 0
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "build.py"), "--workdir", str(tmp_path / "run"),
+                          "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "datastore train:" in out.stdout and "(window 64, context >= 32)" in out.stdout
+
+
+# ---------------------------------------------------------------------------------
+# optional: fairseq itself (skipped unless importable here or in the interpreter FAIRSEQ_PYTHON names)
+
+FAIRSEQ_SCRIPT = r"""
+import sys, json, argparse
+import numpy as np, torch
+from fairseq.data import Dictionary
+from fairseq.models.transformer_lm import TransformerLanguageModel, transformer_lm_baevski_wiki103
+out, tied_proj = sys.argv[1], sys.argv[2] == "1"
+torch.manual_seed(0)
+d = Dictionary()
+for i in range(36):
+    d.add_symbol(f"w{i}")
+args = argparse.Namespace(arch="transformer_lm_wiki103", decoder_layers=2, decoder_embed_dim=16,
+    decoder_ffn_embed_dim=32, decoder_attention_heads=2, adaptive_input_cutoff="8,20",
+    adaptive_softmax_cutoff="8,20", tokens_per_sample=64, tie_adaptive_proj=tied_proj)
+transformer_lm_baevski_wiki103(args)
+task = argparse.Namespace(source_dictionary=d, target_dictionary=d)
+model = TransformerLanguageModel.build_model(args, task).eval()
+with torch.no_grad():  # non-trivial LayerNorm parameters
+    for name, p in model.named_parameters():
+        if "layer_norm" in name:
+            p.add_(0.1 * torch.randn_like(p))
+toks = torch.tensor(np.random.default_rng(1).integers(2, 40, (2, 12)))
+with torch.no_grad():
+    lp = model.get_normalized_probs(model(toks), log_probs=True)
+sd = {k: v.numpy() for k, v in model.state_dict().items()}
+keep = {k: getattr(args, k) for k in vars(args) if isinstance(getattr(args, k), (str, int, float, bool))}
+np.savez(out, tokens=toks.numpy(), log_probs=lp.numpy(), args=json.dumps(keep), **{"sd." + k: v for k, v in sd.items()})
+# the same model as fairseq checkpoint files: args (as the public WikiText-103 model) and cfg (fairseq >= 0.10)
+from knnlm_jax import fairseq_convert as fc
+history = [{"num_updates": 5}]
+torch.save({"args": args, "model": model.state_dict(), "optimizer_history": history}, out + ".args.pt")
+torch.save({"args": None, "cfg": {"model": vars(args)}, "model": model.state_dict(), "optimizer_history": history},
+           out + ".cfg.pt")
+loaded = [fc.load_checkpoint(out + ext) for ext in (".args.pt", ".cfg.pt")]
+for state, a, n in loaded:
+    assert n == 5 and a["arch"] == "transformer_lm_wiki103" and state.keys() == sd.keys()
+    assert all(np.array_equal(state[k], sd[k]) for k in sd)
+fc.save_npz(out + ".copy.npz", *loaded[0])
+"""
+
+
+def fairseq_python():
+    try:
+        for name in ("torch", "fairseq"):
+            importlib.import_module(name)
+        return sys.executable
+    except Exception:  # noqa: BLE001 - not installed, or fairseq 0.12 failing on this Python
+        return os.environ.get("FAIRSEQ_PYTHON")
+
+
+@pytest.mark.parametrize("tied_proj", [True, False])
+def test_matches_fairseq_itself(tmp_path, tied_proj):
+    python = fairseq_python()
+    if not python:
+        pytest.skip("fairseq is not importable (set FAIRSEQ_PYTHON to an interpreter that has fairseq and torch)")
+    out = tmp_path / "fairseq.npz"
+    run = subprocess.run([python, "-c", FAIRSEQ_SCRIPT, str(out), "1" if tied_proj else "0"], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == 0, run.stderr[-2000:]
+    z = np.load(out)
+    sd = {k[3:]: z[k] for k in z.files if k.startswith("sd.")}
+    args = json.loads(str(z["args"]))
+    ours = fairseq_state(tie_proj=tied_proj)  # the layout this file's checkpoints assume is fairseq's
+    assert {k: v.shape for k, v in sd.items()} == {k: np.shape(v) for k, v in ours.items()}
+    arch, params = fc.convert(sd, args, vocab_of())
+    assert arch["tie_adaptive_proj"] == tied_proj and not arch["final_norm"]
+    got, _ = flax_log_probs(fc.model_config(arch), params, z["tokens"])
+    np.testing.assert_allclose(got, z["log_probs"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(fairseq_log_probs(sd, args, z["tokens"]), z["log_probs"], atol=1e-4, rtol=0)
+    # the command line on the checkpoint file (its torch-free copy), then the run as build/evaluate load it
+    from knnlm_jax import runs
+
+    (tmp_path / "dict.txt").write_text("".join(f"w{i} 1\n" for i in range(36)), encoding="utf-8")
+    assert fc.main(["--checkpoint", f"{out}.copy.npz", "--dict", str(tmp_path / "dict.txt"),
+                    "--out", str(tmp_path / "run")]) == 0
+    config = runs.run_config(str(tmp_path / "run"))
+    trained = runs.load_model(str(tmp_path / "run"), config, runs.load_vocab(str(tmp_path / "run"), config))
+    model = trained.model()
+    assert trained.step == 5 and config.tokens_per_sample == 64
+    lp = model.full_log_probs(model(jnp.asarray(z["tokens"])))
+    np.testing.assert_allclose(np.asarray(lp), z["log_probs"], atol=1e-4, rtol=0)
