@@ -8,6 +8,7 @@ global batch and the gradients are averaged across all devices.
 """
 
 import argparse
+import errno
 import json
 import shutil
 import sys
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
             result = train(config, workdir, progress=not args.no_progress, corpus_options=corpus_options(args))
         except OSError as err:  # full disk, read-only run directory, a file where a directory goes
             reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
+            if err.errno in (errno.EROFS, errno.ENOSPC):  # only writes fail so
+                raise UserError(f"cannot write {err.filename or workdir}: {reason}; fix it and run the same "
+                                "command again") from None
             if err.filename and not _inside(err.filename, workdir):  # an input, not the run directory
                 if isinstance(err, FileNotFoundError):
                     raise  # user_errors says which

@@ -85,11 +85,14 @@ def leaf_summary(tree) -> tuple[dict[str, int], list[str]]:
 
 
 def _os_error(err: BaseException) -> OSError | None:
-    """The ``OSError`` behind an exception (orbax wraps them), if any."""
+    """The ``OSError`` behind an exception (orbax wraps them; tensorstore reports one in its message), if any."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, OSError):
             return err
+        code = re.search(r"os_error_code='?(\d+)", str(err))  # tensorstore: a ValueError naming the errno
+        if code:
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
@@ -105,8 +108,11 @@ def _writing(directory: str, threads_stuck: bool = False):
         if os_err is None:
             raise
         reason = f"[Errno {os_err.errno}] {os_err.strerror}" if os_err.strerror else str(os_err)
-        error = CheckpointError(f"cannot write {directory}: {reason}")
+        error = CheckpointError(f"cannot write {directory}: {reason}; fix it and run the same command again")
         error.threads_stuck = threads_stuck
+        error.stderr_fd = getattr(err, "stderr_fd", None)
+        if threads_stuck:
+            threading.excepthook = lambda args: None  # orbax's writer threads die noisily after the failure
         raise error from None
 
 
@@ -131,7 +137,7 @@ class Checkpointer:
         if bad:
             raise NonFiniteState(f"not saving step {step} in {self.directory}: {bad[0]} is not finite")
         meta = dict(meta, **{CHECKSUMS: checksums})
-        with _quiet_absl(), _writing(self.directory, threads_stuck=True):
+        with _quiet_absl(), _writing(self.directory, threads_stuck=True), _stderr_silenced():
             if step in self._manager.all_steps():
                 self._manager.delete(step)
             args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))

@@ -161,3 +161,54 @@ def test_a_write_failing_inside_orbax_is_one_line_and_does_not_hang(tmp_path):
     out = subprocess.run([sys.executable, "-c", FAILED_SAVE.format(root=ROOT, path=path)], capture_output=True,
                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert f"cannot write {path}: [Errno" in one_error_line(out)
+
+
+def test_tensorstore_write_errors_are_read_as_the_os_error_they_name():
+    from knnlm_jax.checkpoint import CheckpointError, _writing
+
+    message = ('RESOURCE_EXHAUSTED: Error writing "params.x/0.0" in OCDBT database at local file "/d/best/20": '
+               "Failed to write 512 bytes to file 15: No space left on device [os_error_code='28']")
+    with pytest.raises(CheckpointError, match=r"cannot write /d: \[Errno 28\] No space left on device; fix it"):
+        with _writing("/d"):
+            raise ValueError(message)
+    with pytest.raises(ValueError, match="unrelated"):  # anything else passes through
+        with _writing("/d"):
+            raise ValueError("unrelated")
+
+
+FULL_DISK = r"""
+import os, subprocess, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
+from knnlm_jax.checkpoint import Checkpointer
+from knnlm_jax.cli import user_errors
+from test_checkpoint import make_state
+with user_errors("train.py"):
+    ckpt = Checkpointer({path!r})
+    filler = os.path.join({path!r}, "filler")
+    with open(filler, "wb") as f:  # fill the disk ...
+        try:
+            f.write(b"x" * (1 << 30))
+        except OSError:
+            pass
+    os.truncate(filler, os.path.getsize(filler) - {room})  # ... but for a little: orbax fails mid-write
+    ckpt.save(1, make_state(0), {{}})
+"""
+
+
+def test_a_full_disk_inside_orbax_is_one_line(tmp_path):
+    """A real small tmpfs (needs mount rights: root outside a locked-down container)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (no mount rights)")
+    try:
+        path = str(mnt / "ckpt")
+        for room in (0, 4 << 10, 16 << 10, 32 << 10):  # tensorstore fails (not Python) with some room left
+            out = subprocess.run([sys.executable, "-c", FULL_DISK.format(root=ROOT, path=path, room=room)],
+                                 capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                                 timeout=120)
+            line = one_error_line(out)
+            assert f"cannot write {path}: [Errno 28] No space left on device" in line, out.stderr
+            subprocess.run(["rm", "-rf", path])
+    finally:
+        subprocess.run(["umount", str(mnt)])
