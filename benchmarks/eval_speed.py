@@ -213,8 +213,7 @@ def choose_and_score_variants(args, config, vocab, trained, store, index, exact)
     full = evaluate()
     valid_full = open_token_files(os.path.join(out_dir, "tokens-valid"))
     n = min(args.choose_tokens, valid_full.n)
-    prefix = dataclasses.replace(valid_full, **{a: getattr(valid_full, a)[:n] for a in (
-        "logp_lm", "targets", "dists", "ids", "hit", "valid", "features")}, cache=None, meta=dict(valid_full.meta, n=n))
+    prefix = dataclasses.replace(valid_full.head(n), cache=None)
     full_valid_ppl = tune_knn(prefix)["ppl"]
     limit = full_valid_ppl * (1 + args.budget_pct / 100)
     choice = dict(tokens=n, full_valid_ppl=full_valid_ppl, limit=limit, retomaton=[], fraction=[])

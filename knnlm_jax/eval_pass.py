@@ -34,7 +34,7 @@ from knnlm_jax.building import build_capacities, check_batch_size
 from knnlm_jax.cache import cache_target_log_prob
 from knnlm_jax.datastore import token_stream, window_batch, windows
 from knnlm_jax.model import forward_states
-from knnlm_jax.retrieval import Policy, exact_distances, retrieve_batch
+from knnlm_jax.retrieval import Policy, exact_distances, nearest, retrieve_batch
 from knnlm_jax.search import search as search_index
 from knnlm_jax.token_files import FILES_FORMAT, META, TokenFiles, open_token_files
 
@@ -159,10 +159,10 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
 
     def timed_search(queries_QxD):
         t = time.perf_counter()
-        try:
-            return search_index(index, queries_QxD, k, nprobe)
-        finally:
-            timings["search"] += time.perf_counter() - t
+        dists, ids = search_index(index, queries_QxD, k, nprobe)
+        timings["search"] += time.perf_counter() - t
+        counts["not_found"] += int((ids < 0).sum())
+        return dists, ids
 
     def dispatch(batch_Wx3):
         inputs, targets, mask = window_batch(stream, batch_Wx3, window, eos, rows=batch_size)
@@ -195,48 +195,34 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
                 on_queries(queries)
             features = np.asarray(result["features"])[:count]
             out["features"][span] = features
-        if searching and not policy.full:
-            dists, ids, retrieved, searched = retrieve_batch(
-                policy, queries, tokens_N[span], spans_W, search=timed_search, keys_NxD=store.keys, vals_N=store.vals,
-                k=k, features_RxF=features, own_ids_R=np.arange(offset, offset + count) if drop_self else None,
-                exact=exact)
-            counts["searches"] += int(searched.sum())
-            t3 = time.perf_counter()
-            timings["rerank"] += t3 - t1 - timings["search"] + search_before
+            own_R = np.arange(offset, offset + count) if drop_self else None
+            if policy.full:
+                dists, ids = timed_search(queries)
+                if own_R is not None:
+                    own = ids == own_R[:, None]
+                    counts["self_dropped"] += int(own.sum())
+                    ids = np.where(own, -1, ids)
+                if exact:
+                    dists = exact_distances(store.keys, queries, ids)
+                dists, ids = nearest(dists, ids, k)  # sorted by distance; -1 / inf where nothing was found
+                retrieved, searched = None, count
+            else:
+                dists, ids, retrieved, searched_R = retrieve_batch(
+                    policy, queries, tokens_N[span], spans_W, search=timed_search, keys_NxD=store.keys,
+                    vals_N=store.vals, k=k, features_RxF=features, own_ids_R=own_R, exact=exact)
+                searched = int(searched_R.sum())
+            counts["searches"] += searched
             found = ids >= 0
             vals = np.asarray(store.vals[np.where(found, ids, 0).reshape(-1)]).reshape(ids.shape)
-            out["dists"][span] = dists
-            out["ids"][span] = ids
-            out["valid"][span] = found
-            out["hit"][span] = found & (vals == tokens_N[span, None])
-            out["retrieved"][span] = retrieved
-            timings["write"] += time.perf_counter() - t3
-        elif searching:
-            dists, ids = search_index(index, queries, k, nprobe)
-            counts["searches"] += count
             t2 = time.perf_counter()
-            timings["search"] += t2 - t1
-            found = ids >= 0
-            counts["not_found"] += int((~found).sum())
-            if drop_self:
-                own = ids == np.arange(offset, offset + count)[:, None]
-                counts["self_dropped"] += int(own.sum())
-                found &= ~own
-            if exact:
-                dists = exact_distances(store.keys, queries, np.where(found, ids, -1))
-            dists = np.where(found, dists, np.inf).astype(np.float32)
-            order = np.argsort(dists, axis=1, kind="stable")
-            dists = np.take_along_axis(dists, order, axis=1)
-            found = np.take_along_axis(found, order, axis=1)
-            ids = np.where(found, np.take_along_axis(ids, order, axis=1), -1)
-            vals = np.asarray(store.vals[np.where(found, ids, 0).reshape(-1)]).reshape(ids.shape)
-            t3 = time.perf_counter()
-            timings["rerank"] += t3 - t2
+            timings["rerank"] += t2 - t1 - (timings["search"] - search_before)  # all but the searches
             out["dists"][span] = dists
             out["ids"][span] = ids
             out["valid"][span] = found
             out["hit"][span] = found & (vals == tokens_N[span, None])
-            timings["write"] += time.perf_counter() - t3
+            if retrieved is not None:
+                out["retrieved"][span] = retrieved
+            timings["write"] += time.perf_counter() - t2
         counts["batches"] += 1
         bar.update(count)
         return offset + count
@@ -268,7 +254,8 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
                 drop_self=bool(drop_self), policy=policy.identity() if searching else None,
                 foss=1.0 - counts["searches"] / max(1, n) if searching else None,
                 windows=len(windows_Wx3), batch_size=batch_size, seconds=seconds,
-                tokens_per_s=n / max(seconds, 1e-9), timings=timings, **counts)
+                tokens_per_s=n / max(seconds, 1e-9), timings=timings,
+                **dict(counts, self_dropped=counts["self_dropped"] if policy.full else None))  # pointers: uncounted
     with open(os.path.join(tmp, META), "w") as f:
         json.dump(meta, f, indent=2)
     shutil.rmtree(directory, ignore_errors=True)

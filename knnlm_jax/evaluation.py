@@ -101,11 +101,11 @@ def fit_adaptive_gate(valid: TokenFiles, settings: Settings) -> tuple[Gate, dict
         best = tune_knn(valid, LAMBDAS if lmbda is None else (lmbda,),
                         TEMPERATURES if temperature is None else (temperature,))
         lmbda, temperature = best["lmbda"], best["temperature"]
-    half = valid.n // 2
-    lm = np.asarray(valid.logp_lm[:half])
-    gain = mix(lm, knn_log_probs(valid, [temperature])[0][:half], lmbda) - lm
-    gate = fit_gate(np.asarray(valid.features[:half]), gain, settings.retrieve_fraction)
-    return gate, dict(dataclasses.asdict(gate), fitted_on=f"valid tokens 0..{half - 1}", temperature=temperature,
+    half = valid.head(valid.n // 2)
+    lm = np.asarray(half.logp_lm)
+    gain = mix(lm, knn_log_probs(half, [temperature])[0], lmbda) - lm
+    gate = fit_gate(np.asarray(half.features), gain, settings.retrieve_fraction)
+    return gate, dict(dataclasses.asdict(gate), fitted_on=f"valid tokens 0..{half.n - 1}", temperature=temperature,
                       lmbda=lmbda, helped_fraction=float((gain > 0).mean()))
 
 
@@ -143,7 +143,8 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
             raise EvaluationError("auto parameters are tuned on valid, but there is no valid split")
         if splits["valid"][0].sha256 == data.sha256:
             raise EvaluationError(f"the valid split is the same text as {split} (a single-file corpus?): "
-                                  "give --lmbda, --temperature (and the cache's) as numbers instead of auto")
+                                  + ("adaptive retrieval's gate needs held-out valid text" if adaptive else
+                                     "give --lmbda, --temperature (and the cache's) as numbers instead of auto"))
         evaluated = ["valid", split]
     caps = union_capacities(trained, settings, [splits[s][1] for s in evaluated])
 

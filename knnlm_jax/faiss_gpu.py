@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import faiss
+import numpy as np
 
 
 def gpus() -> int:
@@ -53,7 +54,7 @@ class OnGpus:
     def search(self, queries_BxD, k: int, nprobe: int | None = None):
         if nprobe is not None and faiss.try_extract_index_ivf(self.host) is not None:
             faiss.GpuParameterSpace().set_index_parameter(self.gpu, "nprobe", int(nprobe))
-        return self.gpu.search(queries_BxD, int(k))
+        return self.gpu.search(np.ascontiguousarray(queries_BxD, dtype=np.float32), int(k))
 
 
 def for_search(index: faiss.Index):

@@ -32,7 +32,7 @@ class TokenFiles:
     valid: np.ndarray | None = None  # N x K bool
     cache: np.ndarray | None = None  # N x H float32: log p_cache(target) per θ of meta["cache_thetas"]
     retrieved: np.ndarray | None = None  # N bool: the token has a neighbour set (absent: every token has)
-    features: np.ndarray | None = None  # N x F float32: the LM's own summary at the token (adaptive retrieval)
+    features: np.ndarray | None = None  # N x F float32: head-softmax summary and query key (adaptive retrieval)
 
     @property
     def n(self) -> int:
@@ -45,6 +45,11 @@ class TokenFiles:
     @property
     def thetas(self) -> tuple:
         return tuple(self.meta.get("cache_thetas") or ())
+
+    def head(self, n: int) -> "TokenFiles":
+        """The first ``n`` tokens' quantities (views, nothing copied)."""
+        arrays = {a: getattr(self, a)[:n] for a in ARRAYS if getattr(self, a) is not None}
+        return dataclasses.replace(self, meta=dict(self.meta, n=min(n, self.n)), **arrays)
 
 
 ARRAYS = ("logp_lm", "targets", "dists", "ids", "hit", "valid", "cache", "retrieved", "features")
