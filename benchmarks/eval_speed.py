@@ -3,6 +3,7 @@
 
   python benchmarks/eval_speed.py --workdir runs/wt2 --datastore train [--split valid] [--max-tokens N]
                                   [--repeats 3] [--k 1024] [--approximate] [--out results/eval_speed.json]
+                                  [--variants-datastore train-fs --variants-approximate] [--reuse DIR]
 
 One process, after a warm-up pass of each kind (compilation excluded), ``--repeats`` passes of:
   - the base-LM evaluation (the same streaming pass, no search): tokens/s;
@@ -12,12 +13,15 @@ One process, after a warm-up pass of each kind (compilation excluded), ``--repea
 Medians are reported, with the search stage's time inside the pipeline against the bare
 search (pipeline overhead %: what running FAISS beside the device's forward costs it).
 
-Fewer searches (``variants``: full, retomaton, adaptive, both). Their knobs are chosen on
-valid (its first ``--choose-tokens`` targets): the RetoMaton threshold from
-``--retomaton-grid`` and the adaptive gate's retrieve fraction from ``--fraction-grid``,
-each the one saving the most searches at a valid perplexity within ``--budget-pct`` of the
-full kNN-LM's (each setting with its own λ and T tuned there); "both" combines the two
-choices. Each variant's test perplexity is then that of ``evaluate.py --split test`` with
+Variants (``variants``): ``full`` is the full kNN-LM as above (the baseline); ``full-fast``
+the full kNN-LM on ``--variants-datastore`` (another index of the same keys, e.g. a FastScan
+``IVF2048,PQ128x4fs``: cheaper searches, not fewer) with ``--variants-approximate`` distances;
+``retomaton``, ``adaptive`` and ``both`` save searches there (pointers always with exact
+distances). Their knobs are chosen on valid (its first ``--choose-tokens`` targets): the
+RetoMaton threshold from ``--retomaton-grid`` and the adaptive gate's retrieve fraction from
+``--fraction-grid`` (the gate fitted on ``full-fast``'s files), each the one saving the most
+searches at a valid perplexity within ``--budget-pct`` of the baseline full kNN-LM's (each
+setting with its own λ and T tuned there); "both" combines the two choices. Each variant's test perplexity is then that of ``evaluate.py --split test`` with
 those options (λ, T tuned on all of valid; per-token files in ``--variants-dir``, reused
 from ``--reuse`` where they answer the same question), and its speed is measured in the
 same repeats as the full kNN-LM's: ratios paired within each repeat, then their median.
@@ -50,6 +54,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "eval_speed.json"))
     parser.add_argument("--no-variants", dest="variants", action="store_false", help="only the full kNN-LM")
+    parser.add_argument("--variants-datastore", default=None, metavar="NAME",
+                        help="another index of the same keys (e.g. build.py --index-only --index "
+                             "IVF2048,PQ128x4fs into a copy) that every variant but full searches (default: --datastore)")
+    parser.add_argument("--variants-approximate", action="store_true",
+                        help="the variants use FAISS's distances (RetoMaton's pointers still need exact ones)")
     parser.add_argument("--retomaton-grid", default="1,4,16,64")
     parser.add_argument("--fraction-grid", default="0.3,0.4,0.5,0.6,0.7")
     parser.add_argument("--budget-pct", type=float, default=1.0,
@@ -100,20 +109,33 @@ def run(args) -> int:
 
     from knnlm_jax.retrieval import Policy
 
-    variants = choose_and_score_variants(args, config, vocab, trained, store, index, exact) if args.variants else []
+    vstore, vindex = store, index
+    if args.variants_datastore and args.variants_datastore != store.name:
+        vstore = open_datastore(datastore_dir(args.workdir, args.variants_datastore),
+                                runs.signature(config, vocab, trained.fingerprint, trained.step))
+        if not vstore.index_path or vstore.manifest.get("content") != store.manifest.get("content"):
+            raise ValueError(f"--variants-datastore {vstore.name}: not an indexed copy of {store.name}'s keys "
+                             f"(their content hashes differ, or it has no index)")
+        vindex = faiss_index.read_index(vstore.index_path)
+    variants = (choose_and_score_variants(args, config, vocab, trained, (store, index), (vstore, vindex), exact)
+                if args.variants else [])
     policies = {v["name"]: v["policy"] for v in variants if v["name"] != "full"}
 
     with tempfile.TemporaryDirectory() as tmp:
-        def once(search: bool, on_queries=None, overlap: bool = True, policy=Policy()) -> dict:
+        def once(search: bool, on_queries=None, overlap: bool = True, policy=Policy(), variant: bool = False) -> dict:
             files = evaluate_tokens(os.path.join(tmp, "tokens"), trained, tokens, vocab.eos, key_type=config.key_type,
                                     window=window, context=context, batch_size=batch_size,
-                                    index=index if search else None, store=store, k=args.k, exact=exact,
+                                    index=(vindex if variant else index) if search else None,
+                                    store=vstore if variant else store, k=args.k,
+                                    exact=variant_exact(args, policy) if variant else exact,
                                     nprobe=nprobe, capacities=caps, progress=False, on_queries=on_queries,
                                     overlap=overlap, policy=policy)
             return files.meta
 
         once(False)  # warm-up: compile both kinds of pass
         once(True)
+        for policy in policies.values():
+            once(True, policy=policy, variant=True)  # warm-up: the variants' index into memory
         base, knn, sequential, bare = [], [], [], []
         fewer = {name: [] for name in policies}
         for _ in range(args.repeats):
@@ -126,7 +148,7 @@ def run(args) -> int:
                 faiss_index.search(index, batch, args.k, nprobe)
             bare.append(time.perf_counter() - t0)
             for name, policy in policies.items():
-                fewer[name].append(once(True, policy=policy))
+                fewer[name].append(once(True, policy=policy, variant=True))
 
     med = statistics.median
     base_tps = med(m["tokens_per_s"] for m in base)
@@ -179,8 +201,17 @@ def run(args) -> int:
     return 0
 
 
-def choose_and_score_variants(args, config, vocab, trained, store, index, exact) -> list[dict]:
-    """The four variants with their knobs chosen on valid and their test perplexity (see the module doc)."""
+def variant_exact(args, policy) -> bool:
+    """Exact distances for a variant: unless ``--variants-approximate``; always with pointers (they need the keys)."""
+    return policy.min_pointers > 0 or not args.variants_approximate
+
+
+def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) -> list[dict]:
+    """The variants with their knobs chosen on valid and their test perplexity (see the module doc).
+
+    ``today``: ``(store, index)`` of the full kNN-LM as measured today (``exact`` distances);
+    ``fast``: those every other variant searches (``--variants-datastore``).
+    """
     import dataclasses
     import shutil
 
@@ -195,36 +226,49 @@ def choose_and_score_variants(args, config, vocab, trained, store, index, exact)
     os.makedirs(out_dir, exist_ok=True)
     if args.reuse:  # hard links of full kNN-LM files: split_files still checks they answer the same question
         for split in ("valid", "test"):
-            src, dst = os.path.join(args.reuse, f"tokens-{split}"), os.path.join(out_dir, f"tokens-{split}")
+            src, dst = os.path.join(args.reuse, f"tokens-{split}"), os.path.join(out_dir, "full", f"tokens-{split}")
             if os.path.isdir(src) and not os.path.isdir(dst):
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
                 shutil.copytree(src, dst, copy_function=os.link)
     window, context = eval_window_sizes(config)
     source = runs.run_corpus(config)
     splits = {s: runs.split_tokens(args.workdir, vocab, source, s) for s in ("valid", "test")}
-    base = dict(k=args.k, exact=exact, nprobe=args.nprobe, batch_size=args.batch_size or config.eval_batch_size,
+    base = dict(k=args.k, nprobe=args.nprobe, batch_size=args.batch_size or config.eval_batch_size,
                 window=window, context=context, max_tokens=args.variant_tokens)
+    nprobe = args.nprobe or (today[0].manifest.get("index") or {}).get("nprobe")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
 
-    def evaluate(**options) -> dict:
-        settings = Settings(lmbda=None, temperature=None, **base, **options)
-        return evaluation.run(out_dir, split="test", splits=splits, settings=settings, trained=trained,
-                              key_type=config.key_type, store=store, index=index, vocab=vocab, log=log)
+    def evaluate(name: str, where, **options) -> dict:
+        """``evaluate.py --split test`` for one variant; its files in ``out_dir/name`` (reused when they answer)."""
+        policy = Policy(options.get("min_pointers", 0))
+        settings = Settings(lmbda=None, temperature=None, **base, **options,
+                            exact=exact if where is today else variant_exact(args, policy))
+        store, index = where
+        return evaluation.run(os.path.join(out_dir, name), split="test", splits=splits, settings=settings,
+                              trained=trained, key_type=config.key_type, store=store, index=index, vocab=vocab,
+                              log=log)
 
-    full = evaluate()
-    valid_full = open_token_files(os.path.join(out_dir, "tokens-valid"))
-    n = min(args.choose_tokens, valid_full.n)
-    prefix = dataclasses.replace(valid_full.head(n), cache=None)
+    def valid_prefix(name: str):
+        files = open_token_files(os.path.join(out_dir, name, "tokens-valid"))
+        return dataclasses.replace(files.head(min(args.choose_tokens, files.n)), cache=None)
+
+    results = {"full": evaluate("full", today)}
+    prefix = valid_prefix("full")
+    n = prefix.n
     full_valid_ppl = tune_knn(prefix)["ppl"]
     limit = full_valid_ppl * (1 + args.budget_pct / 100)
     choice = dict(tokens=n, full_valid_ppl=full_valid_ppl, limit=limit, retomaton=[], fraction=[])
+    if fast is not today or not exact:  # the full kNN-LM on the variants' index (and distances)
+        results["full-fast"] = evaluate("full-fast", fast)
+        prefix = valid_prefix("full-fast")
+        choice["full_fast_valid_ppl"] = tune_knn(prefix)["ppl"]
     valid_tokens = splits["valid"][1][:n]
     with tempfile.TemporaryDirectory() as tmp:
         for tau in (int(t) for t in args.retomaton_grid.split(",")):
             files = evaluate_tokens(os.path.join(tmp, "reto"), trained, valid_tokens, vocab.eos,
                                     key_type=config.key_type, window=window, context=context,
-                                    batch_size=base["batch_size"], index=index, store=store, k=args.k, exact=exact,
-                                    nprobe=args.nprobe or (store.manifest.get("index") or {}).get("nprobe"),
-                                    progress=False, policy=Policy(min_pointers=tau))
+                                    batch_size=base["batch_size"], index=fast[1], store=fast[0], k=args.k,
+                                    exact=True, nprobe=nprobe, progress=False, policy=Policy(min_pointers=tau))
             choice["retomaton"].append(dict(min_pointers=tau, valid_ppl=tune_knn(files)["ppl"],
                                             foss=files.meta["foss"]))
             log(f"retomaton {tau}: {choice['retomaton'][-1]}")
@@ -243,23 +287,26 @@ def choose_and_score_variants(args, config, vocab, trained, store, index, exact)
     choice.update(chosen_min_pointers=tau, chosen_retrieve_fraction=fraction)
     tau = tau or int(args.retomaton_grid.split(",")[-1])  # none within budget: the most conservative setting
     fraction = fraction or max(float(f) for f in args.fraction_grid.split(","))
-    variants = [dict(name="full", options={}, result=full)]
-    variants.append(dict(name="retomaton", options=dict(min_pointers=tau), result=evaluate(min_pointers=tau)))
-    variants.append(dict(name="adaptive", options=dict(retrieve_fraction=fraction),
-                         result=evaluate(retrieve_fraction=fraction)))
-    variants.append(dict(name="both", options=dict(min_pointers=tau, retrieve_fraction=fraction),
-                         result=evaluate(min_pointers=tau, retrieve_fraction=fraction)))
+    options = {"full": {}, "full-fast": {}, "retomaton": dict(min_pointers=tau),
+               "adaptive": dict(retrieve_fraction=fraction),
+               "both": dict(min_pointers=tau, retrieve_fraction=fraction)}
+    for name in ("retomaton", "adaptive", "both"):
+        results[name] = evaluate(name, fast, **options[name])
     out = []
-    for v in variants:
-        r = v["result"]
+    for name, r in results.items():
         gate = (r["retrieval"] or {}).get("gate")
-        policy = Policy(v["options"].get("min_pointers", 0),
+        policy = Policy(options[name].get("min_pointers", 0),
                         Gate(**{f.name: gate[f.name] for f in dataclasses.fields(Gate)}) if gate else None)
+        store = (today if name == "full" else fast)[0]
+        row_exact = exact if name == "full" else variant_exact(args, policy)
         flags = " ".join(f"--{k.replace('min_pointers', 'retomaton').replace('_', '-')} {val}"
-                         for k, val in v["options"].items())
-        out.append(dict(name=v["name"], options=v["options"], policy=policy, test_ppl=r["rows"][1]["ppl"],
-                        test_base_ppl=r["rows"][0]["ppl"], foss=r["retrieval"]["foss"]["test"],
-                        valid_foss=r["retrieval"]["foss"].get("valid"), lmbda=r["knn"]["lmbda"],
+                         for k, val in options[name].items())
+        flags += "" if row_exact else " --approximate"
+        out.append(dict(name=name, options=options[name], policy=policy, datastore=store.name,
+                        index=(store.manifest.get("index") or {}).get("factory"), exact=row_exact, nprobe=nprobe,
+                        test_ppl=r["rows"][1]["ppl"], test_base_ppl=r["rows"][0]["ppl"],
+                        foss=(r["retrieval"] or {}).get("foss", {}).get("test", 0.0),
+                        valid_foss=(r["retrieval"] or {}).get("foss", {}).get("valid"), lmbda=r["knn"]["lmbda"],
                         temperature=r["knn"]["temperature"], valid_ppl=(r["valid"] or {}).get("knn", {}).get("ppl"),
                         command=f"python evaluate.py --workdir {args.workdir} --datastore {store.name} --split test "
                                 f"{flags}".strip()))

@@ -69,6 +69,7 @@ def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
     return jax.jit(step, static_argnums=4)
 
 
+POINTER_WINDOWS = 64  # windows whose RetoMaton pointers are followed side by side (one search per step)
 FAR = -(1 << 30)  # the position of an empty cache slot: never within reach of a query (int32 positions)
 
 
@@ -172,17 +173,27 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         result = step(trained.params, *(jax.device_put(a, sharding) for a in (inputs, targets, mask)), caps)
         return result, int(mask.sum()), mask.sum(axis=1)
 
-    def process(pending, offset: int) -> int:
-        result, count, spans_W = pending
+    def process(group_pending: list, offset: int) -> int:
+        """Write one group of dispatched batches (their windows retrieved together); the next offset."""
         t0 = time.perf_counter()
-        logp = np.asarray(result["logp"])[:count]  # waits for this batch's forward
-        queries = np.asarray(result["keys"])[:count] if searching else None
-        cache = None
-        if thetas:  # the cache spans the stream: this batch's positions see the previous cache_size ones
-            targets_R = np.zeros(rows, np.int32)
-            targets_R[:count] = tokens_N[offset : offset + count]
-            cache_RxH, memory[0] = cache_step(memory[0], result["states"], targets_R, np.int32(offset), np.int32(count))
-            cache = np.asarray(cache_RxH)[:count]
+        logps, queries, features, caches, spans = [], [], [], [], []
+        at = offset
+        for result, count, spans_W in group_pending:
+            logps.append(np.asarray(result["logp"])[:count])  # waits for this batch's forward
+            spans.append(spans_W)
+            if searching:
+                queries.append(np.asarray(result["keys"])[:count])
+                features.append(np.asarray(result["features"])[:count])
+            if thetas:  # the cache spans the stream: this batch's positions see the previous cache_size ones
+                targets_R = np.zeros(rows, np.int32)
+                targets_R[:count] = tokens_N[at : at + count]
+                cache_RxH, memory[0] = cache_step(memory[0], result["states"], targets_R, np.int32(at), np.int32(count))
+                caches.append(np.asarray(cache_RxH)[:count])
+            at += count
+        count, spans_W = at - offset, np.concatenate(spans)
+        logp = np.concatenate(logps)
+        queries = np.concatenate(queries) if searching else None
+        cache = np.concatenate(caches) if thetas else None
         t1 = time.perf_counter()
         timings["forward_wait"] += t1 - t0
         search_before = timings["search"]
@@ -193,7 +204,7 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         if searching:
             if on_queries is not None:
                 on_queries(queries)
-            features = np.asarray(result["features"])[:count]
+            features = np.concatenate(features)
             out["features"][span] = features
             own_R = np.arange(offset, offset + count) if drop_self else None
             if policy.full:
@@ -223,24 +234,24 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
             if retrieved is not None:
                 out["retrieved"][span] = retrieved
             timings["write"] += time.perf_counter() - t2
-        counts["batches"] += 1
+        counts["batches"] += len(group_pending)
         bar.update(count)
         return offset + count
 
+    # pointers are followed step by step across a group's windows side by side: more windows, fewer steps
+    group = max(1, POINTER_WINDOWS // batch_size) if searching and policy.min_pointers > 0 else 1
     bar = tqdm(total=n, disable=not progress, unit="tok", unit_scale=True, dynamic_ncols=True, desc=desc)
     start = time.perf_counter()
-    pending, offset = None, 0
+    pending, offset = [], 0
     try:
         for i in range(0, len(windows_Wx3), batch_size):
-            result = dispatch(windows_Wx3[i : i + batch_size])  # batch i+1 runs while batch i is searched
-            if not overlap:
-                offset = process(result, offset)
-                continue
-            if pending is not None:
-                offset = process(pending, offset)
-            pending = result
-        if pending is not None:
-            offset = process(pending, offset)
+            pending.append(dispatch(windows_Wx3[i : i + batch_size]))  # the next batch runs while a group is searched
+            if len(pending) > group or (not overlap and len(pending) == group):
+                offset = process(pending[:group], offset)
+                pending = pending[group:]
+        while pending:
+            offset = process(pending[:group], offset)
+            pending = pending[group:]
     finally:
         bar.close()
     seconds = time.perf_counter() - start

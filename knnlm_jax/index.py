@@ -204,6 +204,12 @@ def build_index(keys_NxD: np.ndarray, factory: str | None = None, *, nprobe: int
     return index, info
 
 
+def mergeable(index: faiss.Index) -> bool:
+    """Whether shards of ``index`` merge into one on-disk index: IVF with plain lists (not FastScan's blocks)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+
+
 def as_float32(keys_NxD: np.ndarray) -> np.ndarray:
     """``keys_NxD`` as float32; float16 is decoded by FAISS's SIMD scalar quantizer (NumPy's cast is slower)."""
     keys_NxD = np.ascontiguousarray(keys_NxD)

@@ -61,6 +61,9 @@ def merge_on_disk(trained_index: faiss.Index, shard_index_paths: list[str], inde
     ivf_ref = faiss.try_extract_index_ivf(trained_index)
     if ivf_ref is None or not trained_index.is_trained or trained_index.ntotal != 0:
         raise ValueError("merge_on_disk needs the trained, empty IVF index the shards were copied from")
+    if isinstance(faiss.downcast_index(ivf_ref), faiss.IndexIVFFastScan):
+        raise ValueError("FastScan indexes (…x4fs) keep their lists in blocks that do not merge on disk: "
+                         "search the shards apart")
     if not shard_index_paths:
         raise ValueError("merge_on_disk needs at least one shard index")
     t0 = time.time()

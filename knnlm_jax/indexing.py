@@ -37,9 +37,12 @@ def share_trained(local_SxD: np.ndarray, factory: str, dim: int, processes: Proc
 
 
 def merge_shards(directory: str, trained, shard_paths: list[str], nprobe: int) -> bool:
-    """Process 0: keep ``trained.faiss``; merge IVF shard indexes into ``index.faiss`` + ``index.ivfdata``."""
+    """Process 0: keep ``trained.faiss``; merge IVF shard indexes into ``index.faiss`` + ``index.ivfdata``.
+
+    Flat and FastScan shards are not merged (``False``): they are searched apart.
+    """
     faiss_index.write_index(trained, os.path.join(directory, TRAINED))
-    if faiss_index.faiss.try_extract_index_ivf(trained) is None:
+    if not faiss_index.mergeable(trained):
         return False
     merged = faiss_index.faiss.clone_index(trained)
     faiss_index.set_nprobe(merged, nprobe)
@@ -65,7 +68,7 @@ def index_sharded(store: Datastore, factory: str | None = None, nprobe: int = fa
     (seeded ids over all N entries): each process reads the part in its shard, the parts are
     all-gathered, process 0 trains and broadcasts the trained index. Each process adds its
     shard's keys with global ids and writes ``<shard>/index.faiss``; process 0 keeps
-    ``trained.faiss`` and, for IVF indexes, merges the shards' lists into ``index.faiss`` +
+    ``trained.faiss`` and, for IVF indexes (not FastScan), merges the shards' lists into ``index.faiss`` +
     ``index.ivfdata`` (searched memory-mapped). With one process every shard is done in turn.
     """
     m = store.manifest
@@ -89,7 +92,7 @@ def index_sharded(store: Datastore, factory: str | None = None, nprobe: int = fa
             parts.append(np.asarray(store.shards[p].keys[ids]))
         local = np.concatenate(parts) if parts else np.zeros((0, dim), np.float16)
         trained, trained_on = share_trained(local, factory, dim, processes, seed=seed, progress=progress)
-    lists = faiss_index.faiss.try_extract_index_ivf(trained) is not None
+    lists = faiss_index.mergeable(trained)  # FastScan's blocked lists do not merge on disk: searched apart
     paths = []
     for p in range(count):
         lo, hi = m["shard_entries"][p]

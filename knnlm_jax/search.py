@@ -132,8 +132,8 @@ def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode:
         mode = "shards" if processes.multi or (sharded and not info.get("merged")) else "merged"
     if mode == "merged":
         if sharded and not info.get("merged"):
-            raise DatastoreError(f"datastore {store.name} has no merged index (its shards' indexes are Flat): "
-                                 "search its shards")
+            raise DatastoreError(f"datastore {store.name} has no merged index (its shards' indexes are Flat or FastScan, "
+                                 "which do not merge on disk): search its shards (--search shards)")
         path = os.path.join(store.directory, INDEX)
         if not os.path.isfile(path):
             raise DatastoreError(f"datastore {store.name}: {INDEX} is missing; re-index it with: "

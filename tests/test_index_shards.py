@@ -165,6 +165,28 @@ def test_shards_of_another_training_are_refused(built, keys, tmp_path):
         shards.merge_on_disk(built["trained"], built["paths"], str(tmp_path / "i.faiss"), "/tmp/elsewhere.ivfdata")
 
 
+def test_fastscan_shards_are_searched_apart_and_answer_as_one_index(keys, tmp_path):
+    """FastScan lists do not merge on disk (one clear error); searched apart they answer as one index."""
+    trained = ix.train_index(keys[ix.sample_rows(N, 2000, seed=0)], "IVF16,PQ8x4fs", DIM, seed=0)
+    assert not ix.mergeable(trained) and ix.mergeable(ix.train_index(keys[:2000], "IVF16,PQ4", DIM, seed=0))
+    queries = clustered_keys(Q, seed=1).astype(np.float32)
+    whole = ix.copy_index(trained)
+    ix.add_keys(whole, keys, progress=False)
+    dists_list, ids_list, paths = [], [], []
+    for s in range(len(BOUNDS) - 1):
+        shard = ix.copy_index(trained)
+        ix.add_keys(shard, keys[BOUNDS[s] : BOUNDS[s + 1]], first_id=BOUNDS[s], progress=False)
+        paths.append(str(tmp_path / f"shard{s}.faiss"))
+        ix.write_index(shard, paths[-1])
+        dists, ids = ix.search(shard, queries, K, NPROBE)
+        dists_list.append(dists)
+        ids_list.append(ids)
+    assert_same_results(shards.merge_results(dists_list, ids_list, K), ix.search(whole, queries, K, NPROBE))
+    with pytest.raises(ValueError, match="do not merge on disk"):
+        shards.merge_on_disk(trained, paths, str(tmp_path / "i.faiss"), str(tmp_path / "i.ivfdata"))
+    assert not os.path.exists(tmp_path / "i.faiss")
+
+
 def test_train_size_grows_with_the_lists():
     assert ix.train_size(500_000, "IVF1024,PQ64") == 500_000  # capped at N
     assert ix.train_size(103_000_000, "IVF4096,PQ64") == 1_000_000  # the paper's sample

@@ -158,6 +158,22 @@ def test_retomaton_pass_counts_searches(ev, tmp_path):
     assert not (np.asarray(files.ids) == np.arange(192)[:, None]).any()  # self-retrievals dropped
 
 
+def test_pointer_groups_of_batches_change_nothing_but_the_steps(ev, tmp_path, monkeypatch):
+    """Windows retrieved side by side in groups of batches: the same files (cache included) as batch by batch."""
+    from knnlm_jax import eval_pass
+
+    tokens = ev.splits["train"][1][:200]
+    kw = dict(policy=Policy(min_pointers=2), drop_self=True, cache_thetas=(0.1,), cache_size=24)
+    monkeypatch.setattr(eval_pass, "POINTER_WINDOWS", 4)  # one batch of 4 windows at a time
+    single = run_tokens(ev, tmp_path, tokens, name="single", **kw)
+    monkeypatch.setattr(eval_pass, "POINTER_WINDOWS", 12)  # three batches at a time, the last group short
+    grouped = run_tokens(ev, tmp_path, tokens, name="grouped", **kw)
+    assert single.meta["batches"] == grouped.meta["batches"] and single.meta["searches"] == grouped.meta["searches"]
+    for name in ("logp_lm", "ids", "hit", "retrieved", "cache", "features"):
+        np.testing.assert_array_equal(getattr(grouped, name), getattr(single, name), err_msg=name)
+    np.testing.assert_allclose(grouped.dists, single.dists, rtol=1e-6)
+
+
 def test_settings_refuse_bad_retrieval_options():
     with pytest.raises(EvaluationError, match="retomaton"):
         Settings(min_pointers=-1).check()
