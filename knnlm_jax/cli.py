@@ -75,6 +75,21 @@ def load_run(args):
     return runs.run_config(workdir, args.overrides), workdir
 
 
+def installed() -> bool:
+    """Whether this process runs an installed console command (``knnlm-train``, ...), not ``python train.py``."""
+    return os.path.basename(sys.argv[0] if sys.argv else "").startswith("knnlm-")
+
+
+def command(name: str) -> str:
+    """How to run tool ``name`` (train, build, evaluate) the way this process was run, for hints."""
+    return f"knnlm-{name}" if installed() else f"python {name}.py"
+
+
+def program(name: str) -> str:
+    """The name errors are prefixed with: ``knnlm-NAME`` or ``NAME.py``."""
+    return f"knnlm-{name}" if installed() else f"{name}.py"
+
+
 @contextmanager
 def user_errors(prog: str):
     """Turn user errors into one line on stderr and exit status 2."""

@@ -547,9 +547,11 @@ SHARDED = "sharded"
 
 
 def build_command(store_directory: str, *flags: str) -> str:
-    """``python build.py --workdir W --datastore NAME FLAGS``: a hint that works when pasted."""
+    """``python build.py --workdir W --datastore NAME FLAGS`` (or ``knnlm-build ...``): a hint that works when pasted."""
+    from knnlm_jax.cli import command
+
     workdir = os.path.dirname(os.path.dirname(os.path.normpath(store_directory)))
-    return " ".join(["python build.py --workdir", workdir, "--datastore", os.path.basename(
+    return " ".join([command("build"), "--workdir", workdir, "--datastore", os.path.basename(
         os.path.normpath(store_directory)), *flags])
 
 

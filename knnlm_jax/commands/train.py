@@ -1,0 +1,89 @@
+"""Train the base Transformer LM: ``python train.py --config NAME [--set key=value ...]``.
+
+Resumes automatically from the run directory's latest checkpoint. Data-parallel over several
+processes (hosts) with ``--coordinator HOST:PORT --num_processes P --process_id I`` (one launch
+per process; auto-detected on SLURM and TPU pods): every process feeds its devices' rows of each
+global batch and the gradients are averaged across all devices.
+"""
+
+import argparse
+import errno
+import json
+import shutil
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from knnlm_jax.cli import UserError, add_config_args, corpus_options, load_config, program, user_errors
+    from knnlm_jax.configs import validate
+    from knnlm_jax.distributed import add_process_args, check_process_args
+
+    add_config_args(parser)
+    add_process_args(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and the exact parameter count, then exit")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    with user_errors(program("train")):
+        config, workdir = load_config(args)
+        validate(config)
+        check_process_args(args.coordinator, args.num_processes, args.process_id)
+        if args.dry_run:
+            return dry_run(config, corpus_options(args))
+        from knnlm_jax import distributed
+
+        processes = distributed.initialize_from(args)
+        if args.overwrite and processes.is_main:
+            shutil.rmtree(workdir, ignore_errors=True)
+        distributed.barrier("overwrite")
+        from knnlm_jax.training import train
+
+        try:
+            result = train(config, workdir, progress=not args.no_progress, corpus_options=corpus_options(args))
+        except OSError as err:  # full disk, read-only run directory, a file where a directory goes
+            reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
+            if err.errno in (errno.EROFS, errno.ENOSPC):  # only writes fail so
+                raise UserError(f"cannot write {err.filename or workdir}: {reason}; fix it and run the same "
+                                "command again") from None
+            if err.filename and not _inside(err.filename, workdir):  # an input, not the run directory
+                if isinstance(err, FileNotFoundError):
+                    raise  # user_errors says which
+                raise UserError(f"cannot read {err.filename}: {reason}") from None
+            raise UserError(f"cannot write {err.filename or workdir}: {reason}") from None
+        if not processes.is_main:
+            return 0
+        print(f"valid perplexity {result['valid_ppl']:.2f} (best {result['best_valid_ppl']:.2f} "
+              f"at step {result['best_step']}); add-one unigram {result['unigram_valid_ppl']:.2f}; "
+              f"ratio {result['valid_ppl'] / result['unigram_valid_ppl']:.3f}; "
+              f"{result['valid_tokens']} valid tokens, word level")
+        print(json.dumps(result, allow_nan=False))
+    return 0
+
+
+def _inside(path, directory: str) -> bool:
+    import os
+
+    return bool(path) and os.path.abspath(str(path)).startswith(os.path.abspath(directory) + os.sep)
+
+
+def dry_run(config, options: dict) -> int:
+    from knnlm_jax.model import ModelConfig, count_params
+
+    vocab_size = config.vocab_size
+    if not vocab_size:
+        from knnlm_jax import corpus
+        from knnlm_jax.vocab import Vocab
+
+        vocab_size = len(Vocab.build(corpus.read_split(config.data_dir, "train", **options).lines()))
+    cfg = ModelConfig.from_config(config, vocab_size=vocab_size)
+    print(config.to_json(indent=2))
+    print(f"vocab_size: {vocab_size}")
+    print(f"parameters: {count_params(cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
