@@ -34,7 +34,7 @@ def test_pyproject_dependencies_are_the_runtime_requirements():
                ("pytest", "pytest-xdist", "setuptools")]
     assert sorted(project["dependencies"]) == sorted(runtime)
     assert set(requirement_names(project["optional-dependencies"]["test"])) == {"pytest", "pytest-xdist"}
-    assert set(project["scripts"]) == {"knnlm-train", "knnlm-build", "knnlm-evaluate"}
+    assert set(project["scripts"]) == {"knnlm-train", "knnlm-build", "knnlm-evaluate", "knnlm-generate"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_the_installed_package_and_commands_run_the_demo_steps(installed, tmp_pa
               "print(os.path.isfile(os.path.join(os.path.dirname(knnlm_jax.__file__), 'wt103_eval_titles.txt')))")
     path, data = out.stdout.split()
     assert path.startswith(installed["site"]) and data == "True", out.stderr  # not the checkout; data shipped
-    for name in ("train", "build", "evaluate"):
+    for name in ("train", "build", "evaluate", "generate"):
         help_out = run(installed, tmp_path, f"knnlm-{name}", "--help")
         assert help_out.returncode == 0 and help_out.stdout.startswith(f"usage: knnlm-{name}"), help_out.stderr
     work = str(tmp_path / "run")

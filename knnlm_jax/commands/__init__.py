@@ -1,1 +1,1 @@
-"""The command-line tools: ``train``, ``build``, ``evaluate`` (``python train.py`` or ``knnlm-train``, ...)."""
+"""The command-line tools: ``train``, ``build``, ``evaluate``, ``generate`` (``python train.py`` or ``knnlm-train``, ...)."""

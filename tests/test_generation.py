@@ -1,0 +1,132 @@
+"""Generation: the KV-cache step against the full forward, sampling, kNN-LM continuation, the CLI."""
+
+import os
+import subprocess
+import sys
+
+import faiss
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from knnlm_jax.generation import Sampling, choose, generate
+from knnlm_jax.model import forward_with_keys
+from test_evaluation import ev  # noqa: F401  (module fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def context_of(ev, n=5):
+    return [ev.vocab.eos] + [int(t) for t in ev.splits["valid"][1][:n]]
+
+
+def full_forward_greedy(ev, context, n):
+    """The reference: each new token from a whole forward over everything so far (no cache)."""
+    model = ev.trained.model()
+    tokens, logps = list(context), []
+    for _ in range(n):
+        logp_V = np.asarray(model.full_log_probs(model(jnp.asarray([tokens], jnp.int32)))[0, -1])
+        tokens.append(int(np.argmax(logp_V)))
+        logps.append(float(logp_V[tokens[-1]]))
+    return tokens[len(context):], logps
+
+
+def test_lambda_zero_is_the_lms_own_greedy_continuation(ev):
+    context = context_of(ev)
+    steps = generate(ev.trained, context, 8, key_type=ev.config.key_type)
+    want, logps = full_forward_greedy(ev, context, 8)
+    assert [s.token for s in steps] == want
+    np.testing.assert_allclose([s.logp_lm for s in steps], logps, atol=1e-5)
+    assert all(s.logp == s.logp_lm and s.logp_knn is None for s in steps)
+
+
+def test_each_search_gets_the_full_forwards_query_key(ev):
+    context = context_of(ev)
+    queries = []
+
+    def retrieve(query_1xD):
+        queries.append(query_1xD[0].copy())
+        return np.zeros((1, 1), np.float32), np.full((1, 1), -1)  # nothing found: p_kNN is zero
+
+    steps = generate(ev.trained, context, 4, key_type=ev.config.key_type, retrieve=retrieve,
+                     vals_N=np.asarray(ev.store.vals), lmbda=0.5)
+    tokens = context + [s.token for s in steps]
+    _, keys = forward_with_keys(ev.trained.model(), jnp.asarray([tokens[:-1]]), jnp.asarray([tokens[1:]]),
+                                ev.config.key_type)
+    np.testing.assert_allclose(np.stack(queries), np.asarray(keys[0, len(context) - 1:]), atol=1e-5)
+    assert all(np.isneginf(s.logp_knn) for s in steps)  # no neighbour: the mixture is (1 - λ) p_LM
+    np.testing.assert_allclose([s.logp for s in steps], [s.logp_lm + np.log(0.5) for s in steps], atol=1e-5)
+
+
+def test_seeded_sampling_is_deterministic(ev):
+    context = context_of(ev)
+
+    def sample(seed):
+        steps = generate(ev.trained, context, 10, key_type=ev.config.key_type,
+                         sampling=Sampling(temperature=1.5, top_k=40, top_p=0.95, seed=seed))
+        return [s.token for s in steps]
+
+    assert sample(3) == sample(3)
+    assert len({tuple(sample(seed)) for seed in range(4)}) > 1
+
+
+def test_choose_greedy_top_k_and_top_p():
+    rng = np.random.default_rng(0)
+    logp = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert choose(logp, Sampling(), rng) == 0
+    assert {choose(logp, Sampling(temperature=1.0, top_k=2), rng) for _ in range(300)} == {0, 1}
+    assert {choose(logp, Sampling(temperature=1.0, top_p=0.7), rng) for _ in range(300)} == {0, 1}  # 0.5+0.3 >= 0.7
+    assert {choose(logp, Sampling(temperature=1.0, top_p=0.1), rng) for _ in range(50)} == {0}
+    assert {choose(logp, Sampling(temperature=1.0), rng) for _ in range(2000)} == {0, 1, 2, 3}
+    for bad in (Sampling(temperature=-1), Sampling(top_k=-1), Sampling(top_p=0)):
+        with pytest.raises(ValueError):
+            bad.check()
+
+
+def test_a_datastore_of_a_distinctive_text_is_continued_where_the_lm_alone_is_not(ev):
+    """Keys of one unusual word sequence: the kNN-LM reproduces its continuation from its start."""
+    rng = np.random.default_rng(7)
+    words = rng.choice(np.arange(5, len(ev.vocab)), size=12, replace=False).astype(np.int32)
+    inputs = np.concatenate([[ev.vocab.eos], words[:-1]]).astype(np.int32)
+    _, keys = forward_with_keys(ev.trained.model(), jnp.asarray(inputs[None]), jnp.asarray(words[None]),
+                                ev.config.key_type)
+    index = faiss.IndexFlatL2(keys.shape[-1])
+    index.add(np.asarray(keys[0], np.float32))
+
+    def retrieve(query_1xD):
+        return index.search(np.asarray(query_1xD, np.float32), 8)
+
+    context = [ev.vocab.eos] + [int(w) for w in words[:4]]
+    knn = generate(ev.trained, context, 7, key_type=ev.config.key_type, retrieve=retrieve, vals_N=words,
+                   lmbda=0.9, knn_temperature=1.0)
+    lm = generate(ev.trained, context, 7, key_type=ev.config.key_type)
+    assert [s.token for s in knn] == [int(w) for w in words[4:11]]
+    assert [s.token for s in lm] != [int(w) for w in words[4:11]]
+    assert all(s.neighbours[0][1] == w and s.neighbours[0][2] < 1e-3 for s, w in zip(knn, words[4:11]))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_generate_cli_explains_each_token_and_refuses_bad_input(ev, capsys):
+    prompt = " ".join(ev.vocab.words[t] for t in ev.splits["valid"][1][:4])
+    out = run_cli("--workdir", ev.workdir, "--datastore", "train", "--prompt", prompt, "--max-new-tokens", "4",
+                  "--lmbda", "0.5", "--knn-temperature", "2", "--k", "8", "--explain")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(prompt)
+    table = [line for line in lines if "p_LM" in line and "nearest:" in line]
+    assert len(table) == 4 and "lambda 0.5" in out.stdout
+    from knnlm_jax.commands.generate import main
+
+    for args, message in ((("--datastore", "nope"), "nope"), (("--lmbda", "0.5"), "needs --datastore"),
+                          (("--datastore", "train", "--lmbda", "2"), "must be in [0, 1]"),
+                          (("--max-new-tokens", "1000"), "exceed the model's context of 16 tokens"),
+                          (("--temperature", "-1"), "must be >= 0"), (("--top-p", "0"), "must be in (0, 1]")):
+        with pytest.raises(SystemExit) as exit_info:  # refused before the model loads: in this process
+            main(["--workdir", ev.workdir, "--prompt", prompt, "--max-new-tokens", "4", *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("generate.py: error:") and message in err, err
