@@ -31,9 +31,9 @@ def test_pyproject_dependencies_are_the_runtime_requirements():
     with open(os.path.join(ROOT, "requirements.txt")) as f:
         lines = [line.split("#")[0].strip() for line in f]
     runtime = [line for line in lines if line and line.split("=")[0].split(">")[0] not in
-               ("pytest", "pytest-xdist", "setuptools")]
+               ("pytest", "pytest-xdist", "setuptools", "selenium")]
     assert sorted(project["dependencies"]) == sorted(runtime)
-    assert set(requirement_names(project["optional-dependencies"]["test"])) == {"pytest", "pytest-xdist"}
+    assert set(requirement_names(project["optional-dependencies"]["test"])) == {"pytest", "pytest-xdist", "selenium"}
     assert set(project["scripts"]) == {"knnlm-train", "knnlm-build", "knnlm-evaluate", "knnlm-generate"}
 
 

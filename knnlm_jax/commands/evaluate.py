@@ -68,6 +68,11 @@ def main(argv=None) -> int:
                              "on <unk>)")
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="print the N tokens kNN helped most, with their neighbours' datastore text")
+    parser.add_argument("--html", default=None, metavar="PATH",
+                        help="also write a self-contained HTML explorer of the evaluated text (tokens coloured by "
+                             "how much kNN helped; click one for its neighbours)")
+    parser.add_argument("--html-tokens", type=int, default=2000, metavar="N",
+                        help="tokens the explorer shows, from the start of the split (default 2000)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward (default eval_batch_size)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output directory (default <workdir>/eval/<NAME>)")
     parser.add_argument("--recompute", action="store_true", help="do not reuse saved per-token files")
@@ -144,6 +149,8 @@ def evaluate(args) -> int:
     check_process_args(args.coordinator, args.num_processes, args.process_id)
     config, workdir = load_run(args)
     settings = settings_from(args, config)  # bad numbers are refused before anything is loaded
+    if args.html and args.html_tokens < 1:
+        raise EvaluationError(f"--html-tokens {args.html_tokens}: must be at least 1")
     vocab = runs.load_vocab(workdir, config)
     check_data_dir(args.data_dir)
     directory = find_datastore(workdir, args.datastore)
@@ -213,7 +220,26 @@ def evaluate_main(args, config, workdir, vocab, directory, settings, index, trai
             print(f"(--show skips the targets {', '.join(settings.show_skip)})")
         print(eval_report.format_examples(results["examples"]))
     print(f"results: {path}")
+    if args.html:
+        write_explorer(args.html, args.html_tokens, results, vocab, store, args.split)
+        print(f"explorer: {args.html}")
     return 0
+
+
+def write_explorer(path: str, n: int, results: dict, vocab, store, split: str) -> None:
+    import numpy as np
+
+    from knnlm_jax import explorer
+    from knnlm_jax.token_files import open_token_files
+
+    files = open_token_files(results["files"]["tokens"][split])
+    logprobs = np.load(results["files"]["logprobs"])
+    knn = results["knn"]
+    records = explorer.token_records(files, logprobs["knn"], logprobs["mixed"], vocab, store.vals,
+                                     knn["temperature"], n)
+    explorer.write_html(path, title=f"kNN-LM on {split} ({len(records)} tokens), datastore {store.name}",
+                        records=records, rows=results["rows"], lmbda=knn["lmbda"], temperature=knn["temperature"],
+                        sweep_pngs=[p for p in results["files"]["sweeps"] if p.endswith(".png")])
 
 
 def describe_tuning(r) -> str:
