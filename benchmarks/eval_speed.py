@@ -299,17 +299,16 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
                         Gate(**{f.name: gate[f.name] for f in dataclasses.fields(Gate)}) if gate else None)
         store = (today if name == "full" else fast)[0]
         row_exact = exact if name == "full" else variant_exact(args, policy)
-        flags = " ".join(f"--{k.replace('min_pointers', 'retomaton').replace('_', '-')} {val}"
-                         for k, val in options[name].items())
-        flags += "" if row_exact else " --approximate"
+        flags = [f"--{k.replace('min_pointers', 'retomaton').replace('_', '-')} {val}"
+                 for k, val in options[name].items()] + ([] if row_exact else ["--approximate"])
         out.append(dict(name=name, options=options[name], policy=policy, datastore=store.name,
                         index=(store.manifest.get("index") or {}).get("factory"), exact=row_exact, nprobe=nprobe,
                         test_ppl=r["rows"][1]["ppl"], test_base_ppl=r["rows"][0]["ppl"],
                         foss=(r["retrieval"] or {}).get("foss", {}).get("test", 0.0),
                         valid_foss=(r["retrieval"] or {}).get("foss", {}).get("valid"), lmbda=r["knn"]["lmbda"],
                         temperature=r["knn"]["temperature"], valid_ppl=(r["valid"] or {}).get("knn", {}).get("ppl"),
-                        command=f"python evaluate.py --workdir {args.workdir} --datastore {store.name} --split test "
-                                f"{flags}".strip()))
+                        command=" ".join([f"python evaluate.py --workdir {args.workdir} --datastore {store.name} "
+                                          "--split test", *flags])))
     out[0]["choice_on_valid"] = choice
     return out
 
