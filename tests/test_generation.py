@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import faiss
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from knnlm_jax.generation import Sampling, choose, generate
 from knnlm_jax.model import forward_with_keys
@@ -21,14 +23,37 @@ def context_of(ev, n=5):
 
 
 def full_forward_greedy(ev, context, n):
-    """The reference: each new token from a whole forward over everything so far (no cache)."""
-    model = ev.trained.model()
+    """The reference: each new token from a whole forward over everything so far (no cache).
+
+    One compiled forward of fixed length: the padding after the last real token cannot reach
+    it (causal attention), so its log-probs are those of the unpadded sequence.
+    """
+    length = len(context) + n
+
+    @jax.jit
+    def last_log_probs(params, tokens_1xL, last):
+        model = nnx.merge(ev.trained.graphdef, params)
+        return model.full_log_probs(model(tokens_1xL))[0, last]
+
     tokens, logps = list(context), []
     for _ in range(n):
-        logp_V = np.asarray(model.full_log_probs(model(jnp.asarray([tokens], jnp.int32)))[0, -1])
+        padded = np.full((1, length), ev.vocab.eos, np.int32)
+        padded[0, : len(tokens)] = tokens
+        logp_V = np.asarray(last_log_probs(ev.trained.params, padded, len(tokens) - 1))
         tokens.append(int(np.argmax(logp_V)))
         logps.append(float(logp_V[tokens[-1]]))
     return tokens[len(context):], logps
+
+
+def keys_of(ev, inputs, targets):
+    """The full forward's query keys (jitted: one compile instead of op-by-op dispatch)."""
+
+    @jax.jit
+    def run(params, inputs_1xT, targets_1xT):
+        return forward_with_keys(nnx.merge(ev.trained.graphdef, params), inputs_1xT, targets_1xT,
+                                 ev.config.key_type)[1]
+
+    return run(ev.trained.params, jnp.asarray([inputs], jnp.int32), jnp.asarray([targets], jnp.int32))
 
 
 def test_lambda_zero_is_the_lms_own_greedy_continuation(ev):
@@ -51,8 +76,7 @@ def test_each_search_gets_the_full_forwards_query_key(ev):
     steps = generate(ev.trained, context, 4, key_type=ev.config.key_type, retrieve=retrieve,
                      vals_N=np.asarray(ev.store.vals), lmbda=0.5)
     tokens = context + [s.token for s in steps]
-    _, keys = forward_with_keys(ev.trained.model(), jnp.asarray([tokens[:-1]]), jnp.asarray([tokens[1:]]),
-                                ev.config.key_type)
+    keys = keys_of(ev, tokens[:-1], tokens[1:])
     np.testing.assert_allclose(np.stack(queries), np.asarray(keys[0, len(context) - 1:]), atol=1e-5)
     assert all(np.isneginf(s.logp_knn) for s in steps)  # no neighbour: the mixture is (1 - λ) p_LM
     np.testing.assert_allclose([s.logp for s in steps], [s.logp_lm + np.log(0.5) for s in steps], atol=1e-5)
@@ -88,8 +112,7 @@ def test_a_datastore_of_a_distinctive_text_is_continued_where_the_lm_alone_is_no
     rng = np.random.default_rng(7)
     words = rng.choice(np.arange(5, len(ev.vocab)), size=12, replace=False).astype(np.int32)
     inputs = np.concatenate([[ev.vocab.eos], words[:-1]]).astype(np.int32)
-    _, keys = forward_with_keys(ev.trained.model(), jnp.asarray(inputs[None]), jnp.asarray(words[None]),
-                                ev.config.key_type)
+    keys = keys_of(ev, inputs, words)
     index = faiss.IndexFlatL2(keys.shape[-1])
     index.add(np.asarray(keys[0], np.float32))
 
