@@ -4,20 +4,16 @@ The browser test needs Chromium and its driver (Debian: ``apt-get install chromi
 chromium-driver``; ``.ci/run`` installs them) and skips, saying so, where they are missing.
 """
 
+import contextlib
+import io
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from test_evaluation import ev  # noqa: F401  (module fixture)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
 def page(ev, tmp_path_factory):
@@ -27,13 +23,13 @@ def page(ev, tmp_path_factory):
     text = (corpus / "test.txt").read_text().replace(" red ", " crimson ").replace(" fish ", " zebrafish ")
     (corpus / "test.txt").write_text(text)
     path = str(out / "page.html")
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--workdir", ev.workdir, "--datastore",
-                          "train", "--split", "test", "--k", "8", "--no-progress", "--out", str(out / "eval"),
-                          "--corpus", str(corpus), "--html", path, "--html-tokens", "60"],
-                         capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert run.returncode == 0, run.stderr
-    assert f"explorer: {path}" in run.stdout
+    from knnlm_jax.commands.evaluate import main  # in this process: the model is already compiled here
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["--workdir", ev.workdir, "--datastore", "train", "--split", "test", "--k", "8", "--no-progress",
+                     "--out", str(out / "eval"), "--corpus", str(corpus), "--html", path, "--html-tokens", "60"]) == 0
+    assert f"explorer: {path}" in stdout.getvalue()
     return path
 
 

@@ -1,9 +1,5 @@
 """Generation: the KV-cache step against the full forward, sampling, kNN-LM continuation, the CLI."""
 
-import os
-import subprocess
-import sys
-
 import faiss
 import jax
 import jax.numpy as jnp
@@ -14,9 +10,6 @@ from flax import nnx
 from knnlm_jax.generation import Sampling, choose, generate
 from knnlm_jax.model import forward_with_keys
 from test_evaluation import ev  # noqa: F401  (module fixture)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def context_of(ev, n=5):
     return [ev.vocab.eos] + [int(t) for t in ev.splits["valid"][1][:n]]
@@ -128,21 +121,17 @@ def test_a_datastore_of_a_distinctive_text_is_continued_where_the_lm_alone_is_no
     assert all(s.neighbours[0][1] == w and s.neighbours[0][2] < 1e-3 for s, w in zip(knn, words[4:11]))
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-
-
 def test_generate_cli_explains_each_token_and_refuses_bad_input(ev, capsys):
+    from knnlm_jax.commands.generate import main  # the console form runs in test_package.py
+
     prompt = " ".join(ev.vocab.words[t] for t in ev.splits["valid"][1][:4])
-    out = run_cli("--workdir", ev.workdir, "--datastore", "train", "--prompt", prompt, "--max-new-tokens", "4",
-                  "--lmbda", "0.5", "--knn-temperature", "2", "--k", "8", "--explain")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    assert main(["--workdir", ev.workdir, "--datastore", "train", "--prompt", prompt, "--max-new-tokens", "4",
+                 "--lmbda", "0.5", "--knn-temperature", "2", "--k", "8", "--explain"]) == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.splitlines()
     assert lines[0].startswith(prompt)
     table = [line for line in lines if "p_LM" in line and "nearest:" in line]
-    assert len(table) == 4 and "lambda 0.5" in out.stdout
-    from knnlm_jax.commands.generate import main
+    assert len(table) == 4 and "lambda 0.5" in stdout
 
     for args, message in ((("--datastore", "nope"), "nope"), (("--lmbda", "0.5"), "needs --datastore"),
                           (("--datastore", "train", "--lmbda", "2"), "must be in [0, 1]"),

@@ -65,9 +65,12 @@ def test_the_installed_package_and_commands_run_the_demo_steps(installed, tmp_pa
               "print(os.path.isfile(os.path.join(os.path.dirname(knnlm_jax.__file__), 'wt103_eval_titles.txt')))")
     path, data = out.stdout.split()
     assert path.startswith(installed["site"]) and data == "True", out.stderr  # not the checkout; data shipped
-    for name in ("train", "build", "evaluate", "generate"):
-        help_out = run(installed, tmp_path, f"knnlm-{name}", "--help")
-        assert help_out.returncode == 0 and help_out.stdout.startswith(f"usage: knnlm-{name}"), help_out.stderr
+    helps = {name: subprocess.Popen([f"knnlm-{name}", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=installed["env"], cwd=str(tmp_path))
+             for name in ("train", "build", "evaluate", "generate")}  # side by side: they only import and print
+    for name, proc in helps.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and stdout.startswith(f"usage: knnlm-{name}"), stderr
     work = str(tmp_path / "run")
     steps = [("knnlm-train", "--data_dir", wikitext_dir, "--workdir", work, "--no-progress", *SMALL),
              ("knnlm-build", "--workdir", work, "--no-progress"),
