@@ -5,6 +5,23 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# One persistent JAX compilation cache per test worker, inherited by the tools the tests run as
+# subprocesses: the same tiny models are compiled once, not once per process (numerics unchanged).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="knnlm-test-jax-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if "_OWN_CACHE" in globals():
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 WORDS = ("the cat dog sat on mat and ran to a red blue house tree bird sang loud soft "
