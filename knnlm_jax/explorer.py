@@ -86,11 +86,12 @@ def token_records(files, logp_knn_N, logp_mixed_N, vocab, vals_N, temperature: f
     """The page's data for the first ``n`` tokens: word, probabilities, gain, context and neighbours."""
     n = min(n, files.n)
     tokens = np.asarray(files.targets[:n])
+    dists_NxK, ids_NxK = np.asarray(files.dists[:n], np.float32), np.asarray(files.ids[:n])
+    weights_NxK = np.exp(np.asarray(neighbour_log_weights(dists_NxK, ids_NxK >= 0, temperature)))  # one call
     records = []
     for p in range(n):
-        d, ids = np.asarray(files.dists[p], np.float32), np.asarray(files.ids[p])
+        d, ids, weights = dists_NxK[p], ids_NxK[p], weights_NxK[p]
         found = np.flatnonzero(ids >= 0)[:neighbours]
-        weights = np.exp(np.asarray(neighbour_log_weights(d[None], ids[None] >= 0, temperature))[0])
         nb = [dict(d=float(d[j]), p=float(weights[j]), v=vocab.words[int(vals_N[ids[j]])],
                    c=vocab.decode(vals_N[max(0, int(ids[j]) - before) : int(ids[j])])) for j in found]
         lm, mixed = float(files.logp_lm[p]), float(logp_mixed_N[p])
