@@ -14,8 +14,14 @@ class UserError(Exception):
     """An error caused by the user's input: reported as one line, no traceback."""
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: str | None = "tiny") -> None:
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = "tiny", model: bool = False) -> None:
     parser.add_argument("--config", default=default, help="named config (tiny, wt2, wt103)")
+    if model:
+        parser.add_argument("--model", default=None, metavar="PATH",
+                            help="a pretrained Llama-family LM instead of a trained run: a .gguf file, a Hugging "
+                                 "Face directory (config.json, *.safetensors, tokenizer.json), or smollm2 (the "
+                                 "embedded SmolLM2-135M-Instruct); its run directory is --workdir, else "
+                                 "runs/<model name>, and remembers it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable); unknown keys are an error")
     parser.add_argument("--data_dir", "--data-dir", default=None,
@@ -63,9 +69,16 @@ def load_run(args):
     """``(config, workdir)`` of a trained run: ``--workdir``, else ``runs/<--config>``, else the latest run.
 
     The config is the run's saved one with ``--set`` overrides (which may not change the model).
+    With ``--model`` it is that pretrained LM's run directory (made on first use).
     """
     from knnlm_jax import runs
 
+    model = getattr(args, "model", None)
+    if model:
+        check_data_dir(args.data_dir)
+        workdir = args.workdir or os.path.join(runs.RUNS_ROOT, runs.model_run_name(model))
+        runs.setup_pretrained(workdir, model, args.data_dir)
+        return runs.run_config(workdir, args.overrides, model=model), workdir
     if args.workdir:
         workdir = args.workdir
     elif args.config:

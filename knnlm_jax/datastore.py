@@ -175,9 +175,9 @@ def check_signature(manifest: dict, signature: ModelSignature, name: str) -> Non
                              f"but the model's is {signature.key_type!r}")
     if manifest.get("vocab_fingerprint") != signature.vocab_fingerprint:
         raise DatastoreError(
-            f"datastore {name} was built with vocabulary {str(manifest.get('vocab_fingerprint'))[:12]} "
-            f"({manifest.get('vocab_size')} words) but the model's is {signature.vocab_fingerprint[:12]} "
-            f"({signature.vocab_size} words)")
+            f"datastore {name} was built with vocabulary (tokenizer) {str(manifest.get('vocab_fingerprint'))[:12]} "
+            f"({manifest.get('vocab_size')} ids) but the model's is {signature.vocab_fingerprint[:12]} "
+            f"({signature.vocab_size} ids)")
     if signature.fingerprint is not None and manifest.get("model_fingerprint") != signature.fingerprint:
         raise DatastoreError(
             f"datastore {name} was built with other model weights (step {manifest.get('checkpoint_step')}, "

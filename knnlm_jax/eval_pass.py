@@ -61,7 +61,7 @@ def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
         out = {"logp": model.target_log_probs(hidden_RxD[None], targets_R[None], capacities=capacities)[0]}
         if key_type:
             out["keys"] = sown[key_type].reshape(rows, -1).astype(jnp.float32)
-            out["features"] = jnp.concatenate([model.softmax.head_features(hidden_RxD, model.embed), out["keys"]], -1)
+            out["features"] = jnp.concatenate([model.head_features(hidden_RxD), out["keys"]], -1)
         if states:
             out["states"] = sown["final_output"].reshape(rows, -1).astype(jnp.float32)
         return out

@@ -80,8 +80,13 @@ def format_table(results: dict) -> str:
                      f"{'exact' if s['exact'] else 'approximate'} L2), k={s['k']}, T={s['temperature']:.3g}, "
                      f"lambda={s['lmbda']:.2f} ({s['lmbda_source']})")
     width = max(len(row["name"]) for row in r["rows"]) + 2
-    lines.append(f"{'':{width}}{'perplexity':>12}{'change':>10}")
+    words = bool(r.get("words"))  # a subword LM on a word-level corpus: per-word perplexity beside per-token
+    if words:
+        lines.append(f"per word: the same summed NLL over the text's {r['words']} words (whitespace words and line "
+                     "ends, as a word-level vocabulary counts them)")
+    lines.append(f"{'':{width}}{'perplexity':>12}{'change':>10}" + (f"{'per word':>12}" if words else ""))
     for row in r["rows"]:
         change = "" if row["name"] == "base LM" else f"{row['change_pct']:+.1f}%"
-        lines.append(f"{row['name']:{width}}{row['ppl']:12.3f}{change:>10}")
+        lines.append(f"{row['name']:{width}}{row['ppl']:12.3f}{change:>10}"
+                     + (f"{row['word_ppl']:12.3f}" if words else ""))
     return "\n".join(lines)

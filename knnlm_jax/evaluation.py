@@ -109,6 +109,16 @@ def fit_adaptive_gate(valid: TokenFiles, settings: Settings) -> tuple[Gate, dict
                       lmbda=lmbda, helped_fraction=float((gain > 0).mean()))
 
 
+def count_words(vocab, files: TokenFiles) -> int:
+    """The word count of a subword-tokenised split's scored text (0 for a word-level vocabulary)."""
+    return int(vocab.count_words(np.asarray(files.targets))) if hasattr(vocab, "count_words") else 0
+
+
+def per_word(ppl: float, tokens: int, words: int) -> float:
+    """Per-word perplexity from per-token: the same summed NLL over ``words`` instead of ``tokens``."""
+    return float(np.exp(np.log(ppl) * tokens / words))
+
+
 def _rows(base: float, named: list[tuple[str, float]]) -> list[dict]:
     rows = [dict(name="base LM", ppl=base, change_pct=0.0)]
     for name, ppl in named:
@@ -218,9 +228,19 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
             named.append((label, perplexity(mixed)))
 
     rows = _rows(base, named)
+    words = count_words(vocab, target)
+    if words:
+        for row in rows:
+            row["word_ppl"] = per_word(row["ppl"], target.n, words)
     if tuning is not None:
         valid_report["base_ppl"] = perplexity(tuning.logp_lm)
         valid_report["tokens"] = tuning.n
+        valid_words = count_words(vocab, tuning)
+        if valid_words:
+            valid_report["words"] = valid_words
+            valid_report["word_ppl"] = {k: per_word(v["ppl"], tuning.n, valid_words)
+                                        for k, v in valid_report.items() if isinstance(v, dict) and "ppl" in v}
+            valid_report["word_ppl"]["base"] = per_word(valid_report["base_ppl"], tuning.n, valid_words)
 
     # sweeps on valid, as the paper's Figures 4 and 5 (never on test)
     on_valid = tuning if tuning is not None else (target if split == "valid" else None)
@@ -251,7 +271,7 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
     return dict(
         split=split, corpus_name=data.corpus, datastore=store.name, datastore_entries=store.size,
         index="exact on device (JAX)" if searcher_kind(index) == "device" else index_info.get("factory"),
-        tokens=target.n, unit="word", window=settings.window,
+        tokens=target.n, unit="word" if not words else "token", words=words or None, window=settings.window,
         context=settings.context, rows=rows, knn=knn, cache=cache, tuned_on_valid=bool(settings.tunes),
         valid=valid_report or None, drop_self=meta.get("drop_self"),
         self_dropped=meta.get("self_dropped", 0), not_found=meta.get("not_found", 0),

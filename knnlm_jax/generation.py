@@ -63,6 +63,9 @@ def make_decode_step(graphdef, key_type: str, max_len: int):
     """
     def step(params, cache, token_B, pos):
         model = nnx.merge(graphdef, params)
+        if hasattr(model, "decode_step"):  # a pretrained LM (knnlm_jax.llama) decodes itself
+            x, states, new_cache = model.decode_step(token_B, cache, pos)
+            return model.full_log_probs(x)[:, 0], states[key_type][:, 0].astype(jnp.float32), new_cache
         cfg = model.cfg
         positions_LxD = jnp.asarray(sinusoidal_positions(max_len, cfg.d_model, cfg.position_offset))
         x = model.embed_scale * model.embed(token_B[:, None]) + positions_LxD[pos]
@@ -97,7 +100,10 @@ def make_decode_step(graphdef, key_type: str, max_len: int):
     return jax.jit(step)
 
 
-def empty_cache(cfg, batch: int, max_len: int):
+def empty_cache(trained, batch: int, max_len: int):
+    if trained.source == "pretrained":
+        return trained.model().empty_cache(batch, max_len)
+    cfg = trained.cfg
     hd = cfg.d_model // cfg.num_heads
     dtype = jnp.float32 if cfg.dtype is None else cfg.dtype
     zeros = jnp.zeros((batch, max_len, cfg.num_heads, hd), dtype)
@@ -141,10 +147,9 @@ def generate(trained, context, new_tokens: int, *, key_type: str, retrieve=None,
     context = [int(t) for t in context]
     if not context:
         raise ValueError("generation needs at least one context token")
-    cfg = trained.cfg
     max_len = len(context) + new_tokens
     step = make_decode_step(trained.graphdef, key_type, max_len)
-    cache = empty_cache(cfg, 1, max_len)
+    cache = empty_cache(trained, 1, max_len)
     rng = np.random.default_rng(sampling.seed)
     for pos, token in enumerate(context):  # prefill, one position at a time
         logp, query, cache = step(trained.params, cache, jnp.asarray([token], jnp.int32), pos)

@@ -42,6 +42,11 @@ class LlamaConfig:
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
+    @property
+    def cutoffs(self) -> tuple:
+        """No adaptive-softmax bands: one full softmax (what the pipeline's capacities read)."""
+        return ()
+
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} attention heads do not group over {self.num_kv_heads} key/value heads")
@@ -159,11 +164,54 @@ class LlamaLM(nnx.Module):
                 self.sow(nnx.Intermediate, name, states[name].astype(jnp.float32))
         return x
 
+    def decode_step(self, token_B, cache, pos):
+        """One position against a KV cache: ``(softmax input Bx1xD, sown key types, new cache)``.
+
+        ``cache``: per layer ``(keys, values)``, each ``B x max_len x KV x hd`` (see
+        :meth:`empty_cache`); position ``pos``'s are written, later positions are masked out.
+        """
+        cfg = self.cfg
+        x = self.embed_tokens[...][token_B[:, None]]
+        b, hd, group = x.shape[0], cfg.head_size, cfg.num_heads // cfg.num_kv_heads
+        positions = jnp.reshape(pos, (1,))
+        new_cache, states = [], {}
+        for i, layer in enumerate(self.layers):
+            a, h = layer.self_attn, layer.input_layernorm(x)
+            q = rotary(a.q_proj(h).reshape(b, 1, cfg.num_heads, hd), positions, cfg.rope_theta)
+            k = rotary(a.k_proj(h).reshape(b, 1, cfg.num_kv_heads, hd), positions, cfg.rope_theta)
+            v = a.v_proj(h).reshape(b, 1, cfg.num_kv_heads, hd)
+            keys = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k, pos, 1)
+            vals = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v, pos, 1)
+            new_cache.append((keys, vals))
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(keys, group, axis=2)) * hd**-0.5
+            scores = jnp.where(jnp.arange(keys.shape[1]) <= pos, scores, jnp.finfo(jnp.float32).min)
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), jnp.repeat(vals, group, axis=2))
+            attn = a.o_proj(ctx.reshape(b, 1, cfg.num_heads * hd))
+            x = x + attn
+            ffn_in = layer.post_attention_layernorm(x)
+            if i == len(self.layers) - 1:
+                states.update(attn_output=attn, ffn_input_before_ln=x, ffn_input_after_ln=ffn_in)
+            x = x + layer.mlp(ffn_in)
+        states["block_output"] = x
+        x = self.norm(x)
+        states["final_output"] = x
+        return x, states, tuple(new_cache)
+
+    def empty_cache(self, batch: int, max_len: int):
+        zeros = jnp.zeros((batch, max_len, self.cfg.num_kv_heads, self.cfg.head_size), jnp.float32)
+        return tuple((zeros, zeros) for _ in range(self.cfg.num_layers))
+
     def logits(self, h_BxTxD):
         return h_BxTxD @ self.embed_tokens[...].T if self.lm_head is None else self.lm_head(h_BxTxD)
 
     def full_log_probs(self, h_BxTxD, **_):
         return jax.nn.log_softmax(self.logits(h_BxTxD).astype(jnp.float32), axis=-1)
+
+    def head_features(self, h_BxTxD):
+        """The softmax's entropy and top log-prob per position, ``B x T x 2`` (what adaptive retrieval gates on)."""
+        logp = self.full_log_probs(h_BxTxD)
+        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1, keepdims=True)
+        return jnp.concatenate([entropy, jnp.max(logp, axis=-1, keepdims=True)], axis=-1)
 
     def target_log_probs(self, h_BxTxD, targets_BxT, **_):
         logp = self.full_log_probs(h_BxTxD)

@@ -271,6 +271,10 @@ class TransformerLM(nnx.Module):
     def full_log_probs(self, h_BxTxD, *, deterministic=True, rngs=None):
         return self.softmax.full_log_probs(h_BxTxD, self.embed, deterministic=deterministic, rngs=rngs)
 
+    def head_features(self, h_BxTxD):
+        """The head softmax's summary per position (what adaptive retrieval gates on)."""
+        return self.softmax.head_features(h_BxTxD, self.embed)
+
 
 @nnx.remat(static_argnums=3)
 def _remat_block(block: Block, x_BxTxD, rngs, deterministic: bool):

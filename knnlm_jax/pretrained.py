@@ -169,38 +169,66 @@ def hf_config(directory: str) -> LlamaConfig:
 # one entry point
 
 
-def load_pretrained(path: str):
-    """``(model, tokenizer, info)`` from a ``.gguf`` file or a Hugging Face directory; PretrainedError if not."""
+EMBEDDED_MODEL = "smollm2"  # --model's name for the embedded SmolLM2-135M-Instruct
+
+
+def resolve(model: str) -> str:
+    """The path ``--model`` names: ``smollm2`` is the embedded GGUF, anything else a path."""
+    return smollm2_path() if model == EMBEDDED_MODEL else model
+
+
+def _check_path(path: str) -> str:
+    """``"hf"`` or ``"gguf"``; PretrainedError for a missing path or an incomplete directory."""
     if os.path.isdir(path):
         for need in ("config.json", "tokenizer.json"):
             if not os.path.isfile(os.path.join(path, need)):
                 raise PretrainedError(f"model directory {path} has no {need}")
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
+        if not glob.glob(os.path.join(path, "*.safetensors")):
             raise PretrainedError(f"model directory {path} has no *.safetensors weights")
+        return "hf"
+    if os.path.isfile(path):
+        return "gguf"
+    hub = "/" in path and not os.path.isabs(path) and not os.path.exists(path.split("/")[0])
+    raise PretrainedError(f"no model at {path} (a .gguf file or a Hugging Face directory)"
+                          + ("; models are never downloaded from a hub (no network at run time): download it "
+                             "yourself and give its local path, or use smollm2, the embedded SmolLM2-135M" if hub
+                             else ""))
+
+
+def _gguf_reader(path: str):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as err:  # the gguf package raises several kinds for a file that is not GGUF
+        raise PretrainedError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+
+
+def peek(path: str):
+    """``(LlamaConfig, tokenizer)`` of a model without reading its weights (cheap: headers only)."""
+    if _check_path(path) == "hf":
         from tokenizers import Tokenizer
 
-        cfg = hf_config(path)
+        return hf_config(path), Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    reader = _gguf_reader(path)
+    return gguf_config(reader), gguf_tokenizer(reader)
+
+
+def load_pretrained(path: str):
+    """``(model, tokenizer, info)`` from a ``.gguf`` file or a Hugging Face directory; PretrainedError if not."""
+    kind = _check_path(path)
+    if kind == "hf":
+        cfg, tokenizer = peek(path)
         weights = {}
-        for file in files:
+        for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
             weights.update(read_safetensors(file))
         if cfg.tie_embeddings:
             weights.pop("lm_head.weight", None)
-        tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        kind = "hf"
-    elif os.path.isfile(path):
-        from gguf import GGUFReader
-
-        try:
-            reader = GGUFReader(path)
-        except Exception as err:  # the gguf package raises several kinds for a file that is not GGUF
-            raise PretrainedError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+    else:
+        reader = _gguf_reader(path)
         cfg = gguf_config(reader)
         weights = gguf_weights(reader, cfg)
         tokenizer = gguf_tokenizer(reader)
-        kind = "gguf"
-    else:
-        raise PretrainedError(f"no model at {path} (a .gguf file or a Hugging Face directory)")
     model = LlamaLM(cfg)
     assign(model, weights)
     return model, tokenizer, dict(kind=kind, path=os.path.abspath(path), config=cfg.__dict__)

@@ -34,7 +34,16 @@ def has_checkpoint(directory: str) -> bool:
 
 def _is_run(workdir: str) -> bool:
     return os.path.isfile(os.path.join(workdir, "config.json")) and (
-        has_checkpoint(os.path.join(workdir, "best")) or has_checkpoint(os.path.join(workdir, "checkpoints")))
+        has_checkpoint(os.path.join(workdir, "best")) or has_checkpoint(os.path.join(workdir, "checkpoints"))
+        or _saved_name(workdir) == PRETRAINED)
+
+
+def _saved_name(workdir: str) -> str | None:
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            return json.load(f).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _mtime(workdir: str) -> float:
@@ -51,15 +60,70 @@ def latest_run(root: str = RUNS_ROOT) -> str:
     return max(runs, key=_mtime)
 
 
+# ---------------------------------------------------------------------------------
+# a pretrained LM's run directory (--model): no checkpoint, its config names the model
+
+PRETRAINED = "pretrained"
+_PEEKED: dict = {}  # (model path, mtime, size) -> (LlamaConfig, tokenizer): read once per process
+
+
+def is_pretrained(config) -> bool:
+    return config.get("name") == PRETRAINED
+
+
+def model_run_name(model: str) -> str:
+    """``runs/<this>`` for ``--model``: the file's or directory's name without ``.gguf``."""
+    base = os.path.basename(os.path.normpath(model))
+    return base[: -len(".gguf")] if base.lower().endswith(".gguf") else base
+
+
+def setup_pretrained(workdir: str, model: str, data_dir: str | None) -> None:
+    """Make ``workdir`` the run directory of pretrained ``model`` (a path or ``smollm2``) if it is not one yet.
+
+    Its ``config.json`` records the model and the corpus (``--data_dir``, else the embedded
+    one); a later call may omit ``--model``. A trained run's directory is refused.
+    """
+    peek_model(model)  # a model that cannot be read is refused before anything is written
+    path = os.path.join(workdir, "config.json")
+    if os.path.isfile(path):
+        name = _saved_name(workdir)
+        if name != PRETRAINED:
+            raise RunError(f"{workdir} is a trained run (config {name}): give --model another --workdir")
+        return
+    from knnlm_jax.configs.pretrained import get_config as pretrained_config
+
+    config = pretrained_config()
+    config.model = model if model == "smollm2" else os.path.abspath(model)
+    if data_dir:
+        config.data_dir = data_dir if is_spec(data_dir) or data_dir == EMBEDDED else os.path.abspath(data_dir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({k: v for k, v in config.to_dict().items() if k not in ("d_model", "vocab_size")}, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def peek_model(model: str):
+    """``(LlamaConfig, tokenizer)`` of ``model`` (a path or ``smollm2``), headers only, cached."""
+    from knnlm_jax.pretrained import peek, resolve
+
+    path = resolve(model)
+    stat = os.stat(path) if os.path.exists(path) else None
+    key = (os.path.abspath(path), stat and stat.st_mtime_ns, stat and stat.st_size)  # a replaced file is read again
+    if key not in _PEEKED:
+        _PEEKED[key] = peek(path)
+    return _PEEKED[key]
+
+
 LEGACY_NUMERICS = dict(attention_impl="explicit", compute_dtype="float32", remat=False)
 
 
-def run_config(workdir: str, overrides=()) -> ConfigDict:
+def run_config(workdir: str, overrides=(), model: str | None = None) -> ConfigDict:
     """The run's saved ``config.json`` over its named config's defaults, then ``overrides``.
 
     Fields added to the configs after the run was trained take their defaults, except the
     speed fields, which take the numerics such a run was trained with; ``derived``
     (corpus, sha256, vocabulary size) is kept. Overrides may not change the trained model.
+    A pretrained LM's run uses ``model`` (``--model``) if given, else the one it records.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
@@ -67,6 +131,8 @@ def run_config(workdir: str, overrides=()) -> ConfigDict:
     with open(path) as f:
         saved = json.load(f)
     derived = saved.pop("derived", {})
+    if saved.get("name") == PRETRAINED:
+        return _pretrained_config(saved, overrides, model)
     config = get_config(saved["name"]) if saved.get("name") in NAMES else ConfigDict()
     with config.ignore_type():
         for key, value in LEGACY_NUMERICS.items():  # a run saved before these fields was trained with these
@@ -80,6 +146,22 @@ def run_config(workdir: str, overrides=()) -> ConfigDict:
     if changed:
         raise ConfigError(f"--set cannot change the trained model's {', '.join(changed)}")
     config.derived = ConfigDict(derived)
+    return config
+
+
+def _pretrained_config(saved: dict, overrides, model: str | None) -> ConfigDict:
+    from knnlm_jax.configs.pretrained import get_config as pretrained_config
+
+    config = pretrained_config()
+    for key, value in saved.items():
+        if key in config:
+            config[key] = value
+    apply_overrides(config, overrides)
+    if model:
+        config.model = model
+    cfg, _ = peek_model(config.model)
+    config.d_model, config.vocab_size = int(cfg.d_model), int(cfg.vocab_size)
+    config.derived = ConfigDict()
     return config
 
 
@@ -109,7 +191,12 @@ def split_tokens(workdir: str, vocab: Vocab, source: str, split: str, *, tfds_da
     return data, corpus.load_tokens(cache, data, vocab)
 
 
-def load_vocab(workdir: str, config=None) -> Vocab:
+def load_vocab(workdir: str, config=None):
+    """The run's :class:`Vocab`, or a pretrained LM's :class:`~knnlm_jax.subword.SubwordVocab`."""
+    if config is not None and is_pretrained(config):
+        from knnlm_jax.subword import SubwordVocab
+
+        return SubwordVocab(peek_model(config.model)[1], int(config.vocab_size))
     path = os.path.join(workdir, "vocab.txt")
     if not os.path.isfile(path):
         raise RunError(f"{workdir}: no vocab.txt")
@@ -171,9 +258,18 @@ def load_model(workdir: str, config, vocab: Vocab) -> TrainedModel:
     from knnlm_jax.distributed import local_mesh
     from knnlm_jax.training import abstract_model
 
+    replicated = NamedSharding(local_mesh(), P())
+    if is_pretrained(config):
+        from flax import nnx
+
+        from knnlm_jax.pretrained import load_pretrained, resolve
+
+        model, _, info = load_pretrained(resolve(config.model))
+        graphdef, params = nnx.split(model)
+        params = jax.device_put(params, replicated)
+        return TrainedModel(model.cfg, graphdef, params, 0, "pretrained", params_fingerprint(params))
     cfg = ModelConfig.from_config(config, vocab_size=len(vocab))
     graphdef, abstract = abstract_model(cfg)
-    replicated = NamedSharding(local_mesh(), P())
 
     def placed(tree):
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)

@@ -47,14 +47,18 @@ def synthetic_lines(n_lines: int, seed: int) -> list[str]:
     return lines
 
 
+def write_corpus(d, lines=(400, 40, 40)) -> str:
+    """A WikiText-format corpus directory ``d`` of synthetic train, valid and test lines."""
+    d.mkdir()
+    for split, n, seed in zip(("train", "valid", "test"), lines, (0, 1, 2)):
+        (d / f"{split}.txt").write_text("\n".join(synthetic_lines(n, seed)) + "\n", encoding="utf-8")
+    return str(d)
+
+
 @pytest.fixture
 def wikitext_dir(tmp_path):
     """A small WikiText-format corpus directory."""
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for split, n, seed in (("train", 400, 0), ("valid", 40, 1), ("test", 40, 2)):
-        (d / f"{split}.txt").write_text("\n".join(synthetic_lines(n, seed)) + "\n", encoding="utf-8")
-    return str(d)
+    return write_corpus(tmp_path / "corpus")
 
 
 def tiny_config(data_dir: str, **overrides):

@@ -135,7 +135,7 @@ def test_bad_input_is_one_line_on_stderr(project, tmp_path):
         return build("--datastore", name, "--index-only", cwd=root)
 
     assert_user_error(damaged("dim", "dim", 32), "datastore dim has key dimension 32 but the model's is 16")
-    assert_user_error(damaged("vocab", "vocab_fingerprint", "0" * 64), "built with vocabulary 000000000000")
+    assert_user_error(damaged("vocab", "vocab_fingerprint", "0" * 64), "built with vocabulary (tokenizer) 000000000000")
     assert_user_error(damaged("missing", file_change=os.remove), "keys.npy is missing")
     assert_user_error(damaged("short", file_change=lambda p: os.truncate(p, os.path.getsize(p) - 64)),
                       "keys.npy is truncated")

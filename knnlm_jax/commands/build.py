@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     from knnlm_jax.cli import add_config_args, check_data_dir, load_run, program, user_errors
     from knnlm_jax.distributed import add_process_args
 
-    add_config_args(parser, default=None)
+    add_config_args(parser, default=None, model=True)
     add_process_args(parser)
     parser.add_argument("--datastore", default=None, metavar="NAME",
                         help="datastore name (default: the split, e.g. train; with --corpus: <corpus>-<split>); "

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from knnlm_jax.cli import add_config_args, program, user_errors
     from knnlm_jax.distributed import add_process_args
 
-    add_config_args(parser, default=None)
+    add_config_args(parser, default=None, model=True)
     add_process_args(parser)
     parser.add_argument("--datastore", required=True, metavar="NAME", help="datastore in <workdir>/datastores/")
     parser.add_argument("--split", default="valid", help="split to evaluate: valid (default) or test")

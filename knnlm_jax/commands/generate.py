@@ -3,9 +3,10 @@
   python generate.py --prompt "The game was"                          # the latest run, LM alone, greedy
   python generate.py --datastore train --prompt "The game was" --explain  # kNN-LM; where each token came from
   python generate.py --datastore train --prompt "The" --temperature 0.8 --top-p 0.9 --seed 1
+  python generate.py --model smollm2 --prompt "The game was"      # the embedded pretrained SmolLM2-135M
 
-Words are the run's vocabulary (unknown ones become <unk>); the context starts at a line
-start, as in training. With a datastore, each new token searches it once; lambda and the
+Words are the run's vocabulary (unknown ones become <unk>), or a pretrained LM's (--model)
+tokens; the context starts at a line start, as in training. With a datastore, each new token searches it once; lambda and the
 kNN temperature default to the values tuned on valid by the last ``evaluate.py`` of that
 datastore (``<workdir>/eval/<NAME>/results.json``), else 0.25 and 1. ``--explain`` prints,
 per token, p_LM, p_kNN and the mixture, and its nearest neighbours' values.
@@ -20,7 +21,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from knnlm_jax.cli import add_config_args, program, user_errors
 
-    add_config_args(parser, default=None)
+    add_config_args(parser, default=None, model=True)
     parser.add_argument("--prompt", required=True, help="the text to continue (whitespace-separated words)")
     parser.add_argument("--datastore", default=None, metavar="NAME", help="datastore to retrieve from (default: none, "
                                                                           "the LM alone)")
@@ -69,14 +70,15 @@ def generate_main(args) -> int:
         raise UserError(f"--k {args.k}: must be at least 1")
     config, workdir = load_run(args)
     vocab = runs.load_vocab(workdir, config)
-    words = args.prompt.split()
+    subword = runs.is_pretrained(config)  # a pretrained LM: its tokenizer, not whitespace words
+    words = vocab.encode_text(args.prompt) if subword else args.prompt.split()
     if not words:
         raise UserError("--prompt is empty: give at least one word")
-    context = [vocab.eos] + [vocab.index.get(w, vocab.unk) for w in words]
+    context = [vocab.eos] + (words if subword else [vocab.index.get(w, vocab.unk) for w in words])
     limit = int(config.tokens_per_sample)
     if len(context) + args.max_new_tokens > limit:
-        raise UserError(f"the prompt ({len(words)} words) and --max-new-tokens {args.max_new_tokens} exceed the "
-                        f"model's context of {limit} tokens: shorten one")
+        raise UserError(f"the prompt ({len(words)} {'tokens' if subword else 'words'}) and --max-new-tokens "
+                        f"{args.max_new_tokens} exceed the model's context of {limit} tokens: shorten one")
     search_fn, vals, lmbda, knn_temperature = None, None, 0.0, 1.0
     if args.datastore:
         from knnlm_jax.commands.evaluate import find_datastore
@@ -113,8 +115,12 @@ def generate_main(args) -> int:
     steps = generate(trained, context, args.max_new_tokens, key_type=config.key_type, retrieve=search_fn,
                      vals_N=vals, lmbda=lmbda, knn_temperature=knn_temperature, sampling=sampling,
                      stop=vocab.eos if args.stop_at_line_end else None)
-    text = " ".join("\n" if s.token == vocab.eos else vocab.words[s.token] for s in steps).replace(" \n ", "\n")
-    print(f"{args.prompt} {text}".rstrip())
+    if subword:
+        print((args.prompt + vocab.decode([s.token for s in steps])).rstrip())
+    else:
+        text = " ".join("\n" if s.token == vocab.eos else vocab.words[s.token] for s in steps).replace(" \n ", "\n")
+        print(f"{args.prompt} {text}".rstrip())
+    shown = (lambda t: repr(vocab.words[t])) if subword else (lambda t: vocab.words[t])  # noqa: E731
     if args.explain:
         print(f"\n# per token: p_LM, p_kNN, the mixture (lambda {lmbda:g}, kNN temperature {knn_temperature:.4g});"
               " source: the larger share of the mixture")
@@ -122,8 +128,8 @@ def generate_main(args) -> int:
             p_lm = float(np.exp(s.logp_lm))
             p_knn = None if s.logp_knn is None else float(np.exp(s.logp_knn))
             source = "LM" if p_knn is None or (1 - lmbda) * p_lm >= lmbda * p_knn else "kNN"
-            near = ", ".join(f"{vocab.words[v]}@{d:.3g}" for _, v, d in s.neighbours)
+            near = ", ".join(f"{shown(v)}@{d:.3g}" for _, v, d in s.neighbours)
             knn_text = "-" if p_knn is None else f"{p_knn:.4f}"
-            print(f"{vocab.words[s.token]:>16}  p_LM {p_lm:.4f}  p_kNN {knn_text:>6}  mixed {np.exp(s.logp):.4f}  "
+            print(f"{shown(s.token):>16}  p_LM {p_lm:.4f}  p_kNN {knn_text:>6}  mixed {np.exp(s.logp):.4f}  "
                   f"{source:>3}" + (f"  nearest: {near}" if near else ""))
     return 0
