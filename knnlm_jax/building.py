@@ -28,7 +28,7 @@ from knnlm_jax.datastore import (INDEX, SHARDED, Datastore, DatastoreError, Data
                                  begin_sharded, finish_sharded, read_manifest, shard_name, shard_ranges,
                                  signature_fields, window_batch, window_of, windows, write_manifest)
 from knnlm_jax.indexing import TRAINED, merge_shards, share_trained
-from knnlm_jax.model import forward_with_keys
+from knnlm_jax.model import forward_states, forward_with_keys
 from knnlm_jax.distributed import Processes, local_mesh
 
 # stored keys are float16; a recomputed key must agree to within a few float16 steps
@@ -43,14 +43,18 @@ def window_sizes(config) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=4)
-def make_key_step(graphdef, key_type: str):
+def make_key_step(graphdef, key_type: str, score: bool = True):
     """Jitted ``(params, inputs, targets, mask, capacities) -> (NLL sum over mask, float16 keys BxTxD)``.
 
-    Cached, so that a build, its resume and its check in one process compile once.
+    ``score=False``: keys only, the NLL is 0 (no softmax: a fifth of a 49k-vocabulary LM's
+    forward). Cached, so that a build, its resume and its check in one process compile once.
     """
 
     def step(params, inputs_BxT, targets_BxT, mask_BxT, capacities):
         model = nnx.merge(graphdef, params)
+        if not score:
+            _, keys = forward_states(model, inputs_BxT, key_type)
+            return jnp.zeros((), jnp.float32), keys[key_type].astype(jnp.float16)
         logp_BxT, keys_BxTxD = forward_with_keys(model, inputs_BxT, targets_BxT, key_type, capacities)
         return -jnp.sum(jnp.where(mask_BxT, logp_BxT, 0.0)), keys_BxTxD.astype(jnp.float16)
 
@@ -90,10 +94,11 @@ def check_batch_size(batch_size: int) -> jax.sharding.Mesh:
 class KeyComputer:
     """Runs batches of windows of one token stream through the model."""
 
-    def __init__(self, trained, key_type: str, tokens_N: np.ndarray, eos: int, window: int, batch_size: int):
+    def __init__(self, trained, key_type: str, tokens_N: np.ndarray, eos: int, window: int, batch_size: int,
+                 score: bool = True):
         mesh = check_batch_size(batch_size)
         self.params = trained.params
-        self.step = make_key_step(trained.graphdef, key_type)
+        self.step = make_key_step(trained.graphdef, key_type, score)
         self.edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
         self.dim = int(trained.cfg.d_model)
         self.sharding = NamedSharding(mesh, P("data", None))
@@ -116,20 +121,21 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
                     corpus: str, corpus_sha256: str, split: str, window: int, context: int, batch_size: int,
                     corpus_options: dict | None = None, keys: str = "fp16", index_factory: str | None = None,
                     nprobe: int = faiss_index.DEFAULT_NPROBE, overwrite: bool = False, progress: bool = True,
-                    on_chunk=None, log=print, processes: Processes = Processes()) -> dict:
+                    score_lm: bool = True, on_chunk=None, log=print, processes: Processes = Processes()) -> dict:
     """Write (or resume) the datastore of ``tokens_N`` in ``directory``; returns the final manifest.
 
     Under several processes each writes its shard (a contiguous run of the build's batches,
     see :func:`knnlm_jax.datastore.shard_ranges`) and process 0 the top manifest; every
     process must call this. ``keys="none"`` stores no keys: the index (``index_factory``) is
     trained first and filled as the keys are computed (:mod:`knnlm_jax.codes`).
-    ``on_chunk(progress)`` is called after each chunk is committed (a test hook).
+    ``score_lm=False`` skips the LM's NLL of the entries (keys only; the manifest says
+    ``lm_scored: false``). ``on_chunk(progress)`` is called after each chunk is committed (a test hook).
     """
     n = len(tokens_N)
     check_batch_size(batch_size)  # before anything is written
     header = dict(signature_fields(signature), corpus=corpus, corpus_sha256=corpus_sha256, split=split,
                   num_entries=n, window=window, context=context, batch_size=batch_size, keys=keys,
-                  checkpoint=trained.source, corpus_options=dict(corpus_options or {}))
+                  checkpoint=trained.source, corpus_options=dict(corpus_options or {}), lm_scored=bool(score_lm))
     all_windows = windows(n, window, context)
     if processes.multi:
         batch_size = _begin_shards(directory, header, all_windows, batch_size, processes, overwrite)
@@ -154,7 +160,8 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
     first = int(np.searchsorted(windows_Wx3[:, 1], lo + done))
     if done < writer.n and windows_Wx3[first, 1] != lo + done:
         raise DatastoreError(f"datastore {writer.name}: progress {done} is not a window boundary")
-    computer = KeyComputer(trained, signature.key_type, tokens_N, eos, window, batch_size)
+    computer = KeyComputer(trained, signature.key_type, tokens_N, eos, window, batch_size,
+                           score=writer.manifest.get("lm_scored", True))
     capacities = build_capacities(tokens_N, all_windows, batch_size, computer.edges, window)
     factory = index_factory or faiss_index.auto_factory(n, signature.dim)
     codes = None
@@ -279,8 +286,10 @@ def indexed_sample(store: Datastore):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def perplexity(manifest: dict) -> float:
-    """The LM's perplexity over the datastore's entries (each with its build context)."""
+def perplexity(manifest: dict) -> float | None:
+    """The LM's perplexity over the datastore's entries (each with its build context); None if not scored."""
+    if manifest.get("lm_scored") is False:
+        return None
     return math.exp(manifest["lm_nll_sum"] / max(1, manifest["num_entries"]))
 
 

@@ -80,6 +80,7 @@ def test_build_and_evaluate_a_gguf_model_as_its_direct_forward(setup, capsys):
         manifest = json.load(f)
     ids, _ = reference(corpus, "train")
     assert manifest["num_entries"] == len(ids) and manifest["dim"] == 32 and manifest["checkpoint"] == "pretrained"
+    assert manifest["lm_scored"] is False and "perplexity not computed (keys only" in out  # no softmax in builds
     np.testing.assert_array_equal(np.load(os.path.join(store, "vals.npy")), ids)
     _, keys = forward(gguf, ids)
     np.testing.assert_allclose(np.load(os.path.join(store, "keys.npy")).astype(np.float32), keys, rtol=4e-3,

@@ -127,15 +127,19 @@ def build(args, config, workdir, vocab, directory, processes) -> int:
         corpus=data.corpus, corpus_sha256=data.sha256, split=data.split, corpus_options=options, window=window,
         context=context, batch_size=config.eval_batch_size if args.batch_size is None else args.batch_size, overwrite=args.overwrite,
         keys=args.keys, index_factory=args.index, nprobe=args.nprobe or DEFAULT_NPROBE,
-        progress=not args.no_progress, log=lambda msg: print(msg, file=sys.stderr), processes=processes)
+        score_lm=not runs.is_pretrained(config), progress=not args.no_progress,
+        log=lambda msg: print(msg, file=sys.stderr), processes=processes)
     if processes.multi:
         print(f"process {processes.index}: shard of datastore {os.path.basename(directory)} complete", file=sys.stderr)
     if processes.is_main:
         stored = "float16" if args.keys == "fp16" else "(as index codes only)"
+        ppl = perplexity(manifest)
+        scored = (f"LM perplexity on these entries {ppl:.2f}" if ppl is not None else
+                  "LM perplexity not computed (keys only: a pretrained LM's softmax is a fifth of its forward; "
+                  "evaluate.py reports it)")
         print(f"datastore {os.path.basename(directory)}: {manifest['num_entries']} entries, {manifest['dim']}-dim "
               f"{manifest['key_type']} keys {stored} (window {window}, context >= {context}), "
-              f"{data.corpus} {data.split}; model step {trained.step} ({trained.source}); "
-              f"LM perplexity on these entries {perplexity(manifest):.2f}")
+              f"{data.corpus} {data.split}; model step {trained.step} ({trained.source}); {scored}")
     store = open_checked(directory, config, vocab, trained)
     if args.keys == "none":
         if processes.is_main:
