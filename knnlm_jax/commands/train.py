@@ -25,6 +25,9 @@ def main(argv=None) -> int:
                         help="print the resolved config and the exact parameter count, then exit")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--vocab", default=None, metavar="PATH",
+                        help="train with this vocabulary (a run's vocab.txt) instead of one built from the training "
+                             "split, e.g. to compare LMs trained on different corpora in one vocabulary")
     args = parser.parse_args(argv)
 
     with user_errors(program("train")):
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
         processes = distributed.initialize_from(args)
         if args.overwrite and processes.is_main:
             shutil.rmtree(workdir, ignore_errors=True)
+        if args.vocab and processes.is_main:
+            given_vocab(args.vocab, workdir)
         distributed.barrier("overwrite")
         from knnlm_jax.training import train
 
@@ -61,6 +66,27 @@ def main(argv=None) -> int:
               f"{result['valid_tokens']} valid tokens, word level")
         print(json.dumps(result, allow_nan=False))
     return 0
+
+
+def given_vocab(path: str, workdir: str) -> None:
+    """Put vocabulary ``path`` in the run directory (training then uses it); a different one there is refused."""
+    import os
+
+    from knnlm_jax.cli import UserError
+    from knnlm_jax.vocab import Vocab
+
+    try:
+        vocab = Vocab.load(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--vocab {path}: not a readable vocabulary ({err})") from None
+    target = os.path.join(workdir, "vocab.txt")
+    if os.path.isfile(target):
+        if Vocab.load(target) != vocab:
+            raise UserError(f"--vocab {path}: {workdir} already has another vocabulary; pass --overwrite to start "
+                            "that run again")
+        return
+    os.makedirs(workdir, exist_ok=True)
+    vocab.save(target)
 
 
 def _inside(path, directory: str) -> bool:
