@@ -1,0 +1,283 @@
+"""The paper's checkable claims at small scale, by one command: ``make replicate`` (issue 12).
+
+  python benchmarks/replicate.py             # run or resume the suite, then write docs/RESULTS.md
+  python benchmarks/replicate.py --list      # the steps, and which are done
+  python benchmarks/replicate.py --report    # only rewrite results/replicate/ and docs/RESULTS.md
+
+Each step is one command of this project's tools (``train.py``, ``build.py``, ``evaluate.py``,
+run in this process) or one function here. A finished step leaves ``<root>/done/<step>.json`` and is skipped by a
+rerun; every tool resumes its own work (checkpoints, partial datastores, per-token files), so
+a killed suite, ``kill -9`` included, goes on where it stopped. Logs: ``<root>/logs/<step>.log``.
+
+Experiments (``--scale full``: WikiText-2 as "Wikipedia", the ``wt2`` model; see docs/RESULTS.md):
+Table 1 (+ cache) and exact vs approximate distances; Table 5 (the five key types); Table 3 and
+Figure 2 (an LM trained on a quarter of WikiText-2 train, datastores over 1/8 ... all of it);
+Table 4 and Figure 5 (domain adaptation to Tiny Shakespeare and Python docs, in-domain LMs in
+the same vocabulary); Figure 7 (Kneser-Ney n-grams interpolated instead of the kNN-LM);
+Figures 4 and 5 (k and λ sweeps on valid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+WIKI = "wikitext-2"
+DOMAINS = ("tinyshakespeare", "python-docs")
+KEY_TYPES = ("ffn_input_after_ln", "ffn_input_before_ln", "attn_output", "block_output", "final_output")
+FRACTIONS = (("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2), ("all", 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How big the suite's models and evaluations are."""
+
+    name: str
+    lm: tuple  # train.py arguments of every LM (config and overrides)
+    quarter_steps: int  # updates of the LM trained on a quarter of the Wikipedia corpus
+    domain_steps: int  # updates of each in-domain LM
+    k: int
+    sweep_tokens: int  # valid tokens of the key-type and datastore-size comparisons (0: all)
+    ngram_orders: tuple
+
+
+FULL = Scale("full", ("--config", "wt2"), quarter_steps=1000, domain_steps=600, k=1024, sweep_tokens=50_000,
+             ngram_orders=(2, 3, 4, 5))
+TINY = Scale("tiny", ("--config", "tiny", "--set", "num_layers=1", "--set", "d_model=16", "--set", "num_heads=2",
+                      "--set", "d_ff=32", "--set", "cutoffs=8,20", "--set", "tokens_per_sample=16", "--set",
+                      "batch_size=4", "--set", "eval_batch_size=4", "--set", "max_steps=6", "--set", "warmup_steps=2",
+                      "--set", "eval_every=3", "--set", "checkpoint_every=2", "--set", "log_every=1"),
+             quarter_steps=4, domain_steps=4, k=8, sweep_tokens=300, ngram_orders=(2, 3))
+SCALES = {s.name: s for s in (FULL, TINY)}
+
+
+@dataclasses.dataclass
+class Step:
+    name: str
+    what: str
+    argv: list | None = None  # a tool: [script, args...] run with this Python
+    func: object = None  # or a function of the suite (no arguments)
+
+
+def tool(script: str, *args) -> list:
+    return [script, *[str(a) for a in args], "--no-progress"]
+
+
+def plan(scale: Scale, data: str, root: str) -> list[Step]:
+    """Every step, in an order that meets their dependencies."""
+    wiki, quarter = os.path.join(root, "wiki"), os.path.join(root, "wiki-quarter")
+    vocab = os.path.join(wiki, "vocab.txt")
+    k = ("--k", scale.k)
+    sweep = ("--max-tokens", scale.sweep_tokens) if scale.sweep_tokens else ()
+    steps = [
+        Step("train-wiki", "the Wikipedia LM on all of WikiText-2 train",
+             tool("train.py", *scale.lm, "--workdir", wiki, "--data_dir", os.path.join(data, WIKI))),
+        Step("build-wiki-train", "its datastore over WikiText-2 train", tool("build.py", "--workdir", wiki)),
+        Step("eval-table1", "Table 1: test, + kNN-LM, + cache (tuned on valid); k and λ sweeps on valid",
+             tool("evaluate.py", "--workdir", wiki, "--datastore", "train", "--split", "test", "--cache", *k,
+                  "--out", os.path.join(wiki, "eval", "table1"))),
+        Step("eval-table1-approx", "exact vs approximate: FAISS's own distances, tuned on valid",
+             tool("evaluate.py", "--workdir", wiki, "--datastore", "train", "--split", "test", "--approximate", *k,
+                  "--out", os.path.join(wiki, "eval", "table1-approx"))),
+    ]
+    for key in KEY_TYPES:  # Table 5: one datastore per key type, the same valid tokens
+        name = "train" if key == KEY_TYPES[0] else f"train-{key}"
+        if key != KEY_TYPES[0]:
+            steps.append(Step(f"build-key-{key}", f"a datastore of {key} keys",
+                              tool("build.py", "--workdir", wiki, "--datastore", name, "--set", f"key_type={key}")))
+        steps.append(Step(f"eval-key-{key}", f"Table 5: {key} keys on valid",
+                          tool("evaluate.py", "--workdir", wiki, "--datastore", name, "--split", "valid",
+                               "--set", f"key_type={key}", *k, *sweep,
+                               "--out", os.path.join(wiki, "eval", f"key-{key}"))))
+    steps.append(Step("data-fractions", "prefixes of WikiText-2 train (1/8, 1/4, 1/2)",
+                      func=lambda: write_fractions(os.path.join(data, WIKI), os.path.join(root, "data"))))
+    steps.append(Step("train-wiki-quarter", "Table 3: an LM trained on the first quarter of WikiText-2 train",
+                      tool("train.py", *scale.lm, "--set", f"max_steps={scale.quarter_steps}", "--workdir", quarter,
+                           "--data_dir", fraction_dir(data, root, "1_4"), "--vocab", vocab)))
+    for tag, _ in FRACTIONS:  # Figure 2: its datastore grows to the whole of train
+        steps.append(Step(f"build-quarter-{tag}", f"its datastore over {tag.replace('_', '/')} of WikiText-2 train",
+                          tool("build.py", "--workdir", quarter, "--datastore", f"wt2-{tag}", "--corpus",
+                               fraction_dir(data, root, tag))))
+        steps.append(Step(f"eval-quarter-{tag}", f"Figure 2: perplexity and λ on valid, datastore {tag}",
+                          tool("evaluate.py", "--workdir", quarter, "--datastore", f"wt2-{tag}", "--split", "valid",
+                               *k, *sweep, "--out", os.path.join(quarter, "eval", f"fig2-{tag}"))))
+    steps.append(Step("eval-table3", "Table 3: the quarter LM with the whole train datastore, on test",
+                      tool("evaluate.py", "--workdir", quarter, "--datastore", "wt2-all", "--split", "test", *k,
+                           "--out", os.path.join(quarter, "eval", "table3"))))
+    for domain in DOMAINS:  # Table 4 and Figure 5: the Wikipedia LM with another domain's datastore
+        corpus, own = os.path.join(data, domain), os.path.join(root, domain)
+        steps += [
+            Step(f"build-wiki-{domain}", f"the Wikipedia LM's datastore over {domain} train",
+                 tool("build.py", "--workdir", wiki, "--datastore", domain, "--corpus", corpus)),
+            Step(f"eval-wiki-{domain}", f"Table 4: the Wikipedia LM + {domain} datastore on {domain} test",
+                 tool("evaluate.py", "--workdir", wiki, "--datastore", domain, "--corpus", corpus, "--split", "test",
+                      *k, "--out", os.path.join(wiki, "eval", domain))),
+            Step(f"train-{domain}", f"Table 4: an in-domain LM on {domain}, in the Wikipedia vocabulary",
+                 tool("train.py", *scale.lm, "--set", f"max_steps={scale.domain_steps}", "--workdir", own,
+                      "--data_dir", corpus, "--vocab", vocab)),
+            Step(f"build-{domain}", f"the in-domain LM's datastore over {domain} train", tool("build.py", "--workdir", own)),
+            Step(f"eval-{domain}", f"Table 4 and Figure 5: the in-domain LM (+ its datastore) on {domain} test",
+                 tool("evaluate.py", "--workdir", own, "--datastore", "train", "--split", "test", *k,
+                      "--out", os.path.join(own, "eval", "train"))),
+        ]
+    steps.append(Step("ngram", "Figure 7: Kneser-Ney n-grams interpolated with the Wikipedia LM",
+                      func=lambda: ngram_experiment(wiki, os.path.join(wiki, "eval", "table1"), scale.ngram_orders,
+                                                    os.path.join(root, "ngram.json"))))
+    return steps
+
+
+def fraction_dir(data: str, root: str, tag: str) -> str:
+    return os.path.join(data, WIKI) if tag == "all" else os.path.join(root, "data", f"{WIKI}-{tag}")
+
+
+def write_fractions(source: str, out_root: str) -> None:
+    """``<out_root>/wikitext-2-<tag>/``: the first fraction of train's lines; valid and test as they are."""
+    with open(os.path.join(source, "train.txt"), encoding="utf-8") as f:
+        lines = f.readlines()
+    for tag, fraction in FRACTIONS:
+        if fraction == 1.0:
+            continue
+        directory = os.path.join(out_root, f"{WIKI}-{tag}")
+        os.makedirs(directory, exist_ok=True)
+        for split in ("valid", "test"):
+            shutil.copyfile(os.path.join(source, f"{split}.txt"), os.path.join(directory, f"{split}.txt"))
+        with open(os.path.join(directory, "train.txt.tmp"), "w", encoding="utf-8") as f:
+            f.writelines(lines[: int(len(lines) * fraction)])
+        os.replace(os.path.join(directory, "train.txt.tmp"), os.path.join(directory, "train.txt"))
+
+
+def ngram_experiment(workdir: str, eval_dir: str, orders, out: str) -> None:
+    """Figure 7: the LM interpolated with an n-gram LM of each order (λ tuned on valid), beside the kNN-LM."""
+    import numpy as np
+
+    from knnlm_jax import runs
+    from knnlm_jax.eval_settings import LAMBDAS, perplexity
+    from knnlm_jax.mixing import mix
+    from knnlm_jax.ngram import KneserNey
+    from knnlm_jax.token_files import open_token_files
+
+    config = runs.run_config(workdir)
+    vocab = runs.load_vocab(workdir, config)
+    _, train = runs.split_tokens(workdir, vocab, runs.run_corpus(config), "train")
+    files = {s: open_token_files(os.path.join(eval_dir, f"tokens-{s}")) for s in ("valid", "test")}
+    lm = {s: np.asarray(f.logp_lm, np.float64) for s, f in files.items()}
+    rows = []
+    for n in orders:
+        model = KneserNey.fit(np.asarray(train), n, len(vocab))
+        ng = {s: model.log_probs(np.asarray(f.targets)) for s, f in files.items()}
+        grid = {float(l): perplexity(mix(lm["valid"], ng["valid"], float(l))) for l in LAMBDAS}
+        best = min(grid, key=grid.get)
+        rows.append(dict(n=n, ngram_valid_ppl=perplexity(ng["valid"]), ngram_test_ppl=perplexity(ng["test"]),
+                         lmbda=best, valid_ppl=grid[best], test_ppl=perplexity(mix(lm["test"], ng["test"], best))))
+    with open(os.path.join(eval_dir, "results.json")) as f:
+        table1 = json.load(f)
+    result = dict(base_valid_ppl=perplexity(lm["valid"]), base_test_ppl=perplexity(lm["test"]),
+                  knn_test_ppl=next(r["ppl"] for r in table1["rows"] if r["name"] == "+kNN-LM"), orders=rows)
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(out + ".tmp", out)
+
+
+# ---------------------------------------------------------------------------------
+# running
+
+
+def command_line(step: Step) -> str:
+    """The step as a command to paste in the checkout (paths relative to it)."""
+    if step.argv is None:
+        return f"(a function of benchmarks/replicate.py: {step.name})"
+    near = os.path.dirname(ROOT) + os.sep  # the checkout's folder: ../shared/data and the like
+    shown = [os.path.relpath(a, ROOT) if os.path.isabs(a) and a.startswith(near) else a for a in step.argv]
+    return "python " + " ".join(shown)
+
+
+def run_step(step: Step, root: str) -> float:
+    """Run one step to completion (its log in ``<root>/logs``); raises on failure."""
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    start = time.time()
+    if step.argv is not None:  # the tool's main() in this process: JAX starts once for the whole suite
+        log = os.path.join(root, "logs", f"{step.name}.log")
+        module = importlib.import_module(f"knnlm_jax.commands.{step.argv[0][: -len('.py')]}")
+        with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            print(f"\n$ {command_line(step)}", flush=True)
+            try:
+                code = module.main(step.argv[1:])
+            except SystemExit as exit:
+                code = exit.code
+        if code:
+            raise RuntimeError(f"step {step.name} failed (exit {code}); see {log}, then run the suite again")
+    else:
+        step.func()
+    return time.time() - start
+
+
+def done_path(root: str, name: str) -> str:
+    return os.path.join(root, "done", f"{name}.json")
+
+
+def run_all(steps: list[Step], root: str, log=print) -> None:
+    os.makedirs(os.path.join(root, "done"), exist_ok=True)
+    for i, step in enumerate(steps, 1):
+        marker = done_path(root, step.name)
+        if os.path.isfile(marker):
+            log(f"[{i}/{len(steps)}] {step.name}: done before, skipped")
+            continue
+        log(f"[{i}/{len(steps)}] {step.name}: {step.what}")
+        seconds = run_step(step, root)
+        with open(marker + ".tmp", "w") as f:
+            json.dump(dict(step=step.name, what=step.what, command=command_line(step), seconds=seconds,
+                           finished=time.strftime("%Y-%m-%d %H:%M:%S")), f, indent=2)
+        os.replace(marker + ".tmp", marker)
+        log(f"    {seconds / 60:.1f} min")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default="full", choices=sorted(SCALES))
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data"),
+                        help="the shared corpora (default ../shared/data)")
+    parser.add_argument("--root", default=None, help="where runs, datastores and logs go (default runs/replicate)")
+    parser.add_argument("--results", default=os.path.join(ROOT, "results", "replicate"),
+                        help="where the experiments' JSON go")
+    parser.add_argument("--doc", default=os.path.join(ROOT, "docs", "RESULTS.md"), help="the report (figures beside it)")
+    parser.add_argument("--list", action="store_true", help="list the steps and whether each is done")
+    parser.add_argument("--report", action="store_true", help="only write the JSON and the report")
+    args = parser.parse_args(argv)
+    scale = SCALES[args.scale]
+    root = os.path.abspath(args.root or os.path.join(ROOT, "runs", "replicate" if scale is FULL else "replicate-tiny"))
+    data = os.path.abspath(args.data)
+    missing = [c for c in (WIKI, *DOMAINS) if not os.path.isfile(os.path.join(data, c, "train.txt"))]
+    if missing:
+        print(f"replicate.py: error: {data} lacks {', '.join(missing)} (train.txt, valid.txt, test.txt each)",
+              file=sys.stderr)
+        return 2
+    steps = plan(scale, data, root)
+    if args.list:
+        for step in steps:
+            print(f"{'done' if os.path.isfile(done_path(root, step.name)) else '    '}  {step.name:28} {step.what}")
+        return 0
+    if not args.report:
+        try:
+            run_all(steps, root)
+        except RuntimeError as err:
+            print(f"replicate.py: error: {err}", file=sys.stderr)
+            return 1
+    import replicate_report
+
+    replicate_report.write(root, steps, scale, args.results, args.doc)
+    print(f"report: {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
