@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean replicate
 
 $(STAMP): requirements.txt
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 	$(BIN)/python train.py --config tiny --workdir runs/demo --overwrite
 	$(BIN)/python build.py --workdir runs/demo --overwrite
 	$(BIN)/python evaluate.py --workdir runs/demo --datastore train --split test --cache --show 3
+
+# the paper's claims at small scale (hours on a 2-core CPU; resumable: run it again after a stop)
+replicate: $(STAMP)
+	$(BIN)/python benchmarks/replicate.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests

@@ -55,9 +55,9 @@ FULL = Scale("full", ("--config", "wt2"), quarter_steps=1000, domain_steps=600, 
              ngram_orders=(2, 3, 4, 5))
 TINY = Scale("tiny", ("--config", "tiny", "--set", "num_layers=1", "--set", "d_model=16", "--set", "num_heads=2",
                       "--set", "d_ff=32", "--set", "cutoffs=8,20", "--set", "tokens_per_sample=16", "--set",
-                      "batch_size=4", "--set", "eval_batch_size=4", "--set", "max_steps=6", "--set", "warmup_steps=2",
-                      "--set", "eval_every=3", "--set", "checkpoint_every=2", "--set", "log_every=1"),
-             quarter_steps=4, domain_steps=4, k=8, sweep_tokens=300, ngram_orders=(2, 3))
+                      "batch_size=4", "--set", "eval_batch_size=4", "--set", "max_steps=4", "--set", "warmup_steps=2",
+                      "--set", "eval_every=4", "--set", "checkpoint_every=4", "--set", "log_every=1"),
+             quarter_steps=2, domain_steps=2, k=8, sweep_tokens=300, ngram_orders=(2, 3))
 SCALES = {s.name: s for s in (FULL, TINY)}
 
 
@@ -67,10 +67,23 @@ class Step:
     what: str
     argv: list | None = None  # a tool: [script, args...] run with this Python
     func: object = None  # or a function of the suite (no arguments)
+    ready: object = None  # () -> bool: its work is found done (a datastore complete and indexed)
 
 
 def tool(script: str, *args) -> list:
     return [script, *[str(a) for a in args], "--no-progress"]
+
+
+def build(workdir: str, name: str, *args) -> dict:
+    """A build step's command, and its test for a datastore already complete and indexed (which
+    ``build.py`` refuses to redo: a suite killed between the build's end and its marker)."""
+    from knnlm_jax.datastore import read_manifest
+
+    def ready() -> bool:
+        m = read_manifest(os.path.join(workdir, "datastores", name))
+        return bool(m and m.get("status") == "complete" and m.get("index"))
+
+    return dict(argv=tool("build.py", "--workdir", workdir, "--datastore", name, *args), ready=ready)
 
 
 def plan(scale: Scale, data: str, root: str) -> list[Step]:
@@ -82,7 +95,7 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
     steps = [
         Step("train-wiki", "the Wikipedia LM on all of WikiText-2 train",
              tool("train.py", *scale.lm, "--workdir", wiki, "--data_dir", os.path.join(data, WIKI))),
-        Step("build-wiki-train", "its datastore over WikiText-2 train", tool("build.py", "--workdir", wiki)),
+        Step("build-wiki-train", "its datastore over WikiText-2 train", **build(wiki, "train")),
         Step("eval-table1", "Table 1: test, + kNN-LM, + cache (tuned on valid); k and λ sweeps on valid",
              tool("evaluate.py", "--workdir", wiki, "--datastore", "train", "--split", "test", "--cache", *k,
                   "--out", os.path.join(wiki, "eval", "table1"))),
@@ -94,7 +107,7 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
         name = "train" if key == KEY_TYPES[0] else f"train-{key}"
         if key != KEY_TYPES[0]:
             steps.append(Step(f"build-key-{key}", f"a datastore of {key} keys",
-                              tool("build.py", "--workdir", wiki, "--datastore", name, "--set", f"key_type={key}")))
+                              **build(wiki, name, "--set", f"key_type={key}")))
         steps.append(Step(f"eval-key-{key}", f"Table 5: {key} keys on valid",
                           tool("evaluate.py", "--workdir", wiki, "--datastore", name, "--split", "valid",
                                "--set", f"key_type={key}", *k, *sweep,
@@ -106,8 +119,7 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
                            "--data_dir", fraction_dir(data, root, "1_4"), "--vocab", vocab)))
     for tag, _ in FRACTIONS:  # Figure 2: its datastore grows to the whole of train
         steps.append(Step(f"build-quarter-{tag}", f"its datastore over {tag.replace('_', '/')} of WikiText-2 train",
-                          tool("build.py", "--workdir", quarter, "--datastore", f"wt2-{tag}", "--corpus",
-                               fraction_dir(data, root, tag))))
+                          **build(quarter, f"wt2-{tag}", "--corpus", fraction_dir(data, root, tag))))
         steps.append(Step(f"eval-quarter-{tag}", f"Figure 2: perplexity and λ on valid, datastore {tag}",
                           tool("evaluate.py", "--workdir", quarter, "--datastore", f"wt2-{tag}", "--split", "valid",
                                *k, *sweep, "--out", os.path.join(quarter, "eval", f"fig2-{tag}"))))
@@ -118,14 +130,14 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
         corpus, own = os.path.join(data, domain), os.path.join(root, domain)
         steps += [
             Step(f"build-wiki-{domain}", f"the Wikipedia LM's datastore over {domain} train",
-                 tool("build.py", "--workdir", wiki, "--datastore", domain, "--corpus", corpus)),
+                 **build(wiki, domain, "--corpus", corpus)),
             Step(f"eval-wiki-{domain}", f"Table 4: the Wikipedia LM + {domain} datastore on {domain} test",
                  tool("evaluate.py", "--workdir", wiki, "--datastore", domain, "--corpus", corpus, "--split", "test",
                       *k, "--out", os.path.join(wiki, "eval", domain))),
             Step(f"train-{domain}", f"Table 4: an in-domain LM on {domain}, in the Wikipedia vocabulary",
                  tool("train.py", *scale.lm, "--set", f"max_steps={scale.domain_steps}", "--workdir", own,
                       "--data_dir", corpus, "--vocab", vocab)),
-            Step(f"build-{domain}", f"the in-domain LM's datastore over {domain} train", tool("build.py", "--workdir", own)),
+            Step(f"build-{domain}", f"the in-domain LM's datastore over {domain} train", **build(own, "train")),
             Step(f"eval-{domain}", f"Table 4 and Figure 5: the in-domain LM (+ its datastore) on {domain} test",
                  tool("evaluate.py", "--workdir", own, "--datastore", "train", "--split", "test", *k,
                       "--out", os.path.join(own, "eval", "train"))),
@@ -233,7 +245,7 @@ def run_all(steps: list[Step], root: str, log=print) -> None:
             log(f"[{i}/{len(steps)}] {step.name}: done before, skipped")
             continue
         log(f"[{i}/{len(steps)}] {step.name}: {step.what}")
-        seconds = run_step(step, root)
+        seconds = 0.0 if step.ready is not None and step.ready() else run_step(step, root)
         with open(marker + ".tmp", "w") as f:
             json.dump(dict(step=step.name, what=step.what, command=command_line(step), seconds=seconds,
                            finished=time.strftime("%Y-%m-%d %H:%M:%S")), f, indent=2)

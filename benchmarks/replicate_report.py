@@ -133,8 +133,17 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
         _plot(os.path.join(doc_dir, "fig4_k.png"), [dict(
             series={"kNN-LM": (sk["k"], k_ppl)}, hlines={"base LM": sk["base_ppl"]}, log2x=True,
             xlabel="k (neighbours)", ylabel="valid perplexity", title="Figure 4: k (WikiText-2 valid)")])
-        return dict(claims=claims, table=dict(test=t, test_approximate=ta, valid=r["valid"], knn=r["knn"],
-                                              cache=r["cache"]), figures=["fig4_k.png"])
+        v = r["valid"]
+        md = ["| | paper: dev / test (WikiText-103) | ours: valid | ours: test |", "|---|---|---|---|",
+              f"| LM alone | 17.96 / 18.65 | {v['base_ppl']:.2f} | {base:.2f} |",
+              f"| + kNN-LM | 16.06 / 16.12 | {v['knn']['ppl']:.2f} | {knn:.2f} |",
+              f"| + cache | 17.67 / 18.27 | {v['cache']['ppl']:.2f} | {t['+cache']:.2f} |",
+              f"| + kNN-LM + cache | 15.81 / 15.79 | {v['knn_cache']['ppl']:.2f} | {t['+kNN-LM+cache']:.2f} |",
+              f"| + kNN-LM, FAISS's approximate distances | 16.5 (dev) | | {ta['+kNN-LM']:.2f} |", "",
+              f"λ {r['knn']['lmbda']:.2f}, T {r['knn']['temperature']:.3g}, k {r['knn']['k']} (tuned on valid; "
+              f"approximate: λ {a['knn']['lmbda']:.2f}, T {a['knn']['temperature']:.3g})."]
+        return dict(claims=claims, md=md, table=dict(test=t, test_approximate=ta, valid=v, knn=r["knn"],
+                                                     cache=r["cache"]), figures=["fig4_k.png"])
 
     def table5():
         rows = {}
@@ -153,7 +162,10 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                  ours=f"{rows['ffn_input_after_ln']['knn']:.2f} vs {rows['ffn_input_before_ln']['knn']:.2f}",
                  holds=rows["ffn_input_after_ln"]["knn"] < rows["ffn_input_before_ln"]["knn"]),
         ]
-        return dict(claims=claims, table=dict(rows=rows, paper_valid_ppl=paper))
+        md = ["| key type | paper (WikiText-103 valid) | ours: LM alone | ours: kNN-LM | λ |", "|---|---|---|---|---|"]
+        md += [f"| {key} | {paper[key] if paper[key] else '—'} | {r['base']:.2f} | {r['knn']:.2f} | {r['lmbda']:.2f} |"
+               for key, r in rows.items()]
+        return dict(claims=claims, md=md, table=dict(rows=rows, paper_valid_ppl=paper))
 
     def table3():
         n = scale.sweep_tokens
@@ -185,7 +197,16 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                  xlabel="datastore entries", ylabel="valid perplexity", title="Figure 2a: datastore size"),
             dict(series={"tuned λ": (entries, lam)}, log2x=True, xlabel="datastore entries", ylabel="λ",
                  title="Figure 2b: tuned λ")])
-        return dict(claims=claims, figures=["fig2_datastore_size.png"],
+        md = ["| test | paper | ours |", "|---|---|---|",
+              f"| LM trained on all | 15.17 (WIKI-3B) | {t1['base LM']:.2f} |",
+              f"| LM trained on a fraction | 19.59 (WIKI-100M) | {t3['base LM']:.2f} |",
+              f"| LM trained on a fraction + datastore over all | 13.73 | {t3['+kNN-LM']:.2f} |", "",
+              "| datastore (valid) | entries | quarter LM + datastore | tuned λ |", "|---|---|---|---|"]
+        md += [f"| {t.replace('_', '/')} | {p['entries']:,} | {p['knn']:.2f} | {p['lmbda']:.2f} |"
+               for t, p in points.items()]
+        md += ["", f"On the same valid tokens: the quarter LM alone {points['all']['base']:.2f}, the LM trained on "
+                   f"all {wiki_valid:.2f}."]
+        return dict(claims=claims, md=md, figures=["fig2_datastore_size.png"],
                     table=dict(test=dict(quarter_lm=t3["base LM"], quarter_lm_knn_all=t3["+kNN-LM"],
                                          lm_trained_on_all=t1["base LM"]),
                                valid_points=points, lm_trained_on_all_valid=wiki_valid, valid_tokens=n or "all"))
@@ -215,7 +236,13 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
         _plot(os.path.join(doc_dir, "fig5_lambda.png"), [dict(
             series=series, xlabel="λ", ylabel="valid perplexity change vs LM alone (%)",
             title="Figure 5: λ, in-domain vs domain adaptation")])
-        return dict(claims=claims, table=rows, figures=["fig5_lambda.png"])
+        md = ["| test | in-domain LM | + its datastore | Wikipedia LM | + domain datastore | λ (Wiki / in-domain) "
+              "| <unk> |", "|---|---|---|---|---|---|---|", "| paper: Books | 11.89 | 10.89 | 34.84 | 20.47 | "
+              "0.65 / 0.25 | |"]
+        md += [f"| {d} | {r['in_domain_lm']:.2f} | {r['in_domain_knn']:.2f} | {r['wiki_lm']:.2f} | "
+               f"{r['wiki_lm_domain_datastore']:.2f} | {r['wiki_lmbda']:.2f} / {r['in_domain_lmbda']:.2f} | "
+               f"{r['unk_rate']:.1%} |" for d, r in rows.items()]
+        return dict(claims=claims, md=md, table=rows, figures=["fig5_lambda.png"])
 
     def ngram():
         g = _load(os.path.join(root, "ngram.json"))
@@ -225,7 +252,10 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
             series={"LM + n-gram (λ tuned on valid)": ([r["n"] for r in g["orders"]], [r["test_ppl"] for r in g["orders"]])},
             hlines={"LM alone": g["base_test_ppl"], "kNN-LM": g["knn_test_ppl"]}, xlabel="n-gram order",
             ylabel="test perplexity", title="Figure 7: interpolating an n-gram LM")])
-        return dict(claims=[dict(claim="interpolating an n-gram LM gives little next to the kNN-LM (Figure 7)",
+        md = ["| n | n-gram alone (test) | LM + n-gram (test) | λ |", "|---|---|---|---|"]
+        md += [f"| {r['n']} | {r['ngram_test_ppl']:.2f} | {r['test_ppl']:.2f} | {r['lmbda']:.2f} |" for r in g["orders"]]
+        md += ["", f"The LM alone: {g['base_test_ppl']:.2f}; the kNN-LM: {g['knn_test_ppl']:.2f} (test)."]
+        return dict(md=md, claims=[dict(claim="interpolating an n-gram LM gives little next to the kNN-LM (Figure 7)",
                                  paper="about 0.2 perplexity vs 2.5", ours=f"{gain_ng:.2f} (best n = {best['n']}) vs "
                                  f"{gain_knn:.2f}", holds=gain_ng < gain_knn / 2)],
                     table=g, figures=["fig7_ngram.png"])
@@ -270,7 +300,8 @@ def write(root: str, steps, scale, results_dir: str, doc: str) -> None:
     os.makedirs(doc_dir, exist_ok=True)
     exps = experiments(root, steps, scale, doc_dir)
     for e in exps:
-        payload = dict(e, scale=scale.name, command=f"python benchmarks/replicate.py --scale {scale.name}")
+        payload = dict({k: v for k, v in e.items() if k != "md"}, scale=scale.name,
+                       command=f"python benchmarks/replicate.py --scale {scale.name}")
         path = os.path.join(results_dir, f"{e['name']}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(payload, f, indent=2, allow_nan=False, default=float)
@@ -306,7 +337,7 @@ def markdown(exps, scale, results_dir: str, doc_dir: str) -> str:
         if e.get("pending"):
             lines.append(f"Pending: steps {', '.join(e['pending'])} are not done yet (run the suite again).")
             continue
-        lines += [e["setup"], "", f"Data: `{rel}/{e['name']}.json`."]
+        lines += [e["setup"], ""] + e.get("md", []) + ["", f"Data: `{rel}/{e['name']}.json`."]
         for fig in e.get("figures", []):
             lines += ["", f"![{fig}]({fig})"]
         lines += ["", "Commands:", "", "```"] + e["commands"] + ["```"]
