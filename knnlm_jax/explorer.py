@@ -26,7 +26,7 @@ body {{ font: 15px/1.6 system-ui, sans-serif; margin: 0; display: flex; height: 
 #text {{ flex: 3; overflow-y: auto; padding: 1em 2em; }}
 #side {{ flex: 2; overflow-y: auto; padding: 1em; background: #f6f6f6; border-left: 1px solid #ccc; }}
 table {{ border-collapse: collapse; margin: 0.5em 0; }} td, th {{ border: 1px solid #ccc; padding: 2px 8px; }}
-.t {{ cursor: pointer; border-radius: 3px; padding: 0 1px; }} .t.sel {{ outline: 2px solid #333; }}
+.t {{ cursor: pointer; border-radius: 3px; padding: 0 1px; white-space: pre; }} .t.sel {{ outline: 2px solid #333; }}
 .hit {{ font-weight: bold; }} img {{ max-width: 100%; }} .ctx {{ color: #555; }}
 </style></head><body>
 <div id="text"><h2>{title}</h2>
@@ -69,11 +69,12 @@ function show(i, span) {{
   detail.innerHTML = h + "</table>";
 }}
 D.tokens.forEach((t, i) => {{
-  if (t.w === "</s>") {{ box.appendChild(document.createElement("br")); return; }}
+  if (t.w === "</s>" || t.w === "\\n") {{ box.appendChild(document.createElement("br")); return; }}
   const s = document.createElement("span");
   s.className = "t"; s.dataset.i = i; s.textContent = t.w; s.title = `log gain ${{t.g.toFixed(3)}}`;
   s.addEventListener("click", () => show(i, s));
-  box.appendChild(s); box.appendChild(document.createTextNode(" "));
+  box.appendChild(s);
+  if (!D.subword) box.appendChild(document.createTextNode(" "));  // subword tokens carry their own spaces
 }});
 document.getElementById("skipunk").addEventListener("change", paint);
 paint();
@@ -114,9 +115,10 @@ def inline_png(path: str) -> str:
 
 
 def write_html(path: str, *, title: str, records: list[dict], rows: list[dict], lmbda: float, temperature: float,
-               sweep_pngs=()) -> None:
-    """Write the page (to ``path.tmp``, then renamed)."""
-    data = json.dumps(dict(tokens=records, lmbda=lmbda, temperature=temperature), allow_nan=False)
+               sweep_pngs=(), subword: bool = False) -> None:
+    """Write the page (to ``path.tmp``, then renamed). ``subword``: tokens are shown as they decode,
+    spaces included, and the newline token ends a line (a pretrained LM's tokenizer)."""
+    data = json.dumps(dict(tokens=records, lmbda=lmbda, temperature=temperature, subword=subword), allow_nan=False)
     data = data.replace("</", "<\\/")  # no "</script>" inside the JSON block
     sweeps = "".join(inline_png(p) for p in sweep_pngs if os.path.isfile(p))
     page = PAGE.format(title=html.escape(title), table=results_table(rows),

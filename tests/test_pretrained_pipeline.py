@@ -92,7 +92,7 @@ def test_build_and_evaluate_a_gguf_model_as_its_direct_forward(setup, capsys):
     assert status == 0 and "datastore train ok" in out, err
 
     status, out, err = tool("evaluate", capsys, "--workdir", run, "--datastore", "train", "--split", "test",
-                            "--k", "16", "--lmbda", "0.3", "--temperature", "1", *WINDOW)
+                            "--k", "16", "--lmbda", "0.3", "--temperature", "1", "--html", str(tmp / "x.html"), *WINDOW)
     assert status == 0, err
     ids, words = reference(corpus, "test")
     logp, _ = forward(gguf, ids)
@@ -105,6 +105,8 @@ def test_build_and_evaluate_a_gguf_model_as_its_direct_forward(setup, capsys):
     assert base["ppl"] == pytest.approx(np.exp(-logp.mean()), rel=1e-4)
     assert base["word_ppl"] == pytest.approx(np.exp(-logp.sum() / words), rel=1e-4)
     assert f"over the text's {words} words" in out and "per word" in out
+    page = (tmp / "x.html").read_text()
+    assert '"subword": true' in page and '"w": " cat"' in page  # tokens shown as they decode, spaces kept
 
 
 def test_pretrained_bad_input_is_one_line(setup, capsys):

@@ -239,7 +239,8 @@ def write_explorer(path: str, n: int, results: dict, vocab, store, split: str) -
                                      knn["temperature"], n)
     explorer.write_html(path, title=f"kNN-LM on {split} ({len(records)} tokens), datastore {store.name}",
                         records=records, rows=results["rows"], lmbda=knn["lmbda"], temperature=knn["temperature"],
-                        sweep_pngs=[p for p in results["files"]["sweeps"] if p.endswith(".png")])
+                        sweep_pngs=[p for p in results["files"]["sweeps"] if p.endswith(".png")],
+                        subword=hasattr(vocab, "count_words"))
 
 
 def describe_tuning(r) -> str:
