@@ -254,6 +254,10 @@ def describe_tuning(r) -> str:
         v = r["valid"]
         parts.append(f"valid ({v['tokens']} tokens): base {v['base_ppl']:.3f}"
                      + "".join(f", {k} {v[k]['ppl']:.3f}" for k in ("knn", "cache", "knn_cache") if k in v))
+        if v.get("words"):
+            w = v["word_ppl"]
+            parts.append(f"valid per word ({v['words']} words): base {w['base']:.3f}"
+                         + "".join(f", {k} {w[k]:.3f}" for k in ("knn", "cache", "knn_cache") if k in w))
     for split, speed in r["speed"].items():
         parts.append(f"{split}: {speed['seconds']:.1f}s, {speed['tokens_per_s']:,.0f} tokens/s "
                      "(forward, search, re-ranking and per-token files, compilation included)")
