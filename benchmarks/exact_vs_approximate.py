@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--datastore", default="train")
@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "exact_vs_approximate_wt2.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from knnlm_jax import runs
     from knnlm_jax import index as faiss_index

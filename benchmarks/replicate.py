@@ -49,15 +49,18 @@ class Scale:
     k: int
     sweep_tokens: int  # valid tokens of the key-type and datastore-size comparisons (0: all)
     ngram_orders: tuple
+    pq_factory: str  # the index at the paper's code precision (16 key dimensions per byte)
+    pq_tokens: int  # valid and test tokens of that comparison
 
 
 FULL = Scale("full", ("--config", "wt2"), quarter_steps=1000, domain_steps=600, k=1024, sweep_tokens=50_000,
-             ngram_orders=(2, 3, 4, 5))
+             ngram_orders=(2, 3, 4, 5), pq_factory="IVF2048,PQ16", pq_tokens=40_000)
 TINY = Scale("tiny", ("--config", "tiny", "--set", "num_layers=1", "--set", "d_model=16", "--set", "num_heads=2",
                       "--set", "d_ff=32", "--set", "cutoffs=8,20", "--set", "tokens_per_sample=16", "--set",
                       "batch_size=4", "--set", "eval_batch_size=4", "--set", "max_steps=4", "--set", "warmup_steps=2",
                       "--set", "eval_every=4", "--set", "checkpoint_every=4", "--set", "log_every=1"),
-             quarter_steps=2, domain_steps=2, k=8, sweep_tokens=300, ngram_orders=(2, 3))
+             quarter_steps=2, domain_steps=2, k=8, sweep_tokens=300, ngram_orders=(2, 3), pq_factory="PQ1",
+             pq_tokens=300)
 SCALES = {s.name: s for s in (FULL, TINY)}
 
 
@@ -68,6 +71,7 @@ class Step:
     argv: list | None = None  # a tool: [script, args...] run with this Python
     func: object = None  # or a function of the suite (no arguments)
     ready: object = None  # () -> bool: its work is found done (a datastore complete and indexed)
+    shown: list | None = None  # a function step's equivalent command line
 
 
 def tool(script: str, *args) -> list:
@@ -90,6 +94,9 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
     """Every step, in an order that meets their dependencies."""
     wiki, quarter = os.path.join(root, "wiki"), os.path.join(root, "wiki-quarter")
     vocab = os.path.join(wiki, "vocab.txt")
+    exact_vs_approximate = _exact_vs_approximate()
+    pq16 = ["--workdir", wiki, "--factory", scale.pq_factory, "--max-tokens", str(scale.pq_tokens), "--k",
+            str(scale.k), "--out", os.path.join(root, "exact_vs_approximate.json")]
     k = ("--k", scale.k)
     sweep = ("--max-tokens", scale.sweep_tokens) if scale.sweep_tokens else ()
     steps = [
@@ -102,6 +109,8 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
         Step("eval-table1-approx", "exact vs approximate: FAISS's own distances, tuned on valid",
              tool("evaluate.py", "--workdir", wiki, "--datastore", "train", "--split", "test", "--approximate", *k,
                   "--out", os.path.join(wiki, "eval", "table1-approx"))),
+        Step("exact-vs-approx-pq16", f"exact vs approximate at the paper's code precision ({scale.pq_factory})",
+             func=lambda: exact_vs_approximate.main(pq16), shown=["benchmarks/exact_vs_approximate.py", *pq16]),
     ]
     for key in KEY_TYPES:  # Table 5: one datastore per key type, the same valid tokens
         name = "train" if key == KEY_TYPES[0] else f"train-{key}"
@@ -146,6 +155,12 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
                       func=lambda: ngram_experiment(wiki, os.path.join(wiki, "eval", "table1"), scale.ngram_orders,
                                                     os.path.join(root, "ngram.json"))))
     return steps
+
+
+def _exact_vs_approximate():
+    import exact_vs_approximate
+
+    return exact_vs_approximate
 
 
 def fraction_dir(data: str, root: str, tag: str) -> str:
@@ -206,10 +221,11 @@ def ngram_experiment(workdir: str, eval_dir: str, orders, out: str) -> None:
 
 def command_line(step: Step) -> str:
     """The step as a command to paste in the checkout (paths relative to it)."""
-    if step.argv is None:
+    argv = step.argv or step.shown
+    if argv is None:
         return f"(a function of benchmarks/replicate.py: {step.name})"
     near = os.path.dirname(ROOT) + os.sep  # the checkout's folder: ../shared/data and the like
-    shown = [os.path.relpath(a, ROOT) if os.path.isabs(a) and a.startswith(near) else a for a in step.argv]
+    shown = [os.path.relpath(a, ROOT) if os.path.isabs(a) and a.startswith(near) else a for a in argv]
     return "python " + " ".join(shown)
 
 
@@ -217,19 +233,19 @@ def run_step(step: Step, root: str) -> float:
     """Run one step to completion (its log in ``<root>/logs``); raises on failure."""
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     start = time.time()
-    if step.argv is not None:  # the tool's main() in this process: JAX starts once for the whole suite
-        log = os.path.join(root, "logs", f"{step.name}.log")
-        module = importlib.import_module(f"knnlm_jax.commands.{step.argv[0][: -len('.py')]}")
-        with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            print(f"\n$ {command_line(step)}", flush=True)
-            try:
+    log = os.path.join(root, "logs", f"{step.name}.log")
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        print(f"\n$ {command_line(step)}", flush=True)
+        try:
+            if step.argv is not None:  # the tool's main() in this process: JAX starts once for the whole suite
+                module = importlib.import_module(f"knnlm_jax.commands.{step.argv[0][: -len('.py')]}")
                 code = module.main(step.argv[1:])
-            except SystemExit as exit:
-                code = exit.code
-        if code:
-            raise RuntimeError(f"step {step.name} failed (exit {code}); see {log}, then run the suite again")
-    else:
-        step.func()
+            else:
+                code = step.func()
+        except SystemExit as exit:
+            code = exit.code
+    if code:
+        raise RuntimeError(f"step {step.name} failed (exit {code}); see {log}, then run the suite again")
     return time.time() - start
 
 
