@@ -219,14 +219,18 @@ def ngram_experiment(workdir: str, eval_dir: str, orders, out: str) -> None:
 # running
 
 
+def near(path: str) -> str:
+    """``path`` relative to the checkout when it lies beside it (``../shared/data``), else absolute."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(os.path.dirname(ROOT) + os.sep) else path
+
+
 def command_line(step: Step) -> str:
     """The step as a command to paste in the checkout (paths relative to it)."""
     argv = step.argv or step.shown
     if argv is None:
         return f"(a function of benchmarks/replicate.py: {step.name})"
-    near = os.path.dirname(ROOT) + os.sep  # the checkout's folder: ../shared/data and the like
-    shown = [os.path.relpath(a, ROOT) if os.path.isabs(a) and a.startswith(near) else a for a in argv]
-    return "python " + " ".join(shown)
+    return "python " + " ".join(near(a) if os.path.isabs(a) else a for a in argv)
 
 
 def run_step(step: Step, root: str) -> float:
@@ -282,8 +286,9 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true", help="only write the JSON and the report")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale]
-    root = os.path.abspath(args.root or os.path.join(ROOT, "runs", "replicate" if scale is FULL else "replicate-tiny"))
-    data = os.path.abspath(args.data)
+    os.chdir(ROOT)  # paths near the checkout are given relative to it: the commands shown are the ones run
+    root = near(args.root or os.path.join(ROOT, "runs", "replicate" if scale is FULL else "replicate-tiny"))
+    data = near(args.data)
     missing = [c for c in (WIKI, *DOMAINS) if not os.path.isfile(os.path.join(data, c, "train.txt"))]
     if missing:
         print(f"replicate.py: error: {data} lacks {', '.join(missing)} (train.txt, valid.txt, test.txt each)",
