@@ -47,6 +47,19 @@ def test_missing_data_dir_missing_split_and_empty_corpus(tmp_path, wikitext_dir)
     assert_user_error(run("--data_dir", str(empty), "--dry-run"), "empty")
 
 
+def test_a_given_vocabulary_that_is_unreadable_or_differs(tmp_path, wikitext_dir):
+    from knnlm_jax.vocab import Vocab
+
+    (tmp_path / "junk.txt").write_text("no counts here\n")
+    assert_user_error(run("--data_dir", wikitext_dir, "--workdir", str(tmp_path / "w"), "--vocab",
+                          str(tmp_path / "junk.txt")), "--vocab", "not a readable vocabulary")
+    (tmp_path / "w2").mkdir()
+    Vocab.build(["a b c"]).save(str(tmp_path / "w2" / "vocab.txt"))
+    Vocab.build(["a b d"]).save(str(tmp_path / "other.txt"))
+    assert_user_error(run("--data_dir", wikitext_dir, "--workdir", str(tmp_path / "w2"), "--vocab",
+                          str(tmp_path / "other.txt")), "already has another vocabulary")
+
+
 def test_unreadable_checkpoint(tmp_path, wikitext_dir):
     work = str(tmp_path / "run")
     small = ["--set", "num_layers=1", "--set", "d_model=16", "--set", "num_heads=2", "--set", "d_ff=32",

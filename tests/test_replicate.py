@@ -45,6 +45,10 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     listing = subprocess.run(cmd + ["--list"], capture_output=True, text=True, env=env, timeout=60).stdout
     assert listing.count("done  ") == len(listing.splitlines()) > 30
 
+    wiki_vocab = (root / "wiki" / "vocab.txt").read_text()
+    for run in ("wiki-quarter", "tinyshakespeare", "python-docs"):  # trained with train.py --vocab
+        assert (root / run / "vocab.txt").read_text() == wiki_vocab
+
     text = doc.read_text()
     assert "Pending" not in text and "| claim | paper | ours | holds here |" in text
     for name in EXPERIMENTS:
