@@ -85,7 +85,7 @@ def _commands(steps, names) -> list[str]:
 
 def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
     """Each experiment's claims, ours beside the paper's, from the suite's outputs (``None`` if pending)."""
-    from replicate import DOMAINS, FRACTIONS, KEY_TYPES
+    from replicate import DOMAINS, FRACTIONS
 
     done = {s.name for s in steps if os.path.isfile(os.path.join(root, "done", f"{s.name}.json"))}
     wiki, quarter = os.path.join(root, "wiki"), os.path.join(root, "wiki-quarter")
@@ -155,7 +155,7 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
 
     def table5():
         rows = {}
-        for key in KEY_TYPES:
+        for key in scale.key_types:
             r = _load(os.path.join(wiki, "eval", f"key-{key}", "results.json"))
             rows[key] = dict(base=_rows(r)["base LM"], knn=_rows(r)["+kNN-LM"], lmbda=r["knn"]["lmbda"],
                              tokens=r["tokens"])

@@ -43,7 +43,7 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
         assert (root / "done" / name).stat().st_mtime_ns == mtime
         assert f"{name[:-5]}: done before, skipped" in second.stdout
     listing = subprocess.run(cmd + ["--list"], capture_output=True, text=True, env=env, timeout=60).stdout
-    assert listing.count("done  ") == len(listing.splitlines()) > 30
+    assert listing.count("done  ") == len(listing.splitlines()) >= 30
 
     wiki_vocab = (root / "wiki" / "vocab.txt").read_text()
     for run in ("wiki-quarter", "tinyshakespeare", "python-docs"):  # trained with train.py --vocab
