@@ -61,15 +61,14 @@ def _plot(path: str, panels: list[dict]) -> None:
     for ax, p in zip(axes[0], panels):
         for label, (x, y) in p["series"].items():
             ax.plot(x, y, marker="o", markersize=3, label=label)
-        for label, value in (p.get("hlines") or {}).items():
-            ax.axhline(value, linestyle="--", color="grey", linewidth=1)
-            ax.annotate(label, (ax.get_xlim()[0], value), fontsize=8, va="bottom")
+        for (label, value), style in zip((p.get("hlines") or {}).items(), ("--", ":", "-.")):
+            ax.axhline(value, linestyle=style, color="grey", linewidth=1, label=label)
         if p.get("log2x"):
             ax.set_xscale("log", base=2)
         ax.set_xlabel(p["xlabel"])
         ax.set_ylabel(p["ylabel"])
         ax.set_title(p["title"], fontsize=10)
-        if len(p["series"]) > 1:
+        if len(p["series"]) + len(p.get("hlines") or {}) > 1:
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
@@ -105,8 +104,7 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
 
     def table1():
         r = _load(os.path.join(wiki, "eval", "table1", "results.json"))
-        a = _load(os.path.join(wiki, "eval", "table1-approx", "results.json"))
-        t, ta = _rows(r), _rows(a)
+        t = _rows(r)
         base, knn = t["base LM"], t["+kNN-LM"]
         claims = [
             dict(claim="the kNN-LM lowers test perplexity without training (Table 1)",
@@ -115,18 +113,7 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
             dict(claim="the continuous cache helps on top of the kNN-LM (Table 1)",
                  paper="cache alone 18.27; kNN-LM + cache 15.79", ours=f"cache alone {t['+cache']:.2f}; kNN-LM + "
                  f"cache {t['+kNN-LM+cache']:.2f}", holds=t["+kNN-LM+cache"] < knn),
-            dict(claim="exact L2 to full-precision keys beats FAISS's quantised distances (Section 5), at our "
-                       "default codes (4 key dimensions per byte)",
-                 paper="16.06 vs 16.5 (valid; 16 dimensions per byte)", ours=f"{knn:.3f} vs {ta['+kNN-LM']:.3f} (test)",
-                 holds=knn < ta["+kNN-LM"]),
         ]
-        q = _load(os.path.join(root, "exact_vs_approximate.json"))
-        claims.append(dict(
-            claim=f"... and at the paper's code precision ({q['factory']}: {q['dim'] // int(q['factory'].split('PQ')[-1])}"
-                  " key dimensions per byte)", paper="16.06 vs 16.5 (valid)",
-            ours=f"{q['exact']['test_knn_ppl']:.2f} vs {q['approximate']['test_knn_ppl']:.2f} (first "
-                 f"{q['tokens']['test']:,} test tokens)",
-            holds=q["exact"]["test_knn_ppl"] < q["approximate"]["test_knn_ppl"]))
         sk, sl = r["sweeps"]["k"], r["sweeps"]["lmbda"]
         k_ppl = _ppl(sk["ppl"])
         monotone = bool(np.all(np.diff(k_ppl) <= 1e-9))
@@ -138,20 +125,46 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
             dict(claim="in-domain, the best λ is small (Figure 5)", paper="λ ≈ 0.25 (WikiText-103)",
                  ours=f"λ = {best_l:.2f} on the sweep; tuned {r['knn']['lmbda']:.2f}", holds=best_l <= 0.4),
         ]
-        _plot(os.path.join(doc_dir, "fig4_k.png"), [dict(
-            series={"kNN-LM": (sk["k"], k_ppl)}, hlines={"base LM": sk["base_ppl"]}, log2x=True,
-            xlabel="k (neighbours)", ylabel="valid perplexity", title="Figure 4: k (WikiText-2 valid)")])
+        _plot(os.path.join(doc_dir, "fig4_k.png"), [
+            dict(series={"kNN-LM": (sk["k"], k_ppl)}, hlines={"LM alone": sk["base_ppl"]}, log2x=True,
+                 xlabel="k (neighbours)", ylabel="valid perplexity", title="Figure 4: k (WikiText-2 valid)"),
+            dict(series={"kNN-LM": (sl["lmbda"], _ppl(sl["ppl"]))}, hlines={"LM alone": sl["base_ppl"]},
+                 xlabel="λ", ylabel="valid perplexity", title="Figure 5, in-domain: λ (WikiText-2 valid)")])
         v = r["valid"]
         md = ["| | paper: dev / test (WikiText-103) | ours: valid | ours: test |", "|---|---|---|---|",
               f"| LM alone | 17.96 / 18.65 | {v['base_ppl']:.2f} | {base:.2f} |",
               f"| + kNN-LM | 16.06 / 16.12 | {v['knn']['ppl']:.2f} | {knn:.2f} |",
               f"| + cache | 17.67 / 18.27 | {v['cache']['ppl']:.2f} | {t['+cache']:.2f} |",
-              f"| + kNN-LM + cache | 15.81 / 15.79 | {v['knn_cache']['ppl']:.2f} | {t['+kNN-LM+cache']:.2f} |",
-              f"| + kNN-LM, FAISS's approximate distances | 16.5 (dev) | | {ta['+kNN-LM']:.2f} |", "",
-              f"λ {r['knn']['lmbda']:.2f}, T {r['knn']['temperature']:.3g}, k {r['knn']['k']} (tuned on valid; "
-              f"approximate: λ {a['knn']['lmbda']:.2f}, T {a['knn']['temperature']:.3g})."]
-        return dict(claims=claims, md=md, table=dict(test=t, test_approximate=ta, valid=v, knn=r["knn"],
-                                                     cache=r["cache"]), figures=["fig4_k.png"])
+              f"| + kNN-LM + cache | 15.81 / 15.79 | {v['knn_cache']['ppl']:.2f} | {t['+kNN-LM+cache']:.2f} |", "",
+              f"λ {r['knn']['lmbda']:.2f}, T {r['knn']['temperature']:.3g}, k {r['knn']['k']}, tuned on valid; the "
+              f"cache's λc {r['cache']['cache']['lmbda']:.2f}, θ {r['cache']['cache']['theta']:.3g} (alone) and "
+              f"{r['cache']['knn_cache']['lmbda']:.2f}, {r['cache']['knn_cache']['theta']:.3g} (on the kNN-LM), "
+              f"{r['cache']['cache']['size']:,} tokens."]
+        return dict(claims=claims, md=md, table=dict(test=t, valid=v, knn=r["knn"], cache=r["cache"]),
+                    figures=["fig4_k.png"])
+
+    def precision():
+        knn = _rows(_load(os.path.join(wiki, "eval", "table1", "results.json")))["+kNN-LM"]
+        a = _load(os.path.join(wiki, "eval", "table1-approx", "results.json"))
+        approx = _rows(a)["+kNN-LM"]
+        q = _load(os.path.join(root, "exact_vs_approximate.json"))
+        per_byte = q["dim"] // int(q["factory"].split("PQ")[-1])
+        claims = [
+            dict(claim="exact L2 to full-precision keys beats FAISS's quantised distances (Section 5), at our "
+                       "default codes (4 key dimensions per byte)", paper="16.06 vs 16.5 (valid; 16 dimensions "
+                       "per byte)", ours=f"{knn:.3f} vs {approx:.3f} (test)", holds=knn < approx),
+            dict(claim=f"... and at the paper's code precision ({q['factory']}: {per_byte} key dimensions per byte)",
+                 paper="16.06 vs 16.5 (valid)", ours=f"{q['exact']['test_knn_ppl']:.2f} vs "
+                 f"{q['approximate']['test_knn_ppl']:.2f} (first {q['tokens']['test']:,} test tokens)",
+                 holds=q["exact"]["test_knn_ppl"] < q["approximate"]["test_knn_ppl"]),
+        ]
+        md = ["| test, + kNN-LM | exact L2 | FAISS's distances |", "|---|---|---|",
+              "| paper (WikiText-103 valid, 16 dimensions per byte) | 16.06 | 16.5 |",
+              f"| default index ({a['index']}), all of test | {knn:.3f} | {approx:.3f} |",
+              f"| {q['factory']} ({per_byte} dimensions per byte), first {q['tokens']['test']:,} test tokens | "
+              f"{q['exact']['test_knn_ppl']:.2f} | {q['approximate']['test_knn_ppl']:.2f} |"]
+        return dict(claims=claims, md=md, table=dict(default_index=dict(exact=knn, approximate=approx,
+                                                                        index=a["index"]), paper_precision=q))
 
     def table5():
         rows = {}
@@ -269,14 +282,16 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                     table=g, figures=["fig7_ngram.png"])
 
     sweep = f"the first {scale.sweep_tokens:,} valid tokens" if scale.sweep_tokens else "all of valid"
-    experiment("table1", "Table 1, exact vs approximate distances, Figures 4 and 5 (in-domain)",
+    experiment("table1", "Table 1 and Figures 4 and 5 (in-domain)",
                f"The Wikipedia LM with a datastore of every token of its training set (its key: the last block's "
                f"feed-forward input after layer norm), k = {scale.k}; λ and the softmax temperature T (and the "
-               "cache's λc and θ) tuned on valid, test reported. Approximate: FAISS's distances from the IVF-PQ "
-               "codes instead of exact L2 to the stored float16 keys, at the default IVF-PQ and at the paper's precision "
-               "(16 key dimensions per byte; an in-memory index, the first tokens of valid and test, each mode tuned "
-               "on valid). Figure 4: k on valid at the tuned λ and T.",
-               ["train-wiki", "build-wiki-train", "eval-table1", "eval-table1-approx", "exact-vs-approx-pq16"], table1)
+               "cache's λc and θ) tuned on valid, test reported. Figure 4: k on valid at the tuned λ and T.",
+               ["train-wiki", "build-wiki-train", "eval-table1"], table1)
+    experiment("precision", "Exact vs approximate distances (Section 5)",
+               "The same kNN-LM with FAISS's distances from the IVF-PQ codes instead of exact L2 to the stored "
+               "float16 keys (λ and T tuned on valid for each): at the default index, and at the paper's precision "
+               "(16 key dimensions per byte; an in-memory index, the first tokens of valid and test).",
+               ["eval-table1", "eval-table1-approx", "exact-vs-approx-pq16"], precision)
     experiment("table5", "Table 5: key types",
                f"One datastore per key type over the Wikipedia LM's training set; each evaluated on {sweep} with λ "
                "and T tuned there, as the paper reports validation perplexity.",

@@ -11,7 +11,7 @@ import time
 
 from conftest import ROOT, synthetic_lines
 
-EXPERIMENTS = ("table1", "table5", "table3", "table4", "figure7", "figure8")
+EXPERIMENTS = ("table1", "precision", "table5", "table3", "table4", "figure7", "figure8")
 FIGURES = ("fig2_datastore_size.png", "fig4_k.png", "fig5_lambda.png", "fig7_ngram.png")
 
 
