@@ -111,7 +111,10 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                  paper="18.65 → 16.12 (−13.6%)", ours=f"{base:.2f} → {knn:.2f} ({100 * (knn - base) / base:+.1f}%)",
                  holds=knn < base),
             dict(claim="the kNN-LM helps more than the continuous cache alone (Table 1)",
-                 paper="16.12 vs 18.27", ours=f"{knn:.2f} vs {t['+cache']:.2f}", holds=knn < t["+cache"]),
+                 paper="16.12 vs 18.27", ours=f"{knn:.2f} vs {t['+cache']:.2f}", holds=knn < t["+cache"],
+                 why="a WikiText-2 article repeats its own rare words (names, places) within the cache's 1,024 "
+                     "tokens, and a 3M-parameter LM with 2 layers and a 256-token context misses most of them; the "
+                     "paper's 247M-parameter LM with 3,072 tokens of context leaves the cache much less to add"),
             dict(claim="the continuous cache helps on top of the kNN-LM (Table 1)",
                  paper="cache alone 18.27; kNN-LM + cache 15.79", ours=f"cache alone {t['+cache']:.2f}; kNN-LM + "
                  f"cache {t['+kNN-LM+cache']:.2f}", holds=t["+kNN-LM+cache"] < knn),
@@ -358,6 +361,10 @@ def markdown(exps, scale, results_dir: str, doc_dir: str) -> str:
     for e in exps:
         for c in e.get("claims", []):
             lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | {'yes' if c['holds'] else '**no**'} |")
+    reasons = [c for e in exps for c in e.get("claims", []) if not c["holds"] and c.get("why")]
+    if reasons:
+        lines += ["", "Where a claim does not hold here, the likely reason:", ""]
+        lines += [f"- *{c['claim']}*: {c['why']}." for c in reasons]
     for e in exps:
         lines += ["", f"## {e['title']}", ""]
         if e.get("not_run"):
