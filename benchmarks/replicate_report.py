@@ -145,8 +145,9 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
               f"cache's λc {r['cache']['cache']['lmbda']:.2f}, θ {r['cache']['cache']['theta']:.3g} (alone) and "
               f"{r['cache']['knn_cache']['lmbda']:.2f}, {r['cache']['knn_cache']['theta']:.3g} (on the kNN-LM), "
               f"{r['cache']['cache']['size']:,} tokens."]
-        return dict(claims=claims, md=md, table=dict(test=t, valid=v, knn=r["knn"], cache=r["cache"]),
-                    figures=["fig4_k.png"])
+        valid = {k: (x["ppl"] if isinstance(x, dict) else x) for k, x in v.items() if k != "word_ppl"}  # no grids
+        return dict(claims=claims, md=md, table=dict(test=t, valid=valid, knn=r["knn"], cache=r["cache"],
+                                                     sweeps=r["sweeps"]), figures=["fig4_k.png"])
 
     def precision():
         knn = _rows(_load(os.path.join(wiki, "eval", "table1", "results.json")))["+kNN-LM"]

@@ -101,8 +101,9 @@ def make_decode_step(graphdef, key_type: str, max_len: int):
 
 
 def empty_cache(trained, batch: int, max_len: int):
-    if trained.source == "pretrained":
-        return trained.model().empty_cache(batch, max_len)
+    model = trained.model()
+    if hasattr(model, "empty_cache"):  # a pretrained LM (knnlm_jax.llama) sizes its own, as it decodes itself
+        return model.empty_cache(batch, max_len)
     cfg = trained.cfg
     hd = cfg.d_model // cfg.num_heads
     dtype = jnp.float32 if cfg.dtype is None else cfg.dtype

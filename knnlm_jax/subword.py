@@ -8,6 +8,7 @@ line, as :class:`Vocab` counts them) gives the per-word perplexity beside the pe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 from typing import Iterable, Iterator
@@ -43,7 +44,7 @@ class SubwordVocab:
             self._words = tuple(self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.size))
         return self._words
 
-    @property
+    @functools.cached_property
     def index(self) -> dict:
         """Token text -> id (display texts; a prompt goes through :meth:`encode_text`)."""
         return {w: i for i, w in enumerate(self.words)}
