@@ -91,9 +91,10 @@ def setup_pretrained(workdir: str, model: str, data_dir: str | None) -> None:
             raise RunError(f"{workdir} is a trained run (config {name}): give --model another --workdir")
         return
     from knnlm_jax.configs.pretrained import get_config as pretrained_config
+    from knnlm_jax.pretrained import EMBEDDED_MODEL
 
     config = pretrained_config()
-    config.model = model if model == "smollm2" else os.path.abspath(model)
+    config.model = model if model == EMBEDDED_MODEL else os.path.abspath(model)
     if data_dir:
         config.data_dir = data_dir if is_spec(data_dir) or data_dir == EMBEDDED else os.path.abspath(data_dir)
     os.makedirs(workdir, exist_ok=True)
@@ -264,7 +265,7 @@ def load_model(workdir: str, config, vocab: Vocab) -> TrainedModel:
 
         from knnlm_jax.pretrained import load_pretrained, resolve
 
-        model, _, info = load_pretrained(resolve(config.model))
+        model, _, _ = load_pretrained(resolve(config.model))
         graphdef, params = nnx.split(model)
         params = jax.device_put(params, replicated)
         return TrainedModel(model.cfg, graphdef, params, 0, "pretrained", params_fingerprint(params))
