@@ -28,7 +28,7 @@ replicate: $(STAMP)
 	$(BIN)/python benchmarks/replicate.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

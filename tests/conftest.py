@@ -77,11 +77,12 @@ def tiny_config(data_dir: str, **overrides):
 
 
 # The longest files first: `make test` gives each of its 2 workers whole files (--dist loadfile) in
-# collection order, so a long file collected last would run alone at the end (about 10 minutes
-# instead of 9). Stable sort: every other file, and the order inside each file, stay as they were.
+# collection order (--no-loadscope-reorder: xdist's default order is by test count, which put the
+# one-test replication suite last, to run alone at the end). Stable sort: every other file, and the
+# order inside each file, stay as they were.
 LONGEST_FILES = ("test_replicate.py", "test_training.py", "test_training_failures.py", "test_training_speed.py",
-                 "test_multiprocess.py", "test_evaluate_cli.py", "test_build_cli.py", "test_package.py", "test_pretrained_pipeline.py",
-                 "test_keys_none.py")
+                 "test_multiprocess.py", "test_evaluate_cli.py", "test_build_cli.py", "test_package.py",
+                 "test_pretrained_pipeline.py", "test_keys_none.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
