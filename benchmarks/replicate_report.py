@@ -369,7 +369,7 @@ def markdown(exps, scale, results_dir: str, doc_dir: str) -> str:
     for e in exps:
         lines += ["", f"## {e['title']}", ""]
         if e.get("not_run"):
-            lines.append(e["not_run"].capitalize())
+            lines.append(e["not_run"][:1].upper() + e["not_run"][1:])
             continue
         if e.get("pending"):
             lines.append(f"Pending: steps {', '.join(e['pending'])} are not done yet (run the suite again).")
