@@ -50,6 +50,7 @@ class Settings:
     cache_thetas: tuple = CACHE_THETAS  # one value: fixed θ; several: tuned on valid
     drop_self: str = "auto"  # auto | yes | no
     max_tokens: int = 0
+    tune_tokens: int = 0  # tune on only the first N valid tokens when another split is reported (0: all)
     batch_size: int = 8
     window: int = 0
     context: int = 0
@@ -75,8 +76,8 @@ class Settings:
             raise EvaluationError(f"--nprobe {self.nprobe}: must be a positive integer")
         if self.drop_self not in ("auto", "yes", "no"):
             raise EvaluationError(f"--drop-self {self.drop_self}: choose auto, yes or no")
-        if self.max_tokens < 0 or self.show < 0:
-            raise EvaluationError("--max-tokens and --show must not be negative")
+        if self.max_tokens < 0 or self.tune_tokens < 0 or self.show < 0:
+            raise EvaluationError("--max-tokens, --tune-tokens and --show must not be negative")
         if self.min_pointers < 0:
             raise EvaluationError(f"--retomaton {self.min_pointers}: the pointer threshold must not be negative")
         if self.min_pointers and not self.exact:
@@ -86,6 +87,12 @@ class Settings:
             raise EvaluationError(f"--retrieve-fraction {self.retrieve_fraction:g}: must be in (0, 1]")
         if self.batch_size < 1:
             raise EvaluationError(f"--batch-size {self.batch_size}: must be a positive integer")
+
+    def head(self, tokens_N, tuning_only: bool = False):
+        """The tokens of a split this run evaluates: the first ``max_tokens`` (and, for valid when it is
+        only tuned on, the first ``tune_tokens``)."""
+        caps = [n for n in (self.max_tokens, self.tune_tokens if tuning_only else 0) if n]
+        return tokens_N[: min(caps)] if caps else tokens_N
 
     @property
     def tunes(self) -> bool:

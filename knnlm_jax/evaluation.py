@@ -39,7 +39,7 @@ def split_files(out_dir: str, split: str, data, tokens_N, *, settings: Settings,
     """
     m = store.manifest
     n_full = len(tokens_N)
-    tokens = tokens_N[: settings.max_tokens] if settings.max_tokens else tokens_N
+    tokens = settings.head(tokens_N, tuning_only=not requested)
     drop = drop_self_for(settings, m, data, n_full, requested)
     identity = dict(model_fingerprint=trained.fingerprint, key_type=key_type, datastore=store.name,
                     datastore_created=m.get("created"), datastore_entries=store.size, index=m.get("index"),
@@ -76,12 +76,15 @@ def clear_outputs(out_dir: str) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
-def union_capacities(trained, settings: Settings, token_arrays) -> tuple:
-    """Adaptive-softmax capacities that fit every split evaluated in one run: one compiled shape."""
+def union_capacities(trained, settings: Settings, token_arrays, tuning_only=()) -> tuple:
+    """Adaptive-softmax capacities that fit every split evaluated in one run: one compiled shape.
+
+    ``tuning_only[i]``: array ``i`` is only tuned on (``--tune-tokens`` applies).
+    """
     edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
     caps = []
-    for tokens in token_arrays:
-        tokens = tokens[: settings.max_tokens] if settings.max_tokens else tokens
+    for i, tokens in enumerate(token_arrays):
+        tokens = settings.head(tokens, tuning_only=i < len(tuning_only) and tuning_only[i])
         w = windows(len(tokens), settings.window, settings.context)
         caps.append(build_capacities(tokens, w, settings.batch_size, edges, settings.window))
     return tuple(int(c) for c in np.max(caps, axis=0)) if caps and caps[0] else ()
@@ -156,7 +159,7 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
                                   + ("adaptive retrieval's gate needs held-out valid text" if adaptive else
                                      "give --lmbda, --temperature (and the cache's) as numbers instead of auto"))
         evaluated = ["valid", split]
-    caps = union_capacities(trained, settings, [splits[s][1] for s in evaluated])
+    caps = union_capacities(trained, settings, [splits[s][1] for s in evaluated], [s != split for s in evaluated])
 
     def files_for(s: str, policy: Policy) -> TokenFiles:
         return split_files(out_dir, s, *splits[s], settings=settings, trained=trained, key_type=key_type, store=store,
@@ -181,9 +184,10 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
     if tuning is not None and (settings.lmbda is None or settings.temperature is None):
         best = tune_knn(tuning, LAMBDAS if settings.lmbda is None else (settings.lmbda,),
                         TEMPERATURES if settings.temperature is None else (settings.temperature,))
+        tuned = "tuned on valid" + (f" (its first {tuning.n} tokens)" if settings.tune_tokens == tuning.n else "")
         knn.update(lmbda=best["lmbda"], temperature=best["temperature"],
-                   lmbda_source="tuned on valid" if settings.lmbda is None else "given",
-                   temperature_source="tuned on valid" if settings.temperature is None else "given")
+                   lmbda_source=tuned if settings.lmbda is None else "given",
+                   temperature_source=tuned if settings.temperature is None else "given")
         valid_report["knn"] = dict(ppl=best["ppl"], grid=best["grid"], fine_grid=best.get("fine_grid"))
     else:
         knn.update(lmbda=settings.lmbda, temperature=settings.temperature, lmbda_source="given",

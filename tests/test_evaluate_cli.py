@@ -100,6 +100,7 @@ def test_bad_input_is_one_line_on_stderr(project, tmp_path, capsys):
     assert "--k 0" in error("--datastore", "train", "--k", "0")
     assert "--lmbda 1.5" in error("--datastore", "train", "--lmbda", "1.5")
     assert "--temperature 'hot'" in error("--datastore", "train", "--temperature", "hot")
+    assert "--tune-tokens" in error("--datastore", "train", "--split", "test", "--tune-tokens", "-5")
     assert "no datastore nope" in error("--datastore", "nope")
     assert "bad datastore name" in error("--datastore", "../x")
     no_test = tmp_path / "corpus"

@@ -216,6 +216,28 @@ def test_tuning_picks_the_best_grid_point_on_valid(ev, tmp_path):
     assert fixed["lmbda"] == 0.3
 
 
+def test_tune_tokens_tunes_on_the_head_of_valid_and_reports_the_whole_split(ev, tmp_path):
+    s = ev.splits
+    n_test = len(s["test"][1])
+    settings = Settings(k=16, lmbda=None, temperature=None, tune_tokens=100, batch_size=4, window=16, context=8)
+    r = evaluation.run(str(tmp_path / "out"), split="test", splits=s, settings=settings, trained=ev.trained,
+                       key_type=ev.config.key_type, store=ev.store, index=ev.index, vocab=ev.vocab, progress=False,
+                       log=lambda *_: None)
+    assert r["tokens"] == n_test > 100 and r["valid"]["tokens"] == 100
+    assert r["knn"]["lmbda_source"] == "tuned on valid (its first 100 tokens)"
+    valid_files = open_token_files(str(tmp_path / "out" / "tokens-valid"))
+    assert valid_files.n == 100 and np.array_equal(valid_files.targets, s["valid"][1][:100])
+    best = tune_knn(valid_files)
+    assert (r["knn"]["lmbda"], r["knn"]["temperature"]) == (best["lmbda"], best["temperature"])
+    # reported on valid itself, the whole split is evaluated: --tune-tokens caps only a tuning-only valid
+    whole = evaluation.run(str(tmp_path / "valid"), split="valid", splits=s, settings=settings, trained=ev.trained,
+                           key_type=ev.config.key_type, store=ev.store, index=ev.index, vocab=ev.vocab,
+                           progress=False, log=lambda *_: None)
+    assert whole["tokens"] == len(s["valid"][1]) > 100
+    with pytest.raises(EvaluationError, match="--tune-tokens"):
+        Settings(tune_tokens=-1).check()
+
+
 def test_run_tunes_on_valid_and_reports_test(ev, tmp_path):
     s = ev.splits
     settings = Settings(k=16, lmbda=None, temperature=None, cache=True, cache_size=8, cache_thetas=(0.01, 0.1),

@@ -63,6 +63,9 @@ def main(argv=None) -> int:
                         help="drop the neighbour that is the query's own entry when the evaluated split is the "
                              "datastore's own text (auto: when detected by sha256)")
     parser.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N targets of each split")
+    parser.add_argument("--tune-tokens", type=int, default=0, metavar="N",
+                        help="tune auto parameters on only the first N valid tokens when another split is reported "
+                             "(a large valid split; default: all of it)")
     parser.add_argument("--show-skip", default="", metavar="WORDS",
                         help="comma-separated words --show leaves out, e.g. '<unk>' (out-of-domain text gains most "
                              "on <unk>)")
@@ -109,7 +112,7 @@ def settings_from(args, config):
                         temperature=number_or_auto(args.temperature, "--temperature"), nprobe=args.nprobe,
                         exact=args.exact is not False, cache=args.cache, cache_size=args.cache_size,
                         cache_lambda=number_or_auto(args.cache_lambda, "--cache-lambda"), cache_thetas=thetas,
-                        drop_self=args.drop_self, max_tokens=args.max_tokens,
+                        drop_self=args.drop_self, max_tokens=args.max_tokens, tune_tokens=args.tune_tokens,
                         batch_size=config.eval_batch_size if args.batch_size is None else args.batch_size,
                         window=window, context=context,
                         recompute=args.recompute, show=args.show,
