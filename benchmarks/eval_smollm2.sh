@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kNN-LM with the embedded pretrained SmolLM2-135M-Instruct (issue 13 acceptance).
 #   wt2:          datastore on WikiText-2 train; lambda and T (and the cache's) tuned on the first 100,000 of
-#                 valid's 268k tokens (--tune-tokens: a third of the CPU time), reported on all of test per
+#                 valid's 273,868 tokens (--tune-tokens: a third of the CPU time), reported on all of test per
 #                 token and per word, beside the wt2 model's results/eval_wt2.json
 #   shakespeare:  domain adaptation: a Tiny Shakespeare train datastore, tuned on its valid, reported on its test
 # Each part builds its datastore (resumable: rerun after a kill) and reuses finished evaluation passes.
