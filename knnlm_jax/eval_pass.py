@@ -104,6 +104,20 @@ def empty_cache_memory(size: int, dim: int):
     return (jnp.zeros((size, dim), jnp.float32), jnp.zeros((size,), jnp.int32), jnp.full((size,), FAR, jnp.int32))
 
 
+def reserve(path: str) -> None:
+    """Allocate a (sparse) file's blocks now: a full disk is an ``OSError`` here, where writing
+    through its memmap later would end the process with SIGBUS."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror}: the per-token files need more space", path) from None
+    finally:
+        os.close(fd)
+
+
 def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, key_type: str, window: int,
                     context: int, batch_size: int, index=None, store=None, k: int = 0, exact: bool = True,
                     nprobe: int | None = None, drop_self: bool = False, cache_thetas=(), cache_size: int = 0,
@@ -142,19 +156,27 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
     os.makedirs(tmp)
 
     def memmap(name, dtype, shape):
-        return np.lib.format.open_memmap(os.path.join(tmp, name + ".npy"), "w+", dtype, shape)
+        path = os.path.join(tmp, name + ".npy")
+        array = np.lib.format.open_memmap(path, "w+", dtype, shape)
+        reserve(path)
+        return array
 
-    out = {"logp_lm": memmap("logp_lm", np.float32, (n,)), "targets": memmap("targets", np.int32, (n,))}
+    try:
+        out = {"logp_lm": memmap("logp_lm", np.float32, (n,)), "targets": memmap("targets", np.int32, (n,))}
+        if searching:
+            id_dtype = np.int32 if store.size < 2**31 else np.int64
+            out.update(dists=memmap("dists", np.float32, (n, k)), ids=memmap("ids", id_dtype, (n, k)),
+                       hit=memmap("hit", np.bool_, (n, k)), valid=memmap("valid", np.bool_, (n, k)))
+            out["features"] = memmap("features", np.float32, (n, len(edges) + store.dim))  # head summary, query key
+            if not policy.full:
+                out["retrieved"] = memmap("retrieved", np.bool_, (n,))
+        if thetas:
+            out["cache"] = memmap("cache", np.float32, (n, len(thetas)))
+    except OSError:
+        out = None
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-allocated left behind
+        raise
     out["targets"][:] = tokens_N
-    if searching:
-        id_dtype = np.int32 if store.size < 2**31 else np.int64
-        out.update(dists=memmap("dists", np.float32, (n, k)), ids=memmap("ids", id_dtype, (n, k)),
-                   hit=memmap("hit", np.bool_, (n, k)), valid=memmap("valid", np.bool_, (n, k)))
-        out["features"] = memmap("features", np.float32, (n, len(edges) + store.dim))  # head summary, query key
-        if not policy.full:
-            out["retrieved"] = memmap("retrieved", np.bool_, (n,))
-    if thetas:
-        out["cache"] = memmap("cache", np.float32, (n, len(thetas)))
     timings = dict(forward_wait=0.0, search=0.0, rerank=0.0, write=0.0)
     counts = dict(not_found=0, self_dropped=0, batches=0, searches=0)
 

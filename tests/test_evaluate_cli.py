@@ -162,3 +162,21 @@ def test_device_search_with_fewer_searches_from_the_command_line(project, tmp_pa
         assert out.returncode == 0, out.stderr
     ppl = [json.load(open(tmp_path / s / "results.json"))["rows"][1]["ppl"] for s in ("device", "auto")]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+
+
+def test_a_full_disk_for_the_per_token_files_is_one_line_not_sigbus(project, tmp_path):
+    """A real small tmpfs (needs mount rights): the files are reserved up front, so a full disk is
+    an error before the pass, not SIGBUS inside it, and no partial files stay behind."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "none", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (no mount rights)")
+    try:
+        out = evaluate(project, "--datastore", "train", "--split", "test", "--lmbda", "0.25", "--temperature", "1",
+                       "--out", str(mnt / "eval"))
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert "No space left on device: the per-token files need more space" in lines[0]
+        assert os.listdir(mnt / "eval") == []  # the .tmp directory was removed
+    finally:
+        subprocess.run(["umount", str(mnt)])
