@@ -16,6 +16,7 @@ the split.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -113,6 +114,8 @@ def reserve(path: str) -> None:
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write as before
+            return
         raise OSError(err.errno, f"{err.strerror}: the per-token files need more space", path) from None
     finally:
         os.close(fd)
