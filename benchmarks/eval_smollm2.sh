@@ -17,7 +17,7 @@ parts=("$@")
 summarise() {  # $1 part, $2 datastore, $3 extra note
   $PY - "$1" "$2" "$3" <<'PY'
 import json, os, sys
-from knnlm_jax.report import write_json
+from knnlm_jax.report import valid_without_grids, write_json
 
 part, name, note = sys.argv[1:]
 r = json.load(open(f"runs/smollm2/eval/{name}/results.json"))
@@ -31,7 +31,9 @@ summary = dict(base_lm_ppl_per_token=base["ppl"], base_lm_ppl_per_word=base["wor
 for label, key in (("+cache", "cache"), ("+kNN-LM+cache", "knn_lm_cache")):
     if label in rows:
         summary[f"{key}_ppl_per_token"], summary[f"{key}_ppl_per_word"] = rows[label]["ppl"], rows[label]["word_ppl"]
-out = {"note": note, "summary": summary, "result": {k: r.get(k) for k in keep}, "examples": r["examples"],
+result = {k: r.get(k) for k in keep}
+result["valid"] = valid_without_grids(result["valid"] or {})
+out = {"note": note, "summary": summary, "result": result, "examples": r["examples"],
        "model": r["model"], "datastore_manifest": r["datastore_manifest"], "config": r["config"]}
 if part == "wt2" and os.path.exists("results/eval_wt2.json"):
     wt2 = json.load(open("results/eval_wt2.json"))["summary"]

@@ -103,6 +103,8 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
         out.append(entry)
 
     def table1():
+        from knnlm_jax.report import valid_without_grids
+
         r = _load(os.path.join(wiki, "eval", "table1", "results.json"))
         t = _rows(r)
         base, knn = t["base LM"], t["+kNN-LM"]
@@ -145,7 +147,7 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
               f"cache's λc {r['cache']['cache']['lmbda']:.2f}, θ {r['cache']['cache']['theta']:.3g} (alone) and "
               f"{r['cache']['knn_cache']['lmbda']:.2f}, {r['cache']['knn_cache']['theta']:.3g} (on the kNN-LM), "
               f"{r['cache']['cache']['size']:,} tokens."]
-        valid = {k: (x["ppl"] if isinstance(x, dict) else x) for k, x in v.items() if k != "word_ppl"}  # no grids
+        valid = {k: x for k, x in valid_without_grids(v).items() if k != "word_ppl"}
         return dict(claims=claims, md=md, table=dict(test=t, valid=valid, knn=r["knn"], cache=r["cache"],
                                                      sweeps=r["sweeps"]), figures=["fig4_k.png"])
 

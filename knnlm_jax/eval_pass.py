@@ -176,7 +176,6 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         if thetas:
             out["cache"] = memmap("cache", np.float32, (n, len(thetas)))
     except OSError:
-        out = None
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-allocated left behind
         raise
     out["targets"][:] = tokens_N

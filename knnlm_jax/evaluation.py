@@ -76,15 +76,12 @@ def clear_outputs(out_dir: str) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
-def union_capacities(trained, settings: Settings, token_arrays, tuning_only=()) -> tuple:
-    """Adaptive-softmax capacities that fit every split evaluated in one run: one compiled shape.
-
-    ``tuning_only[i]``: array ``i`` is only tuned on (``--tune-tokens`` applies).
-    """
+def union_capacities(trained, settings: Settings, token_arrays) -> tuple:
+    """Adaptive-softmax capacities that fit every split evaluated in one run (the tokens each
+    evaluates, :meth:`Settings.head`): one compiled shape."""
     edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
     caps = []
-    for i, tokens in enumerate(token_arrays):
-        tokens = settings.head(tokens, tuning_only=i < len(tuning_only) and tuning_only[i])
+    for tokens in token_arrays:
         w = windows(len(tokens), settings.window, settings.context)
         caps.append(build_capacities(tokens, w, settings.batch_size, edges, settings.window))
     return tuple(int(c) for c in np.max(caps, axis=0)) if caps and caps[0] else ()
@@ -159,7 +156,8 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
                                   + ("adaptive retrieval's gate needs held-out valid text" if adaptive else
                                      "give --lmbda, --temperature (and the cache's) as numbers instead of auto"))
         evaluated = ["valid", split]
-    caps = union_capacities(trained, settings, [splits[s][1] for s in evaluated], [s != split for s in evaluated])
+    caps = union_capacities(trained, settings,
+                            [settings.head(splits[s][1], tuning_only=s != split) for s in evaluated])
 
     def files_for(s: str, policy: Policy) -> TokenFiles:
         return split_files(out_dir, s, *splits[s], settings=settings, trained=trained, key_type=key_type, store=store,
@@ -181,10 +179,11 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
     # kNN-LM: λ and T
     knn = dict(k=settings.k, exact=settings.exact, nprobe=nprobe)
     valid_report = {}
+    tuned = "tuned on valid" + (f" (its first {tuning.n} tokens)"
+                                if tuning is not None and settings.tune_tokens == tuning.n else "")
     if tuning is not None and (settings.lmbda is None or settings.temperature is None):
         best = tune_knn(tuning, LAMBDAS if settings.lmbda is None else (settings.lmbda,),
                         TEMPERATURES if settings.temperature is None else (settings.temperature,))
-        tuned = "tuned on valid" + (f" (its first {tuning.n} tokens)" if settings.tune_tokens == tuning.n else "")
         knn.update(lmbda=best["lmbda"], temperature=best["temperature"],
                    lmbda_source=tuned if settings.lmbda is None else "given",
                    temperature_source=tuned if settings.temperature is None else "given")
@@ -217,8 +216,8 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
             if tune_here:
                 best = tune_cache(on_valid, tuning.cache, thetas, lambdas)
                 chosen = dict(lmbda=best["lmbda"], theta=best["theta"],
-                              lmbda_source="tuned on valid" if settings.cache_lambda is None else "given",
-                              theta_source="tuned on valid" if len(thetas) > 1 else "given")
+                              lmbda_source=tuned if settings.cache_lambda is None else "given",
+                              theta_source=tuned if len(thetas) > 1 else "given")
                 valid_report[name] = dict(ppl=best["ppl"], grid=best["grid"])
             else:
                 chosen = dict(lmbda=settings.cache_lambda, theta=thetas[0], lmbda_source="given",

@@ -46,6 +46,12 @@ def summarize_training(workdir: str) -> dict:
     }
 
 
+def valid_without_grids(valid: dict) -> dict:
+    """An evaluation's ``valid`` report with each tuned part's perplexity in place of its tuning grids
+    (thousands of lines in a committed JSON; ``results.json`` keeps them)."""
+    return {k: (v["ppl"] if isinstance(v, dict) and "ppl" in v else v) for k, v in valid.items()}
+
+
 def write_json(path: str, payload: dict, command: str | None = None) -> None:
     """Write ``payload`` with the command and the machine that produced it, atomically."""
     payload = dict(payload, command=command or " ".join(sys.argv),

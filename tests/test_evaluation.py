@@ -219,12 +219,14 @@ def test_tuning_picks_the_best_grid_point_on_valid(ev, tmp_path):
 def test_tune_tokens_tunes_on_the_head_of_valid_and_reports_the_whole_split(ev, tmp_path):
     s = ev.splits
     n_test = len(s["test"][1])
-    settings = Settings(k=16, lmbda=None, temperature=None, tune_tokens=100, batch_size=4, window=16, context=8)
+    settings = Settings(k=16, lmbda=None, temperature=None, tune_tokens=100, batch_size=4, window=16, context=8,
+                        cache=True, cache_size=8, cache_thetas=(0.01, 0.1))
     r = evaluation.run(str(tmp_path / "out"), split="test", splits=s, settings=settings, trained=ev.trained,
                        key_type=ev.config.key_type, store=ev.store, index=ev.index, vocab=ev.vocab, progress=False,
                        log=lambda *_: None)
     assert r["tokens"] == n_test > 100 and r["valid"]["tokens"] == 100
     assert r["knn"]["lmbda_source"] == "tuned on valid (its first 100 tokens)"
+    assert r["cache"]["knn_cache"]["theta_source"] == "tuned on valid (its first 100 tokens)"
     valid_files = open_token_files(str(tmp_path / "out" / "tokens-valid"))
     assert valid_files.n == 100 and np.array_equal(valid_files.targets, s["valid"][1][:100])
     best = tune_knn(valid_files)
