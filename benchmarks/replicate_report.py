@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -157,10 +158,15 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
         approx = _rows(a)["+kNN-LM"]
         q = _load(os.path.join(root, "exact_vs_approximate.json"))
         per_byte = q["dim"] // int(q["factory"].split("PQ")[-1])
+        default_per_byte = q["dim"] // int(re.search(r"PQ(\d+)", a["index"]).group(1))
         claims = [
             dict(claim="exact L2 to full-precision keys beats FAISS's quantised distances (Section 5), at our "
-                       "default codes (4 key dimensions per byte)", paper="16.06 vs 16.5 (valid; 16 dimensions "
-                       "per byte)", ours=f"{knn:.3f} vs {approx:.3f} (test)", holds=knn < approx),
+                       f"default codes ({default_per_byte} key dimensions per byte)", paper="16.06 vs 16.5 (valid; "
+                       "16 dimensions per byte)", ours=f"{knn:.3f} vs {approx:.3f} (test)", holds=knn < approx,
+                 why="both score the same k retrieved candidates (exact mode re-scores them with the stored keys), "
+                     f"and with {default_per_byte} key dimensions per byte the codes' distance errors are small next "
+                     "to the spread that the tuned temperature leaves; at the paper's coarser codes the errors grow "
+                     "and the gap appears (the next row)"),
             dict(claim=f"... and at the paper's code precision ({q['factory']}: {per_byte} key dimensions per byte)",
                  paper="16.06 vs 16.5 (valid)", ours=f"{q['exact']['test_knn_ppl']:.2f} vs "
                  f"{q['approximate']['test_knn_ppl']:.2f} (first {q['tokens']['test']:,} test tokens)",
