@@ -36,7 +36,7 @@ def main() -> int:
 
     from knnlm_jax import runs
     from knnlm_jax.building import KeyComputer, build_capacities, build_datastore, window_sizes
-    from knnlm_jax.datastore import windows
+    from knnlm_jax.windows import windows
     from knnlm_jax.report import write_json
 
     config = runs.run_config(args.workdir)
@@ -58,7 +58,7 @@ def main() -> int:
         logp = model.target_log_probs(model(inputs), targets, capacities=caps)
         return -jnp.sum(jnp.where(mask, logp, 0.0))
 
-    from knnlm_jax.datastore import window_batch
+    from knnlm_jax.windows import window_batch
 
     batches = [window_batch(keys_computer.stream, wins[i : i + batch], window, vocab.eos, rows=batch)
                for i in range(0, len(wins), batch)]

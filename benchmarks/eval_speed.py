@@ -85,9 +85,10 @@ def run(args) -> int:
     from knnlm_jax import index as faiss_index
     from knnlm_jax.adaptive import band_edges
     from knnlm_jax.building import build_capacities
-    from knnlm_jax.datastore import datastore_dir, open_datastore, windows
+    from knnlm_jax.datastore import datastore_dir, open_datastore
     from knnlm_jax.eval_pass import evaluate_tokens
     from knnlm_jax.eval_settings import eval_window_sizes
+    from knnlm_jax.windows import windows
     from knnlm_jax.report import write_json
 
     config = runs.run_config(args.workdir)

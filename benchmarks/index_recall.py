@@ -33,9 +33,10 @@ def main() -> int:
 
     from knnlm_jax import runs
     from knnlm_jax.building import KeyComputer, window_sizes
-    from knnlm_jax.datastore import datastore_dir, open_datastore, windows
+    from knnlm_jax.datastore import datastore_dir, open_datastore
     from knnlm_jax.index import read_index, search
     from knnlm_jax.report import write_json
+    from knnlm_jax.windows import windows
 
     config = runs.run_config(args.workdir)
     vocab = runs.load_vocab(args.workdir, config)

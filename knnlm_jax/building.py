@@ -24,11 +24,12 @@ from knnlm_jax import index as faiss_index
 from knnlm_jax.adaptive import band_edges
 from knnlm_jax.codes import SAMPLED, CodeIndex, load_sampled, sample_batches
 from knnlm_jax import distributed
-from knnlm_jax.datastore import (INDEX, SHARDED, Datastore, DatastoreError, DatastoreWriter, ModelSignature, StreamView,
-                                 begin_sharded, finish_sharded, read_manifest, shard_name, shard_ranges,
-                                 signature_fields, window_batch, window_of, windows, write_manifest)
+from knnlm_jax.datastore import (INDEX, SHARDED, Datastore, DatastoreError, ModelSignature, read_manifest, shard_name,
+                                 signature_fields, write_manifest)
+from knnlm_jax.datastore_writer import DatastoreWriter, begin_sharded, finish_sharded, shard_ranges
 from knnlm_jax.indexing import TRAINED, merge_shards, share_trained
 from knnlm_jax.model import forward_states, forward_with_keys
+from knnlm_jax.windows import StreamView, window_batch, window_of, windows
 from knnlm_jax.distributed import Processes, local_mesh
 
 # stored keys are float16; a recomputed key must agree to within a few float16 steps
@@ -125,7 +126,7 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
     """Write (or resume) the datastore of ``tokens_N`` in ``directory``; returns the final manifest.
 
     Under several processes each writes its shard (a contiguous run of the build's batches,
-    see :func:`knnlm_jax.datastore.shard_ranges`) and process 0 the top manifest; every
+    see :func:`knnlm_jax.datastore_writer.shard_ranges`) and process 0 the top manifest; every
     process must call this. ``keys="none"`` stores no keys: the index (``index_factory``) is
     trained first and filled as the keys are computed (:mod:`knnlm_jax.codes`).
     ``score_lm=False`` skips the LM's NLL of the entries (keys only; the manifest says

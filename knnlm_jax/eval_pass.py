@@ -1,6 +1,6 @@
 """Stage 1 of an evaluation: the streaming pass that writes the per-token files.
 
-One pass over a split in windows (the datastore's :func:`~knnlm_jax.datastore.windows`:
+One pass over a split in windows (the datastore's :func:`~knnlm_jax.windows.windows`:
 every target scored exactly once, each with at least ``context`` prior tokens where the
 text allows). One jitted forward per batch of windows gives each scored target's LM
 log-prob, its query key (the datastore's key type) and, with the continuous cache, its
@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 from knnlm_jax.adaptive import band_edges
 from knnlm_jax.building import build_capacities, check_batch_size
 from knnlm_jax.cache import cache_target_log_prob
-from knnlm_jax.datastore import token_stream, window_batch, windows
 from knnlm_jax.model import forward_states
 from knnlm_jax.retrieval import Policy, exact_distances, nearest, retrieve_batch
 from knnlm_jax.search import search as search_index
 from knnlm_jax.token_files import FILES_FORMAT, META, TokenFiles, open_token_files
+from knnlm_jax.windows import token_stream, window_batch, windows
 
 @functools.lru_cache(maxsize=8)
 def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):

@@ -19,7 +19,6 @@ import numpy as np
 from knnlm_jax import index as faiss_index
 from knnlm_jax.adaptive import band_edges
 from knnlm_jax.building import build_capacities
-from knnlm_jax.datastore import windows
 from knnlm_jax.eval_pass import evaluate_tokens
 from knnlm_jax.eval_report import helped_most, json_safe
 from knnlm_jax.eval_settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
@@ -28,6 +27,7 @@ from knnlm_jax.search import has_lists, searcher_kind
 from knnlm_jax.sweeps import plot_sweep, sweep_k, sweep_lambda
 from knnlm_jax.retrieval import Gate, Policy, fit_gate
 from knnlm_jax.token_files import TokenFiles, files_match, open_token_files
+from knnlm_jax.windows import windows
 
 
 def split_files(out_dir: str, split: str, data, tokens_N, *, settings: Settings, trained, key_type: str, store, index,

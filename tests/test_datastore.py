@@ -14,8 +14,10 @@ from conftest import synthetic_lines, tiny_config
 from knnlm_jax import corpus, runs
 from knnlm_jax.building import KEY_RTOL, KEY_ATOL, build_datastore, check_datastore, window_sizes
 from knnlm_jax.indexing import index_datastore
-from knnlm_jax.datastore import (BUILD_IDENTITY, KEYS, MANIFEST, VALS, DatastoreError, DatastoreWriter, open_datastore,
-                                 read_manifest, token_stream, update_manifest, window_batch, window_of, windows)
+from knnlm_jax.datastore import (BUILD_IDENTITY, KEYS, MANIFEST, VALS, DatastoreError, open_datastore, read_manifest,
+                                 update_manifest)
+from knnlm_jax.datastore_writer import DatastoreWriter
+from knnlm_jax.windows import token_stream, window_batch, window_of, windows
 from knnlm_jax.index import search
 from knnlm_jax.model import forward_with_keys
 
@@ -354,7 +356,7 @@ def test_run_config_takes_new_defaults_and_locks_the_model(built, tmp_path):
 
 def test_keys_that_overflow_float16_are_refused_at_build_and_at_check(built, tmp_path):
     """A residual-stream key beyond 65,504 becomes inf in float16: never stored silently, found by --check."""
-    from knnlm_jax.datastore import verify_content
+    from knnlm_jax.content_hash import verify_content
 
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.full_like(x, 1e5) if "fc2" in jax.tree_util.keystr(path) and "bias" in

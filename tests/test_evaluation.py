@@ -12,12 +12,13 @@ from test_datastore import build, make_run, write_corpus
 from knnlm_jax import corpus, evaluation, runs
 from knnlm_jax.building import window_sizes
 from knnlm_jax.indexing import index_datastore
-from knnlm_jax.datastore import open_datastore, token_stream, window_batch, windows
+from knnlm_jax.datastore import open_datastore
 from knnlm_jax.eval_pass import evaluate_tokens
 from knnlm_jax.retrieval import exact_distances
 from knnlm_jax.eval_settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
 from knnlm_jax.token_files import open_token_files
 from knnlm_jax.mixing import knn_log_probs, mix, tune_knn
+from knnlm_jax.windows import token_stream, window_batch, windows
 from knnlm_jax.index import read_index
 
 

@@ -92,7 +92,8 @@ def default_name(args) -> str:
 def build(args, config, workdir, vocab, directory, processes) -> int:
     from knnlm_jax import distributed, runs
     from knnlm_jax.cli import UserError, corpus_options
-    from knnlm_jax.datastore import check_writable, read_manifest
+    from knnlm_jax.datastore import read_manifest
+    from knnlm_jax.datastore_writer import check_writable
     from knnlm_jax.tfds_source import WIKI3B
 
     if args.batch_size is not None and args.batch_size < 1:
@@ -183,7 +184,8 @@ def index(args, store, processes) -> int:
 def check(args, config, workdir, vocab, processes) -> int:
     from knnlm_jax import distributed, runs
     from knnlm_jax.cli import corpus_options
-    from knnlm_jax.datastore import DatastoreError, datastore_dir, verify_content
+    from knnlm_jax.content_hash import verify_content
+    from knnlm_jax.datastore import DatastoreError, datastore_dir
 
     directory = datastore_dir(workdir, args.check)
     store = open_checked(directory, config, vocab)  # files and shapes against the manifest, model fields
