@@ -178,7 +178,7 @@ def open_datastore(directory: str, signature: ModelSignature | None = None) -> D
         raise DatastoreError(f"datastore {name} has format version {manifest.get('format_version')}; "
                              f"this code reads version {FORMAT_VERSION}")
     if manifest.get("status") != "complete":
-        done = (f"{manifest.get('num_shards')} shards, built by {manifest.get('num_shards')} processes"
+        done = (f"a sharded build by {manifest.get('num_shards')} processes"
                 if manifest.get("layout") == SHARDED else f"{manifest.get('progress')} of "
                                                           f"{manifest.get('num_entries')} entries")
         raise DatastoreError(f"datastore {name} is unfinished ({done}); run build.py again to resume it")

@@ -1,8 +1,8 @@
 """The resumable datastore writer, and a sharded build's top manifest (one shard per process).
 
-The writer streams chunks into memmaps; after each chunk it flushes them and atomically
-advances ``progress`` in the manifest, so a killed build resumes where it stopped and ends
-byte-identical to an uninterrupted one. No JAX here.
+The writer lays the ``.npy`` files out once and writes chunks into them with positional writes;
+after each chunk it syncs them and atomically advances ``progress`` in the manifest, so a killed
+build resumes where it stopped and ends byte-identical to an uninterrupted one. No JAX here.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ def _remove(directory: str, *names: str) -> None:
         path = os.path.join(directory, name)
         if os.path.exists(path):
             os.remove(path)
+
+
+def identity_diff(old: dict, header: dict) -> list[str]:
+    """The fields (format version, build identity but the batch size, key mode) in which an unfinished build differs."""
+    new = {"format_version": FORMAT_VERSION, **header, "keys": header.get("keys", "fp16")}
+    return [k for k in ("format_version", *BUILD_IDENTITY, "keys") if k != "batch_size"
+            and old.get(k, "fp16" if k == "keys" else None) != new[k]]
 
 
 def check_writable(directory: str, overwrite: bool) -> dict | None:
@@ -58,10 +65,7 @@ class DatastoreWriter:
         self.stores_keys = header["keys"] == "fp16"
         old = check_writable(directory, overwrite)
         if old is not None and not overwrite:
-            diff = [k for k in ("format_version", *BUILD_IDENTITY) if k != "batch_size"
-                    and old.get(k) != (FORMAT_VERSION if k == "format_version" else header[k])]
-            if old.get("keys", "fp16") != header["keys"]:
-                diff.append("keys")
+            diff = identity_diff(old, header)
             if diff:
                 raise DatastoreError(f"datastore {self.name} holds an unfinished build with another "
                                      f"{', '.join(diff)}; pass --overwrite to start again")
@@ -206,8 +210,7 @@ def begin_sharded(directory: str, header: dict, entry_ranges, *, overwrite: bool
             raise DatastoreError(f"datastore {name} holds an unfinished build by {old_count} process"
                                  f"{'es' if old_count > 1 else ''}; relaunch it with --num_processes {old_count} "
                                  "to resume, or pass --overwrite")
-        diff = [k for k in BUILD_IDENTITY if k != "batch_size" and old.get(k) != header[k]]
-        diff += ["keys"] if old.get("keys", "fp16") != header.get("keys", "fp16") else []
+        diff = identity_diff(old, header)
         if diff:
             raise DatastoreError(f"datastore {name} holds an unfinished build with another {', '.join(diff)}; "
                                  "pass --overwrite to start again")

@@ -14,9 +14,9 @@ from conftest import synthetic_lines, tiny_config
 from knnlm_jax import corpus, runs
 from knnlm_jax.building import KEY_RTOL, KEY_ATOL, build_datastore, check_datastore, window_sizes
 from knnlm_jax.indexing import index_datastore
-from knnlm_jax.datastore import (BUILD_IDENTITY, KEYS, MANIFEST, VALS, DatastoreError, open_datastore, read_manifest,
-                                 update_manifest)
-from knnlm_jax.datastore_writer import DatastoreWriter
+from knnlm_jax.datastore import (BUILD_IDENTITY, FORMAT_VERSION, KEYS, MANIFEST, SHARDED, VALS, DatastoreError,
+                                 open_datastore, read_manifest, update_manifest)
+from knnlm_jax.datastore_writer import DatastoreWriter, begin_sharded
 from knnlm_jax.windows import token_stream, window_batch, window_of, windows
 from knnlm_jax.index import search
 from knnlm_jax.model import forward_with_keys
@@ -262,6 +262,26 @@ def test_complete_datastores_are_kept_and_unfinished_ones_must_match(built, tmp_
     del writer
     with pytest.raises(DatastoreError, match="unfinished build with another corpus_sha256"):
         DatastoreWriter(directory, dict(header, corpus_sha256="0" * 64))
+
+
+def test_unfinished_builds_of_another_format_or_key_mode_are_refused_one_process_or_sharded(built, tmp_path):
+    header = {k: built.manifest[k] for k in BUILD_IDENTITY}
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "sharded")
+    DatastoreWriter(single, header)
+    n = built.manifest["num_entries"]
+    ranges = [(0, n // 2), (n // 2, n)]
+    assert begin_sharded(sharded, header, ranges)["status"] == "building"
+    assert begin_sharded(sharded, header, ranges)["layout"] == SHARDED  # the same build resumes
+    with pytest.raises(DatastoreError, match="unfinished build with another keys"):
+        begin_sharded(sharded, dict(header, keys="none"), ranges)
+    for directory, reopen in ((single, lambda: DatastoreWriter(single, header)),
+                              (sharded, lambda: begin_sharded(sharded, header, ranges))):
+        update_manifest(directory, format_version=FORMAT_VERSION - 1)
+        with pytest.raises(DatastoreError, match="unfinished build with another format_version"):
+            reopen()
+    with pytest.raises(DatastoreError, match="unfinished \\(a sharded build by 2 processes\\)"):
+        update_manifest(sharded, format_version=FORMAT_VERSION)
+        open_datastore(sharded)
 
 
 # ---------------------------------------------------------------------------------
