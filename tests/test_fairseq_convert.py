@@ -1,4 +1,5 @@
-"""fairseq transformer_lm checkpoints -> this project's model and run directory (knnlm_jax/fairseq_convert.py).
+"""fairseq transformer_lm checkpoints -> this project's model and run directory (knnlm_jax/fairseq_checkpoint.py
+reads the files, knnlm_jax/fairseq_convert.py maps them).
 
 The checkpoints are built here with the parameter names and shapes fairseq 0.12.2's
 ``TransformerLanguageModel.state_dict()`` has (adaptive input / softmax, tied duplicates and
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from knnlm_jax import fairseq_checkpoint as fck
 from knnlm_jax import fairseq_convert as fc
 from knnlm_jax.vocab import Vocab
 
@@ -292,35 +294,35 @@ def test_older_checkpoint_names_are_upgraded_as_fairseq_does():
 def test_unsupported_or_damaged_checkpoints_are_refused_in_one_line(change, message):
     sd, args = case("wiki103")
     change(sd, args)
-    with pytest.raises(fc.ConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(fck.ConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
         fc.convert(sd, args, vocab_of())
 
 
 def test_dict_txt_keeps_fairseqs_ids(tmp_path):
     path = tmp_path / "dict.txt"
     path.write_text("the 100\n, 90\nmadeupword0000 0\n", encoding="utf-8")
-    vocab = fc.read_dict(str(path))
+    vocab = fck.read_dict(str(path))
     assert vocab.words == ("<s>", "<pad>", "</s>", "<unk>", "the", ",", "madeupword0000")
     assert (vocab.bos, vocab.pad, vocab.eos, vocab.unk) == (0, 1, 2, 3) and vocab.index["the"] == 4
     for text, message in (("the 1\nthe 2\n", "line 2: repeated word 'the'"), ("the\n", "line 1: expected"),
                           ("<unk> 5\n", "repeated word '<unk>'"), ("x 1 #fairseq:overwrite\n", "overwrite")):
         path.write_text(text, encoding="utf-8")
-        with pytest.raises(fc.ConvertError, match=message):
-            fc.read_dict(str(path))
+        with pytest.raises(fck.ConvertError, match=message):
+            fck.read_dict(str(path))
     sd, args = case("wiki103")
-    with pytest.raises(fc.ConvertError, match="the dictionary has 39 words .* 40 rows"):
+    with pytest.raises(fck.ConvertError, match="the dictionary has 39 words .* 40 rows"):
         fc.convert(sd, args, vocab_of(39))
 
 
 def test_model_args_from_old_and_new_checkpoints():
     import argparse
 
-    assert fc.model_args({"args": argparse.Namespace(arch="transformer_lm_wiki103", decoder_layers=16)})["arch"] == \
+    assert fck.model_args({"args": argparse.Namespace(arch="transformer_lm_wiki103", decoder_layers=16)})["arch"] == \
         "transformer_lm_wiki103"
-    assert fc.model_args({"args": None, "cfg": {"model": {"_name": "transformer_lm", "decoder_layers": 2}}})[
+    assert fck.model_args({"args": None, "cfg": {"model": {"_name": "transformer_lm", "decoder_layers": 2}}})[
         "decoder_layers"] == 2
-    with pytest.raises(fc.ConvertError, match="no model args"):
-        fc.model_args({"model": {}})
+    with pytest.raises(fck.ConvertError, match="no model args"):
+        fck.model_args({"model": {}})
     old = fc.resolve_args({"arch": "transformer_lm_wiki103", "no_tie_adaptive_proj": False})
     assert old["tie_adaptive_proj"] and old["no_decoder_final_norm"] and old["adaptive_input_cutoff"] == "20000,60000"
 
@@ -342,10 +344,10 @@ def test_unpickling_stubs_classes_of_an_absent_fairseq(monkeypatch):
     monkeypatch.setitem(sys.modules, module.__name__, module)
     blob = pickle.dumps({"args": {"arch": "transformer_lm_wiki103"}, "extra_state": {"loss": AverageMeter()}})
     monkeypatch.delitem(sys.modules, module.__name__)
-    loaded = fc._stub_pickle.loads(blob)
+    loaded = fck._stub_pickle.loads(blob)
     assert loaded["args"]["arch"] == "transformer_lm_wiki103" and loaded["extra_state"]["loss"].avg == 1.5
     with pytest.raises(ModuleNotFoundError):  # only fairseq's classes are stubbed
-        fc._stub_pickle.loads(blob.replace(b"fairseq.gone_meters", b"fairxeq.gone_meters"))
+        fck._stub_pickle.loads(blob.replace(b"fairseq.gone_meters", b"fairxeq.gone_meters"))
 
 
 def test_run_directory_round_trip(tmp_path):
@@ -372,13 +374,13 @@ def test_run_directory_round_trip(tmp_path):
     expected, _ = flax_log_probs(trained.cfg, params, np.asarray(toks))
     np.testing.assert_array_equal(np.asarray(model.full_log_probs(model(toks))), expected)
     np.testing.assert_allclose(expected, fairseq_log_probs(sd, args, np.asarray(toks)), atol=1e-4, rtol=0)
-    with pytest.raises(fc.ConvertError, match="already exists"):
+    with pytest.raises(fck.ConvertError, match="already exists"):
         fc.write_run(out, fc.run_config(arch, vocab), vocab, cfg, params)
 
 
 def test_cli_converts_an_npz_copy_and_refuses_bad_input_in_one_line(tmp_path, capsys):
     sd, args = case("wiki103")
-    fc.save_npz(str(tmp_path / "model.npz"), sd, args, num_updates=3)
+    fck.save_npz(str(tmp_path / "model.npz"), sd, args, num_updates=3)
     (tmp_path / "dict.txt").write_text("".join(f"w{i} {100 - i}\n" for i in range(36)), encoding="utf-8")
     base = ["--checkpoint", str(tmp_path / "model.npz"), "--dict", str(tmp_path / "dict.txt")]
     assert fc.main([*base, "--out", str(tmp_path / "run")]) == 0
@@ -412,7 +414,7 @@ def test_build_py_runs_on_a_converted_run(tmp_path):
     words = Vocab.build(open(os.path.join(corpus, "train.txt"), encoding="utf-8").read().splitlines())
     (tmp_path / "dict.txt").write_text("".join(f"{w} {c}\n" for w, c in zip(words.words[4:], words.counts[4:])),
                                        encoding="utf-8")
-    fc.save_npz(str(tmp_path / "model.npz"), fairseq_state(vocab_size=len(words)), WIKI103_LIKE)
+    fck.save_npz(str(tmp_path / "model.npz"), fairseq_state(vocab_size=len(words)), WIKI103_LIKE)
     assert fc.main(["--checkpoint", str(tmp_path / "model.npz"), "--dict", str(tmp_path / "dict.txt"),
                     "--out", str(tmp_path / "run"), "--data_dir", corpus]) == 0
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -452,16 +454,16 @@ sd = {k: v.numpy() for k, v in model.state_dict().items()}
 keep = {k: getattr(args, k) for k in vars(args) if isinstance(getattr(args, k), (str, int, float, bool))}
 np.savez(out, tokens=toks.numpy(), log_probs=lp.numpy(), args=json.dumps(keep), **{"sd." + k: v for k, v in sd.items()})
 # the same model as fairseq checkpoint files: args (as the public WikiText-103 model) and cfg (fairseq >= 0.10)
-from knnlm_jax import fairseq_convert as fc
+from knnlm_jax import fairseq_checkpoint as fck
 history = [{"num_updates": 5}]
 torch.save({"args": args, "model": model.state_dict(), "optimizer_history": history}, out + ".args.pt")
 torch.save({"args": None, "cfg": {"model": vars(args)}, "model": model.state_dict(), "optimizer_history": history},
            out + ".cfg.pt")
-loaded = [fc.load_checkpoint(out + ext) for ext in (".args.pt", ".cfg.pt")]
+loaded = [fck.load_checkpoint(out + ext) for ext in (".args.pt", ".cfg.pt")]
 for state, a, n in loaded:
     assert n == 5 and a["arch"] == "transformer_lm_wiki103" and state.keys() == sd.keys()
     assert all(np.array_equal(state[k], sd[k]) for k in sd)
-fc.save_npz(out + ".copy.npz", *loaded[0])
+fck.save_npz(out + ".copy.npz", *loaded[0])
 """
 
 
