@@ -9,7 +9,6 @@ should barely grow with the corpus (keys and values go to memmaps, the corpus is
 """
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
@@ -19,6 +18,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from knnlm_jax.content_hash import file_sha256  # noqa: E402
 
 
 def timed_build(workdir: str, name: str, corpus: str) -> dict:
@@ -30,13 +31,7 @@ def timed_build(workdir: str, name: str, corpus: str) -> dict:
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", out.stderr).group(1)
     directory = os.path.join(workdir, "datastores", name)
-    digest = {}
-    for array in ("keys", "vals"):
-        h = hashlib.sha256()
-        with open(os.path.join(directory, f"{array}.npy"), "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        digest[array] = h.hexdigest()
+    digest = {array: file_sha256(os.path.join(directory, f"{array}.npy")) for array in ("keys", "vals")}
     import json
 
     with open(os.path.join(directory, "manifest.json")) as f:

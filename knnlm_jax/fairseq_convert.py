@@ -10,9 +10,9 @@ The paper's base LM is Baevski & Auli's WikiText-103 model (fairseq arch
     python evaluate.py --workdir runs/wt103-fairseq --datastore train --split test
 
 Reading fairseq's files is :mod:`knnlm_jax.fairseq_checkpoint` (a ``.pt`` file needs PyTorch, not
-fairseq). Everything else here works on plain NumPy: a fairseq state
+fairseq). The mapping here works on plain NumPy: a fairseq state
 dict (name -> array) and its model args (a dict) become this project's config, vocabulary
-and parameters (:func:`convert`), which :func:`write_run` saves as a run directory
+and parameters (:func:`convert`); :func:`write_run` (with JAX) saves them as a run directory
 (``config.json``, ``vocab.txt``, ``best/<step>``) that ``build.py`` and ``evaluate.py`` load.
 
 What fairseq does that the conversion reproduces (fairseq 0.12.2 sources):
