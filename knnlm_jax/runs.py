@@ -14,8 +14,9 @@ import os
 from ml_collections import ConfigDict
 
 from knnlm_jax.configs import NAMES, ConfigError, apply_overrides, get_config
-from knnlm_jax.corpus import EMBEDDED, is_spec
+from knnlm_jax.corpus import is_spec
 from knnlm_jax.datastore import ModelSignature
+from knnlm_jax.embedded_corpus import EMBEDDED
 from knnlm_jax.vocab import Vocab
 
 RUNS_ROOT = "runs"
@@ -185,11 +186,11 @@ def split_tokens(workdir: str, vocab: Vocab, source: str, split: str, *, tfds_da
     Token arrays and the corpus fingerprint cache live in ``<workdir>/tokens/``; ``tfds_data_dir`` and
     ``text_feature`` (see :func:`cli.corpus_options`) apply to ``tfds:`` and ``wiki3b`` sources.
     """
-    from knnlm_jax import corpus
+    from knnlm_jax import corpus, token_cache
 
     cache = os.path.join(workdir, "tokens")
     data = corpus.read_split(source, split, tfds_data_dir=tfds_data_dir, text_feature=text_feature, cache_dir=cache)
-    return data, corpus.load_tokens(cache, data, vocab)
+    return data, token_cache.load_tokens(cache, data, vocab)
 
 
 def load_vocab(workdir: str, config=None):

@@ -13,7 +13,7 @@ Splits: our ``train`` / ``valid`` / ``test`` are the dataset's ``train`` / ``val
 replaces the dataset split used for our ``train`` only; ``valid`` and ``test`` keep the mapping.
 
 ``wiki3b``: English Wikipedia, TFDS ``wikipedia/20230601.en`` (``title``, ``text``; split ``train``),
-in the data source's index order, each article in WikiText layout (:func:`corpus.article_lines`),
+in the data source's index order, each article in WikiText layout (:func:`wikitext.article_lines`),
 without the articles whose WikiText-tokenized title is a WikiText-103 valid or test title, and
 capped at 2.87B tokens (whitespace tokens + one ``</s>`` per line): it stops before the first
 article that would cross the cap. Only ``train`` exists.
@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from knnlm_jax.corpus import CorpusError, article_lines, wikitext_tokenize
+from knnlm_jax.corpus_error import CorpusError
+from knnlm_jax.wikitext import article_lines, wikitext_tokenize
 
 TFDS_PREFIX = "tfds:"
 WIKI3B = "wiki3b"

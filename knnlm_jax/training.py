@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from knnlm_jax import corpus, distributed
+from knnlm_jax import corpus, distributed, token_cache
 from knnlm_jax.adaptive import band_edges, block_band_counts, capacities_for_batches
 from knnlm_jax.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like
 from knnlm_jax.configs import validate
@@ -190,8 +190,9 @@ def _prepare_data(config, workdir: str, *, need_valid: bool, corpus_options: dic
         vocab = Vocab.build(train.lines(), max_size=config.vocab_size)
         os.makedirs(workdir, exist_ok=True)
         vocab.save(vocab_path)
-    train_ids = corpus.load_tokens(cache, train, vocab)
-    valid_ids = corpus.load_tokens(cache, corpus.read_split(config.data_dir, "valid", **options), vocab) if need_valid else None
+    train_ids = token_cache.load_tokens(cache, train, vocab)
+    valid_ids = (token_cache.load_tokens(cache, corpus.read_split(config.data_dir, "valid", **options), vocab)
+                 if need_valid else None)
     return RunData(vocab, train_ids, valid_ids, train.sha256, train.corpus, dict(corpus_options or {}))
 
 

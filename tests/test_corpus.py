@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from knnlm_jax import corpus
+from knnlm_jax import corpus, corpus_error, embedded_corpus, token_cache, wikitext
 from knnlm_jax.vocab import Vocab
 
 
@@ -15,11 +15,11 @@ from knnlm_jax.vocab import Vocab
     ("Acid–base   pairs, e.g. 3.14", "Acid – base pairs , e . g . 3 @.@ 14"),
 ])
 def test_wikitext_tokenize(raw, expected):
-    assert corpus.wikitext_tokenize(raw) == expected
+    assert wikitext.wikitext_tokenize(raw) == expected
 
 
 def test_article_lines_have_the_wikitext_layout():
-    lines = corpus.article_lines("Cat", "First para.\nSecond one.")
+    lines = wikitext.article_lines("Cat", "First para.\nSecond one.")
     assert lines == [" ", " = Cat = ", " ", " First para . ", " ", " Second one . ", " "]
 
 
@@ -34,14 +34,14 @@ def test_wikitext_dir_with_either_file_naming(tmp_path, wikitext_dir):
 
 
 def test_missing_split_empty_corpus_and_missing_dir_are_errors(tmp_path, wikitext_dir):
-    with pytest.raises(corpus.CorpusError, match="no test split"):
+    with pytest.raises(corpus_error.CorpusError, match="no test split"):
         os.remove(os.path.join(wikitext_dir, "test.txt"))
         corpus.read_split(wikitext_dir, "test")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train.txt").write_text(" \n \n")
-    with pytest.raises(corpus.CorpusError, match="empty"):
+    with pytest.raises(corpus_error.CorpusError, match="empty"):
         corpus.read_split(str(tmp_path / "empty"), "train")
-    with pytest.raises(corpus.CorpusError, match="no such"):
+    with pytest.raises(corpus_error.CorpusError, match="no such"):
         corpus.read_split(str(tmp_path / "nowhere"), "train")
 
 
@@ -49,18 +49,18 @@ def test_token_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, wikit
     cache = str(tmp_path / "cache")
     data = corpus.read_split(wikitext_dir, "train", cache_dir=cache)
     vocab = Vocab.build(data.lines())
-    ids = corpus.load_tokens(cache, data, vocab)
+    ids = token_cache.load_tokens(cache, data, vocab)
     assert isinstance(ids, np.memmap) and not ids.flags.writeable and ids.dtype == np.int32
     np.testing.assert_array_equal(ids, vocab.encode(data.lines()))
     assert len(ids) == sum(len(l.split()) + 1 for l in data.lines())
     npys = lambda: sorted(n for n in os.listdir(cache) if n.endswith(".npy"))
     assert len(npys()) == 1 and npys()[0].startswith(f"train-{data.sha256[:16]}-")
-    np.testing.assert_array_equal(corpus.load_tokens(cache, data, vocab), ids)
+    np.testing.assert_array_equal(token_cache.load_tokens(cache, data, vocab), ids)
     with open(os.path.join(wikitext_dir, "train.txt"), "a") as f:
         f.write(" the cat \n")
     changed = corpus.read_split(wikitext_dir, "train", cache_dir=cache)
     assert changed.sha256 != data.sha256
-    ids2 = corpus.load_tokens(cache, changed, vocab)
+    ids2 = token_cache.load_tokens(cache, changed, vocab)
     assert len(ids2) == len(ids) + 3 and len(npys()) == 2
 
 
@@ -88,7 +88,7 @@ def test_load_tokens_hashes_while_encoding_and_writes_a_valid_npy(tmp_path, wiki
     cache = str(tmp_path / "tok")
     data = corpus.read_split(wikitext_dir, "train", cache_dir=cache)
     vocab = Vocab.build(data.lines(), max_size=20)
-    ids = corpus.load_tokens(cache, data, vocab)  # sha256 unknown: computed in the encoding pass
+    ids = token_cache.load_tokens(cache, data, vocab)  # sha256 unknown: computed in the encoding pass
     reference = corpus.read_split(wikitext_dir, "train", cache_dir=str(tmp_path / "other"))
     assert data.known_sha256() == reference.sha256
     np.testing.assert_array_equal(ids, vocab.encode(reference.lines()))
@@ -103,18 +103,18 @@ def test_emptiness_check_stops_at_the_first_non_blank_line(tmp_path):
     with open(path, "ab") as f:
         f.write(b"\xff\xfe not utf-8\n")  # past the first line: only a full pass would meet it
     data = corpus.read_split(str(path), "train")
-    with pytest.raises(corpus.CorpusError, match="cannot read"):
+    with pytest.raises(corpus_error.CorpusError, match="cannot read"):
         list(data.lines())
 
 
 def test_embedded_corpus_is_verified_split_by_article_and_deterministic():
     try:
-        corpus.embedded_path()
-    except corpus.CorpusError as err:
+        embedded_corpus.embedded_path()
+    except corpus_error.CorpusError as err:
         pytest.skip(str(err))
     splits = {s: corpus.read_split("", s) for s in corpus.SPLITS}
     titles = {s: {l for l in d.lines() if l.startswith(" = ")} for s, d in splits.items()}
     assert not (titles["train"] & titles["valid"]) and not (titles["train"] & titles["test"])
     n = {s: len(t) for s, t in titles.items()}
     assert sum(n.values()) > 9000 and n["valid"] > 300 and n["test"] > 300
-    assert corpus.read_split(corpus.EMBEDDED, "valid").sha256 == splits["valid"].sha256
+    assert corpus.read_split(embedded_corpus.EMBEDDED, "valid").sha256 == splits["valid"].sha256

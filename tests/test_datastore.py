@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_lines, tiny_config
-from knnlm_jax import corpus, runs
+from knnlm_jax import corpus, runs, token_cache
 from knnlm_jax.building import KEY_RTOL, KEY_ATOL, build_datastore, check_datastore, window_sizes
 from knnlm_jax.indexing import index_datastore
 from knnlm_jax.datastore import (BUILD_IDENTITY, FORMAT_VERSION, KEYS, MANIFEST, SHARDED, VALS, DatastoreError,
@@ -75,7 +75,7 @@ def built(tmp_path_factory):
     vocab = runs.load_vocab(workdir, config)
     trained = runs.load_model(workdir, config, vocab)
     split = corpus.read_split(runs.run_corpus(config), "train")
-    tokens = corpus.load_tokens(os.path.join(workdir, "tokens"), split, vocab)
+    tokens = token_cache.load_tokens(os.path.join(workdir, "tokens"), split, vocab)
     window, context = window_sizes(config)
     b = SimpleNamespace(root=root, data_dir=data_dir, workdir=workdir, config=config, vocab=vocab, trained=trained,
                         split=split, tokens=tokens, window=window, context=context,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from test_datastore import build, make_run, write_corpus
-from knnlm_jax import corpus, evaluation, runs
+from knnlm_jax import corpus, evaluation, runs, token_cache
 from knnlm_jax.building import window_sizes
 from knnlm_jax.indexing import index_datastore
 from knnlm_jax.datastore import open_datastore
@@ -43,7 +43,7 @@ def tiny_project(tmp_path_factory):
     splits = {}
     for name in ("train", "valid", "test"):
         data = corpus.read_split(data_dir, name)
-        splits[name] = (data, corpus.load_tokens(os.path.join(workdir, "tokens"), data, vocab))
+        splits[name] = (data, token_cache.load_tokens(os.path.join(workdir, "tokens"), data, vocab))
     window, context = window_sizes(config)
     b = SimpleNamespace(root=root, data_dir=data_dir, workdir=workdir, config=config, vocab=vocab, trained=trained,
                         split=splits["train"][0], tokens=splits["train"][1], window=window, context=context,

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SHARED_DATA
-from knnlm_jax import corpus, tfds_source
+from knnlm_jax import corpus, tfds_source, token_cache, wikitext
+from knnlm_jax.corpus_error import CorpusError
 from knnlm_jax.vocab import Vocab
 from tfds_fixture import write_tfds_articles, write_tfds_wikitext
 
@@ -49,8 +50,8 @@ def test_tfds_corpus_equals_the_wikitext_dir_lines_sha256_vocab_and_tokens(wikit
     a, b = read(wikitext_tfds, "train", tfds_dir, tmp_path), corpus.read_split(wikitext_dir, "train")
     vocab = Vocab.build(a.lines())
     assert vocab == Vocab.build(b.lines()) and vocab.counts == Vocab.build(b.lines()).counts
-    ids_a = corpus.load_tokens(str(tmp_path / "ta"), a, vocab)
-    np.testing.assert_array_equal(ids_a, corpus.load_tokens(str(tmp_path / "tb"), b, vocab))
+    ids_a = token_cache.load_tokens(str(tmp_path / "ta"), a, vocab)
+    np.testing.assert_array_equal(ids_a, token_cache.load_tokens(str(tmp_path / "tb"), b, vocab))
     assert os.listdir(tmp_path / "ta") == os.listdir(tmp_path / "tb")  # same cache key: split, sha256, vocab
 
 
@@ -81,10 +82,10 @@ def test_bad_specs_and_inputs_are_one_line_corpus_errors(wikitext_tfds, tfds_dir
         ("tfds:wikitext_tfds_test", dict(text_feature="body"), "no feature 'body' \\(features: text;"),
     ]
     for spec, kw, message in cases:
-        with pytest.raises(corpus.CorpusError, match=message) as err:
+        with pytest.raises(CorpusError, match=message) as err:
             read(spec, "train", tfds_dir, tmp_path, **kw)
         assert "\n" not in str(err.value)
-    with pytest.raises(corpus.CorpusError, match="no valid split for our valid split \\(splits: train\\)"):
+    with pytest.raises(CorpusError, match="no valid split for our valid split \\(splits: train\\)"):
         read("tfds:wiki_articles_test", "valid", tfds_dir, tmp_path)
 
 
@@ -99,9 +100,9 @@ def test_a_tfrecord_dataset_needs_tensorflow(wikitext_tfds, tfds_dir, tmp_path):
         json.dump(info, f)
     if importlib.util.find_spec("tensorflow") is not None:
         pytest.skip("tensorflow is installed here")
-    with pytest.raises(corpus.CorpusError, match="stored as tfrecord, which needs TensorFlow to read: pip install "
-                                                 "tensorflow, or re-prepare it as ArrayRecord: tfds build tfrecord_copy "
-                                                 "--data_dir .* --file_format array_record"):
+    with pytest.raises(CorpusError, match="stored as tfrecord, which needs TensorFlow to read: pip install "
+                                          "tensorflow, or re-prepare it as ArrayRecord: tfds build tfrecord_copy "
+                                          "--data_dir .* --file_format array_record"):
         list(read("tfds:tfrecord_copy", "train", tfds_dir, tmp_path).lines())
 
 
@@ -115,7 +116,7 @@ def test_reading_a_tfds_corpus_does_not_import_tensorflow(wikitext_tfds, tfds_di
 
 
 def article_tokens(title, text):
-    return sum(len(line.split()) + 1 for line in corpus.article_lines(title, text))
+    return sum(len(line.split()) + 1 for line in wikitext.article_lines(title, text))
 
 
 def test_wiki3b_excludes_eval_titles_stops_at_an_article_boundary_and_keeps_order(tfds_dir, tmp_path, monkeypatch):
@@ -127,7 +128,7 @@ def test_wiki3b_excludes_eval_titles_stops_at_an_article_boundary_and_keeps_orde
     assert article_tokens(*ARTICLES[4]) < article_tokens(*ARTICLES[3])  # Fifth would fit: it must not be taken
     name, open_lines, _ = tfds_source.open_wiki3b("train", tfds_dir, dataset=dataset, max_tokens=cap,
                                                   titles_path=str(titles))
-    expected = [line for a in kept for line in corpus.article_lines(*a)]
+    expected = [line for a in kept for line in wikitext.article_lines(*a)]
     assert name == "wiki3b" and list(open_lines()) == expected == list(open_lines())
     exact = sum(article_tokens(*a) for a in kept)  # a cap met exactly keeps the article
     _, open_exact, _ = tfds_source.open_wiki3b("train", tfds_dir, dataset=dataset, max_tokens=exact,
@@ -138,19 +139,19 @@ def test_wiki3b_excludes_eval_titles_stops_at_an_article_boundary_and_keeps_orde
     monkeypatch.setattr(tfds_source, "WIKI3B_MAX_TOKENS", 10**9)
     monkeypatch.setattr(tfds_source, "TITLES_FILE", str(titles))
     data = read("wiki3b", "train", tfds_dir, tmp_path)
-    everything = [line for i, a in enumerate(ARTICLES) if i != 1 for line in corpus.article_lines(*a)]
+    everything = [line for i, a in enumerate(ARTICLES) if i != 1 for line in wikitext.article_lines(*a)]
     assert data.corpus == "wiki3b" and list(data.lines()) == everything
-    ids = corpus.load_tokens(str(tmp_path / "tok"), data, Vocab.build(data.lines()))
+    ids = token_cache.load_tokens(str(tmp_path / "tok"), data, Vocab.build(data.lines()))
     assert len(ids) == sum(article_tokens(*a) for i, a in enumerate(ARTICLES) if i != 1)
 
 
 def test_wiki3b_errors(tfds_dir, tmp_path):
-    with pytest.raises(corpus.CorpusError, match="wiki3b has only a train split.*evaluation text comes from the "
-                                                 "run's own corpus"):
+    with pytest.raises(CorpusError, match="wiki3b has only a train split.*evaluation text comes from the "
+                                          "run's own corpus"):
         read("wiki3b", "valid", tfds_dir, tmp_path)
-    with pytest.raises(corpus.CorpusError, match="wiki3b needs TFDS wikipedia/20230601.en, not prepared in .*GiB.*"
-                                                 "pip install apache-beam mwparserfromhell && tfds build "
-                                                 "wikipedia/20230601.en --data_dir .* --file_format array_record"):
+    with pytest.raises(CorpusError, match="wiki3b needs TFDS wikipedia/20230601.en, not prepared in .*GiB.*"
+                                          "pip install apache-beam mwparserfromhell && tfds build "
+                                          "wikipedia/20230601.en --data_dir .* --file_format array_record"):
         read("wiki3b", "train", tfds_dir, tmp_path)
 
 

@@ -26,11 +26,11 @@ def test_tfds_corpus_builds_the_same_datastore_as_its_wikitext_directory(tmp_pat
         a, b = np.load(os.path.join(text, name)), np.load(os.path.join(catalog, name))
         assert a.shape == b.shape and a.tobytes() == b.tobytes()
     # the token ids the two builds encoded are the same array
-    from knnlm_jax import corpus, runs
+    from knnlm_jax import corpus, runs, token_cache
 
     vocab = runs.load_vocab(workdir)
-    ids_text = corpus.load_tokens(str(tmp_path / "t1"), corpus.read_split(corpus_dir, "train"), vocab)
-    ids_tfds = corpus.load_tokens(str(tmp_path / "t2"), corpus.read_split(spec, "train", tfds_data_dir=str(
+    ids_text = token_cache.load_tokens(str(tmp_path / "t1"), corpus.read_split(corpus_dir, "train"), vocab)
+    ids_tfds = token_cache.load_tokens(str(tmp_path / "t2"), corpus.read_split(spec, "train", tfds_data_dir=str(
         tmp_path / "tfds")), vocab)
     np.testing.assert_array_equal(ids_text, ids_tfds)
     # --check finds the catalog corpus again through the options recorded in the manifest

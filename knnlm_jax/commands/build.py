@@ -83,7 +83,7 @@ def start_processes(args):
 def default_name(args) -> str:
     if args.corpus is None:
         return args.split
-    from knnlm_jax.corpus import EMBEDDED
+    from knnlm_jax.embedded_corpus import EMBEDDED
 
     base = os.path.basename(os.path.normpath(args.corpus)) if args.corpus else EMBEDDED
     return os.path.splitext(base)[0] if os.path.isfile(args.corpus) else f"{base}-{args.split}"
