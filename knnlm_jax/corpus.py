@@ -20,18 +20,25 @@ import tempfile
 from typing import Callable, Iterable, Iterator
 
 from knnlm_jax.corpus_error import CorpusError
-from knnlm_jax.embedded_corpus import EMBEDDED, EMBEDDED_SHA256, _embedded_lines, embedded_path
+from knnlm_jax.embedded_corpus import EMBEDDED, EMBEDDED_SHA256, embedded_lines, embedded_path
 
 SPLITS = ("train", "valid", "test")
 FINGERPRINTS = "fingerprints.json"
 DEFAULT_FINGERPRINT_DIR = os.path.join("~", ".cache", "knnlm_jax")
 
 
-def _sha256_lines(lines: Iterable[str]) -> str:
-    h = hashlib.sha256()
+def hashing(lines: Iterable[str], h) -> Iterator[str]:
+    """Yield ``lines`` while feeding ``h`` each one and a newline: a corpus's sha256 is of its lines so joined."""
     for line in lines:
         h.update(line.encode("utf-8"))
         h.update(b"\n")
+        yield line
+
+
+def _sha256_lines(lines: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for _ in hashing(lines, h):
+        pass
     return h.hexdigest()
 
 
@@ -151,7 +158,7 @@ def _open_source(source: str, split: str, tfds_data_dir: str | None, text_featur
     """``(name, open_lines, identity)`` of one split of ``source``."""
     if source in ("", EMBEDDED):
         embedded_path()  # fail now if the package is missing
-        return EMBEDDED, lambda: _embedded_lines(split), f"embedded:{EMBEDDED_SHA256}:{split}"
+        return EMBEDDED, lambda: embedded_lines(split), f"embedded:{EMBEDDED_SHA256}:{split}"
     if is_spec(source):
         from knnlm_jax import tfds_source
 

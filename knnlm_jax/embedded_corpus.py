@@ -54,7 +54,7 @@ def _embedded_articles() -> dict:
     return json.loads(raw)
 
 
-def _embedded_lines(split: str) -> Iterator[str]:
+def embedded_lines(split: str) -> Iterator[str]:
     """The embedded corpus's ``split`` (a 6.5 MB file, read and verified on each pass)."""
     articles = _embedded_articles()
     for key in sorted(articles):

@@ -14,7 +14,7 @@ import os
 from ml_collections import ConfigDict
 
 from knnlm_jax.configs import NAMES, ConfigError, apply_overrides, get_config
-from knnlm_jax.corpus import is_spec
+from knnlm_jax.corpus import is_spec, read_split
 from knnlm_jax.datastore import ModelSignature
 from knnlm_jax.embedded_corpus import EMBEDDED
 from knnlm_jax.vocab import Vocab
@@ -186,10 +186,10 @@ def split_tokens(workdir: str, vocab: Vocab, source: str, split: str, *, tfds_da
     Token arrays and the corpus fingerprint cache live in ``<workdir>/tokens/``; ``tfds_data_dir`` and
     ``text_feature`` (see :func:`cli.corpus_options`) apply to ``tfds:`` and ``wiki3b`` sources.
     """
-    from knnlm_jax import corpus, token_cache
+    from knnlm_jax import token_cache  # NumPy
 
     cache = os.path.join(workdir, "tokens")
-    data = corpus.read_split(source, split, tfds_data_dir=tfds_data_dir, text_feature=text_feature, cache_dir=cache)
+    data = read_split(source, split, tfds_data_dir=tfds_data_dir, text_feature=text_feature, cache_dir=cache)
     return data, token_cache.load_tokens(cache, data, vocab)
 
 

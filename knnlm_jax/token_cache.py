@@ -6,11 +6,11 @@ import hashlib
 import os
 import struct
 import tempfile
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
-from knnlm_jax.corpus import Split
+from knnlm_jax.corpus import Split, hashing
 from knnlm_jax.vocab import Vocab
 
 _NPY_HEADER_BYTES = 128  # fixed, so the provisional header can be rewritten in place
@@ -36,13 +36,6 @@ def _write_tokens(path: str, chunks: Iterable[np.ndarray]) -> int:
         f.seek(0)
         f.write(_npy_header(n))
     return n
-
-
-def _hashing(lines: Iterable[str], h) -> Iterator[str]:
-    for line in lines:
-        h.update(line.encode("utf-8"))
-        h.update(b"\n")
-        yield line
 
 
 def _token_path(cache_dir: str, split: str, sha256: str, vocab_fingerprint: str) -> str:
@@ -76,7 +69,7 @@ def load_tokens(cache_dir: str, data: Split, vocab: Vocab) -> np.ndarray:
     fd, tmp = tempfile.mkstemp(prefix=f"{data.split}-", suffix=".tmp.npy", dir=cache_dir)
     os.close(fd)
     try:
-        _write_tokens(tmp, vocab.encode_chunks(_hashing(data.lines(), h)))
+        _write_tokens(tmp, vocab.encode_chunks(hashing(data.lines(), h)))
         if h.hexdigest() != known:  # unknown until now (or a stale fingerprint entry)
             data.record_sha256(h.hexdigest())
         path = _token_path(cache_dir, data.split, data.sha256, fp)
