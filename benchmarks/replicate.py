@@ -91,6 +91,21 @@ def build(workdir: str, name: str, *args) -> dict:
     return dict(argv=tool("build.py", "--workdir", workdir, "--datastore", name, *args), ready=ready)
 
 
+def lm_config(scale: Scale):
+    """The suite's LM config (``--config`` and ``--set`` of ``scale.lm``), resolved."""
+    from knnlm_jax.configs import apply_overrides, get_config
+
+    args = list(scale.lm)
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    return apply_overrides(get_config(args[args.index("--config") + 1]), sets)
+
+
+def key_types(scale: Scale) -> tuple:
+    """Table 5's key types with a datastore each: ``final_output`` is ``block_output`` itself without a final norm."""
+    same = "final_output" in scale.key_types and not lm_config(scale).final_norm
+    return tuple(k for k in scale.key_types if not (same and k == "final_output"))
+
+
 def plan(scale: Scale, data: str, root: str) -> list[Step]:
     """Every step, in an order that meets their dependencies."""
     wiki, quarter = os.path.join(root, "wiki"), os.path.join(root, "wiki-quarter")
@@ -113,7 +128,7 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
         Step("exact-vs-approx-pq16", f"exact vs approximate at the paper's code precision ({scale.pq_factory})",
              func=lambda: exact_vs_approximate.main(pq16), shown=["benchmarks/exact_vs_approximate.py", *pq16]),
     ]
-    for key in scale.key_types:  # Table 5: one datastore per key type, the same valid tokens
+    for key in key_types(scale):  # Table 5: one datastore per key type, the same valid tokens
         name = "train" if key == KEY_TYPES[0] else f"train-{key}"
         if key != KEY_TYPES[0]:
             steps.append(Step(f"build-key-{key}", f"a datastore of {key} keys",

@@ -2,6 +2,7 @@
 experiment's JSON and the report with its figures, and resumes after ``kill -9`` without redoing
 finished steps."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -60,3 +61,19 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
             assert payload["setup"] in text
     for figure in FIGURES:
         assert (doc.parent / figure).stat().st_size > 1000 and f"]({figure})" in text
+
+
+def test_final_output_gets_no_datastore_of_its_own_when_it_is_block_output():
+    sys.path[:0] = [os.path.join(ROOT, "benchmarks")]
+    try:
+        import replicate
+    finally:
+        del sys.path[0]
+    assert replicate.lm_config(replicate.FULL).final_norm is False  # wt2: final_output is block_output itself
+    assert replicate.key_types(replicate.FULL) == replicate.KEY_TYPES[:4]
+    with_norm = dataclasses.replace(replicate.FULL, lm=(*replicate.FULL.lm, "--set", "final_norm=true"))
+    assert replicate.key_types(with_norm) == replicate.KEY_TYPES
+    steps = [s.name for s in replicate.plan(replicate.FULL, "data", "root")]
+    assert "eval-key-block_output" in steps and not any(s.endswith("final_output") for s in steps)
+    steps = [s.name for s in replicate.plan(with_norm, "data", "root")]
+    assert {"build-key-final_output", "eval-key-final_output"} <= set(steps)
