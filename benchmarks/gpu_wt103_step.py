@@ -49,7 +49,7 @@ def run_one(batch: int, args) -> dict:
     from knnlm_jax.configs import apply_overrides, get_config
     from knnlm_jax.model import ModelConfig, forward_with_keys
     from knnlm_jax.optim import make_optimizer
-    from knnlm_jax.training import init_model, make_train_step
+    from knnlm_jax.train_steps import init_model, make_train_step
 
     config = apply_overrides(get_config("wt103"), ["vocab_size=267735", *args.set])
     cfg = ModelConfig.from_config(config)

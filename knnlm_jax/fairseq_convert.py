@@ -358,7 +358,7 @@ def params_state(cfg, params: dict[tuple, np.ndarray]):
     import jax.numpy as jnp
     from flax import nnx
 
-    from knnlm_jax.training import abstract_model
+    from knnlm_jax.train_steps import abstract_model
 
     _, abstract = abstract_model(cfg)
     flat = nnx.to_flat_state(abstract)
@@ -379,7 +379,7 @@ def build_model(cfg, params: dict[tuple, np.ndarray]):
     """A :class:`TransformerLM` holding the converted parameters."""
     from flax import nnx
 
-    from knnlm_jax.training import abstract_model
+    from knnlm_jax.train_steps import abstract_model
 
     graphdef, _ = abstract_model(cfg)
     return nnx.merge(graphdef, params_state(cfg, params))

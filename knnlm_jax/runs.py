@@ -258,7 +258,7 @@ def load_model(workdir: str, config, vocab: Vocab) -> TrainedModel:
     from knnlm_jax.model import ModelConfig
     from knnlm_jax.optim import make_optimizer
     from knnlm_jax.distributed import local_mesh
-    from knnlm_jax.training import abstract_model
+    from knnlm_jax.train_steps import abstract_model
 
     replicated = NamedSharding(local_mesh(), P())
     if is_pretrained(config):

@@ -1,15 +1,12 @@
-"""Training: pure train/eval steps, the loop, periodic evaluation and checkpoints.
+"""Training: the loop, periodic evaluation and checkpoints, ``metrics.jsonl``.
 
-A step is a pure function ``(state, batch) -> (state, metrics)`` jitted with the state
-donated. ``state`` is a dict pytree: ``params`` (``nnx.State``), ``opt_state``, ``step``
-and ``rng``. The batch is sharded over a ``data`` mesh axis; parameters are replicated.
-
-Under several processes (:mod:`knnlm_jax.distributed`, initialised before :func:`train`) the
-mesh spans every process's devices: each process computes the same global batch order and
-puts only its devices' rows of each batch on them; the jitted step's mean over the ``data``
-axis averages the gradients across processes. Process 0 alone writes the run directory's
-files (vocabulary, token caches, ``config.json``, ``metrics.jsonl``); checkpoints are written
-by all together (orbax).
+The steps are :mod:`knnlm_jax.train_steps`'s; the data and ``config.json`` are
+:mod:`knnlm_jax.run_data`'s. Under several processes (:mod:`knnlm_jax.distributed`, initialised
+before :func:`train`) the mesh spans every process's devices: each process computes the same
+global batch order and puts only its devices' rows of each batch on them; the jitted step's mean
+over the ``data`` axis averages the gradients across processes. Process 0 alone writes the run
+directory's files (vocabulary, token caches, ``config.json``, ``metrics.jsonl``); checkpoints
+are written by all together (orbax).
 """
 
 from __future__ import annotations
@@ -18,217 +15,23 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from knnlm_jax import corpus, distributed, token_cache
+from knnlm_jax import distributed
 from knnlm_jax.adaptive import band_edges, block_band_counts, capacities_for_batches
 from knnlm_jax.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like
 from knnlm_jax.configs import validate
 from knnlm_jax.data import BatchOrder, lm_blocks
-from knnlm_jax.model import ModelConfig, TransformerLM
+from knnlm_jax.model import ModelConfig
 from knnlm_jax.optim import lr_schedule, make_optimizer
-from knnlm_jax.vocab import Vocab
-
-
-# ---------------------------------------------------------------------------------
-# model and steps
-
-
-def init_model(cfg: ModelConfig, seed: int):
-    """``(graphdef, params)`` of a freshly initialised model."""
-    model = TransformerLM(cfg, rngs=nnx.Rngs(params=seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params
-
-
-def abstract_model(cfg: ModelConfig):
-    """``(graphdef, abstract params)`` without allocating anything."""
-    model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(model, nnx.Param)
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation):
-    """``step(state, inputs FxBxT, targets FxBxT, capacities) -> (state, metrics)``.
-
-    F micro-batches are accumulated; ``capacities`` are the static adaptive-softmax tail
-    capacities (:func:`knnlm_jax.adaptive.band_capacities`), ``None`` for dense tails.
-    """
-
-    def step(state, inputs_FxBxT, targets_FxBxT, capacities=None):
-        def loss_fn(params, inputs, targets, key):
-            model = nnx.merge(graphdef, params)
-            rngs = nnx.Rngs(dropout=key)
-            hidden = model(inputs, deterministic=False, rngs=rngs)
-            logp = model.target_log_probs(hidden, targets, capacities=capacities, deterministic=False, rngs=rngs)
-            return -jnp.sum(logp)
-
-        grad_fn = jax.value_and_grad(loss_fn)
-
-        base = jax.random.fold_in(state["rng"], state["step"])
-
-        def micro(carry, xs):
-            grads, loss = carry
-            i, inputs, targets = xs
-            loss_i, grads_i = grad_fn(state["params"], inputs, targets, jax.random.fold_in(base, i))
-            return (jax.tree_util.tree_map(jnp.add, grads, grads_i), loss + loss_i), None
-
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
-        n_micro = inputs_FxBxT.shape[0]
-        (grads, loss_sum), _ = jax.lax.scan(
-            micro, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(n_micro), inputs_FxBxT, targets_FxBxT)
-        )
-        n_tokens = inputs_FxBxT.size
-        grads = jax.tree_util.tree_map(lambda g: g / n_tokens, grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = dict(
-            params=optax.apply_updates(state["params"], updates),
-            opt_state=opt_state,
-            step=state["step"] + 1,
-            rng=state["rng"],
-        )
-        return new_state, {"loss": loss_sum / n_tokens, "grad_norm": optax.tree.norm(grads)}
-
-    return step
-
-
-def make_eval_step(graphdef):
-    """``eval_step(params, inputs, targets, mask) -> (sum of -log p over the mask, token count)``."""
-
-    def eval_step(params, inputs_BxT, targets_BxT, mask_BxT, capacities=None):
-        model = nnx.merge(graphdef, params)
-        logp = model.target_log_probs(model(inputs_BxT), targets_BxT, capacities=capacities)
-        return -jnp.sum(jnp.where(mask_BxT, logp, 0.0)), jnp.sum(mask_BxT)
-
-    return eval_step
-
-
-def evaluate(eval_step, params, blocks, batch_size: int, mesh, edges, max_tokens: int = 0) -> tuple[float, int]:
-    """Token-weighted ``(sum of NLL, count)`` over LM blocks; the last batch is padded with masked rows."""
-    inputs, targets, mask = blocks
-    if max_tokens:
-        keep = -(-max_tokens // inputs.shape[1])
-        inputs, targets, mask = inputs[:keep], targets[:keep], mask[:keep]
-    n = len(inputs)
-    counts = block_band_counts(targets, edges, mask)
-    caps = capacities_for_batches(counts, np.arange(n + (-n) % batch_size).reshape(-1, batch_size) % n,
-                                  batch_size * inputs.shape[1])
-    pad = (-n) % batch_size
-    if pad:
-        inputs = np.concatenate([inputs, np.zeros((pad, inputs.shape[1]), inputs.dtype)])
-        targets = np.concatenate([targets, np.zeros((pad, targets.shape[1]), targets.dtype)])
-        mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
-    sharding = NamedSharding(mesh, P("data", None))
-    nll, count = 0.0, 0
-    for i in range(0, len(inputs), batch_size):
-        batch = [global_array(a[i : i + batch_size], sharding) for a in (inputs, targets, mask)]
-        s, c = eval_step(params, *batch, caps)
-        nll += float(s)
-        count += int(c)
-    return nll, count
-
-
-def global_array(host, sharding):
-    """A global array of ``sharding`` from the host array every process holds whole (the same in all):
-    each process puts only its own devices' slices on them (one process: all of it)."""
-    host = np.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def unigram_perplexity(train_ids: np.ndarray, target_ids: np.ndarray, vocab_size: int) -> float:
-    """Perplexity of an add-one-smoothed unigram model of ``train_ids`` on ``target_ids``."""
-    counts = np.bincount(train_ids, minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(np.exp(-logp[target_ids].mean()))
-
-
-# ---------------------------------------------------------------------------------
-# the run directory
-
-
-@dataclass
-class RunData:
-    vocab: Vocab
-    train_ids: np.ndarray
-    valid_ids: np.ndarray
-    train_sha256: str
-    corpus: str
-    corpus_options: dict
-
-
-def prepare_data(config, workdir: str, *, need_valid: bool = True, corpus_options: dict | None = None) -> RunData:
-    """Vocabulary (built once from the train split, saved) and cached token arrays (memory-mapped).
-
-    ``config.data_dir`` is any corpus spec; ``corpus_options`` (``tfds_data_dir``, ``text_feature``)
-    apply to ``tfds:`` sources. The corpus is streamed, never held whole. Under several processes
-    process 0 builds and caches them first; the others then read its files.
-    """
-    processes = distributed.current()
-    if not processes.is_main:
-        distributed.barrier("training data")
-    data = _prepare_data(config, workdir, need_valid=need_valid, corpus_options=corpus_options)
-    if processes.is_main:
-        distributed.barrier("training data")
-    return data
-
-
-def _prepare_data(config, workdir: str, *, need_valid: bool, corpus_options: dict | None) -> RunData:
-    cache = os.path.join(workdir, "tokens")
-    options = dict(corpus_options or {}, cache_dir=cache)
-    train = corpus.read_split(config.data_dir, "train", **options)
-    vocab_path = os.path.join(workdir, "vocab.txt")
-    if os.path.isfile(vocab_path):
-        vocab = Vocab.load(vocab_path)
-    else:
-        vocab = Vocab.build(train.lines(), max_size=config.vocab_size)
-        os.makedirs(workdir, exist_ok=True)
-        vocab.save(vocab_path)
-    train_ids = token_cache.load_tokens(cache, train, vocab)
-    valid_ids = (token_cache.load_tokens(cache, corpus.read_split(config.data_dir, "valid", **options), vocab)
-                 if need_valid else None)
-    return RunData(vocab, train_ids, valid_ids, train.sha256, train.corpus, dict(corpus_options or {}))
-
-
-def resolved_config(config, data: RunData) -> dict:
-    """The config as saved in the run directory, with what was derived from the data."""
-    resolved = config.to_dict()
-    resolved["cutoffs"] = list(resolved["cutoffs"])
-    resolved["derived"] = {"vocab_size": len(data.vocab), "corpus": data.corpus, "train_sha256": data.train_sha256}
-    if corpus.is_spec(data.corpus):  # a catalog corpus: where it was read from, for build and evaluate
-        resolved["derived"]["corpus_options"] = data.corpus_options
-    return resolved
-
-
-TRAINING_NEUTRAL = ("build_", "eval_")
-
-
-def check_run_config(workdir: str, resolved: dict, *, write: bool = True) -> None:
-    """Save ``config.json`` (unless ``write`` is false), or refuse to continue a run whose saved config differs."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        # fields added since the run started, and build/eval-time fields, do not change training
-        diff = sorted(k for k in saved if not k.startswith(TRAINING_NEUTRAL) and saved[k] != resolved.get(k))
-        if diff:
-            raise ValueError(
-                f"{workdir} holds a run with a different config ({', '.join(diff)}); "
-                "use another --workdir or --overwrite"
-            )
-        return
-    if not write:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(resolved, f, indent=2)
-    os.replace(path + ".tmp", path)
+from knnlm_jax.run_data import check_run_config, prepare_data, resolved_config
+from knnlm_jax.train_steps import (count_params_of, evaluate, global_array, init_model, make_eval_step,
+                                   make_train_step, unigram_perplexity)
 
 
 def _append_jsonl(path: str, record: dict) -> None:
@@ -433,7 +236,3 @@ def epoch_capacities(order: BatchOrder, counts_NBxH, epoch: int, batch_size: int
         order._caps_key, order._caps = key, capacities_for_batches(
             counts_NBxH, blocks.reshape(-1, batch_size), batch_size * length)
     return order._caps
-
-
-def count_params_of(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -40,7 +40,8 @@ def make_run(data_dir, workdir, layout="best", **overrides):
     from knnlm_jax.checkpoint import Checkpointer
     from knnlm_jax.model import ModelConfig
     from knnlm_jax.optim import make_optimizer
-    from knnlm_jax.training import check_run_config, init_model, prepare_data, resolved_config
+    from knnlm_jax.run_data import check_run_config, prepare_data, resolved_config
+    from knnlm_jax.train_steps import init_model
 
     config = tiny_config(data_dir, **overrides)
     data = prepare_data(config, workdir, need_valid=False)

@@ -77,7 +77,7 @@ def test_base_lm_perplexity_equals_the_trainers_on_the_same_blocks(ev, tmp_path)
     from knnlm_jax.adaptive import band_edges
     from knnlm_jax.data import lm_blocks
     from knnlm_jax.distributed import make_mesh
-    from knnlm_jax.training import evaluate, make_eval_step
+    from knnlm_jax.train_steps import evaluate, make_eval_step
 
     tokens = ev.splits["valid"][1]
     n = 8 * 16  # whole blocks of a longer split: the windows are then exactly the trainer's blocks

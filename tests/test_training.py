@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT, tiny_config
 from knnlm_jax.adaptive import band_capacities, band_edges
 from knnlm_jax.model import ModelConfig
-from knnlm_jax.training import init_model, make_train_step, train, unigram_perplexity
+from knnlm_jax.train_steps import init_model, make_train_step, unigram_perplexity
+from knnlm_jax.training import train
 
 QUIET = dict(progress=False, log=lambda *a: None)
 
@@ -136,7 +137,7 @@ import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from knnlm_jax.adaptive import band_capacities, band_edges
 from knnlm_jax.model import ModelConfig
-from knnlm_jax.training import init_model, make_train_step
+from knnlm_jax.train_steps import init_model, make_train_step
 
 cfg = ModelConfig(vocab_size=40, num_layers=1, d_model=16, num_heads=2, d_ff=32, cutoffs=(8, 20))
 tx = optax.sgd(1.0)

@@ -18,7 +18,8 @@ from knnlm_jax.checkpoint import Checkpointer, abstract_like
 from knnlm_jax.configs import get_config, validate
 from knnlm_jax.model import ModelConfig
 from knnlm_jax.optim import make_optimizer
-from knnlm_jax.training import abstract_model, train
+from knnlm_jax.train_steps import abstract_model
+from knnlm_jax.training import train
 
 QUIET = dict(progress=False, log=lambda *a: None)
 
