@@ -19,7 +19,7 @@ from knnlm_jax.vocab import Vocab
 class RunData:
     vocab: Vocab
     train_ids: np.ndarray
-    valid_ids: np.ndarray
+    valid_ids: np.ndarray | None  # None when prepared without valid
     train_sha256: str
     corpus: str
     corpus_options: dict

@@ -126,4 +126,5 @@ def unigram_perplexity(train_ids: np.ndarray, target_ids: np.ndarray, vocab_size
 
 
 def count_params_of(params) -> int:
+    """Scalars in a parameter pytree (``model.count_params`` counts them from the config)."""
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
