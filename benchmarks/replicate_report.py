@@ -236,7 +236,8 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                  paper="monotone, no saturation at 3B", ours=" → ".join(f"{p:.2f}" for p in ppl),
                  holds=all(b < a for a, b in zip(ppl, ppl[1:]))),
             dict(claim="the tuned λ grows with the datastore (Figure 2b)", paper="increasing",
-                 ours=" → ".join(f"{x:.2f}" for x in lam), holds=all(b >= a for a, b in zip(lam, lam[1:])) and lam[-1] > lam[0]),
+                 ours=" → ".join(f"{x:.2f}" for x in lam),
+                 holds=all(b >= a for a, b in zip(lam, lam[1:])) and lam[-1] > lam[0]),
         ]
         entries = [points[t]["entries"] for t, _ in FRACTIONS]
         _plot(os.path.join(doc_dir, "fig2_datastore_size.png"), [
@@ -341,7 +342,8 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                ["build-key-", "eval-key-"], table5)
     experiment("table3", "Table 3 and Figure 2: more data without training",
                "An LM with the Wikipedia LM's architecture and vocabulary trained on the first quarter of WikiText-2 "
-               f"train for {scale.quarter_steps:,} updates (the paper: WIKI-100M, a thirtieth of WIKI-3B), with datastores over the first 1/8, 1/4, 1/2 and all of "
+               f"train for {scale.quarter_steps:,} updates (the paper: WIKI-100M, a thirtieth of WIKI-3B), with "
+               "datastores over the first 1/8, 1/4, 1/2 and all of "
                f"train; Figure 2 on {sweep} (λ, T tuned there), Table 3 on test (tuned on valid), against the "
                "Wikipedia LM trained on all of train.",
                ["data-fractions", "train-wiki-quarter", "build-quarter-", "eval-quarter-", "eval-table3"], table3)
