@@ -231,7 +231,11 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
             dict(claim="an LM trained on a fraction, with a datastore over all the data, beats an LM trained on all "
                        "of it (Table 3)", paper="WIKI-100M LM + WIKI-3B datastore 13.73 vs WIKI-3B LM 15.17",
                  ours=f"quarter LM + all-train datastore {t3['+kNN-LM']:.2f} vs LM trained on all {t1['base LM']:.2f} "
-                      f"(quarter LM alone {t3['base LM']:.2f})", holds=t3["+kNN-LM"] < t1["base LM"]),
+                      f"(quarter LM alone {t3['base LM']:.2f})", holds=t3["+kNN-LM"] < t1["base LM"],
+                 why=f"the quarter LM trails the LM trained on all by {100 * (t3['base LM'] / t1['base LM'] - 1):.0f}% "
+                     "(the paper's WIKI-100M LM by 29%: 19.59 vs 15.17), more than the datastore over all recovers "
+                     f"({100 * (1 - t3['+kNN-LM'] / t3['base LM']):.0f}% lower; the paper's 30%): trained on a quarter "
+                     "of WikiText-2's 2M tokens, this LM loses far more than the paper's on 100M"),
             dict(claim="perplexity falls monotonically as the datastore grows (Figure 2a)",
                  paper="monotone, no saturation at 3B", ours=" → ".join(f"{p:.2f}" for p in ppl),
                  holds=all(b < a for a, b in zip(ppl, ppl[1:]))),
