@@ -3,6 +3,7 @@
   python benchmarks/replicate.py             # run or resume the suite, then write docs/RESULTS.md
   python benchmarks/replicate.py --list      # the steps, and which are done
   python benchmarks/replicate.py --report    # only rewrite results/replicate/ and docs/RESULTS.md
+  python benchmarks/replicate.py --step ngram  # only that step (skipped if done: delete <root>/done/ngram.json), no report
 
 Each step is one command of this project's tools (``train.py``, ``build.py``, ``evaluate.py``,
 run in this process) or one function here. A finished step leaves ``<root>/done/<step>.json`` and is skipped by a
@@ -106,8 +107,13 @@ def key_types(scale: Scale) -> tuple:
     return tuple(k for k in scale.key_types if not (same and k == "final_output"))
 
 
-def plan(scale: Scale, data: str, root: str) -> list[Step]:
-    """Every step, in an order that meets their dependencies."""
+def plan(scale: Scale, data: str, root: str, suite: tuple = ()) -> list[Step]:
+    """Every step, in an order that meets their dependencies; ``suite``: the options that name this suite on a
+    command line (``--scale``, ``--data``, ``--root``), for the commands shown for its function steps."""
+
+    def alone(name: str) -> list:  # a function step's command: the suite running that step only
+        return ["benchmarks/replicate.py", *suite, "--step", name]
+
     wiki, quarter = os.path.join(root, "wiki"), os.path.join(root, "wiki-quarter")
     vocab = os.path.join(wiki, "vocab.txt")
     exact_vs_approximate = _exact_vs_approximate()
@@ -138,7 +144,8 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
                                "--set", f"key_type={key}", *k, *sweep,
                                "--out", os.path.join(wiki, "eval", f"key-{key}"))))
     steps.append(Step("data-fractions", "prefixes of WikiText-2 train (1/8, 1/4, 1/2)",
-                      func=lambda: write_fractions(os.path.join(data, WIKI), os.path.join(root, "data"))))
+                      func=lambda: write_fractions(os.path.join(data, WIKI), os.path.join(root, "data")),
+                      shown=alone("data-fractions")))
     steps.append(Step("train-wiki-quarter", "Table 3: an LM trained on the first quarter of WikiText-2 train",
                       tool("train.py", *scale.lm, "--set", f"max_steps={scale.quarter_steps}", "--workdir", quarter,
                            "--data_dir", fraction_dir(data, root, "1_4"), "--vocab", vocab)))
@@ -169,7 +176,8 @@ def plan(scale: Scale, data: str, root: str) -> list[Step]:
         ]
     steps.append(Step("ngram", "Figure 7: Kneser-Ney n-grams interpolated with the Wikipedia LM",
                       func=lambda: ngram_experiment(wiki, os.path.join(wiki, "eval", "table1"), scale.ngram_orders,
-                                                    os.path.join(root, "ngram.json"))))
+                                                    os.path.join(root, "ngram.json")),
+                      shown=alone("ngram")))
     return steps
 
 
@@ -292,7 +300,8 @@ def run_all(steps: list[Step], root: str, log=print) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default="full", choices=sorted(SCALES))
-    parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data"),
+    default_data = os.path.join(os.path.dirname(ROOT), "shared", "data")
+    parser.add_argument("--data", default=default_data,
                         help="the shared corpora (default ../shared/data)")
     parser.add_argument("--root", default=None, help="where runs, datastores and logs go (default runs/replicate)")
     parser.add_argument("--results", default=os.path.join(ROOT, "results", "replicate"),
@@ -300,6 +309,8 @@ def main(argv=None) -> int:
     parser.add_argument("--doc", default=os.path.join(ROOT, "docs", "RESULTS.md"), help="the report (figures beside it)")
     parser.add_argument("--list", action="store_true", help="list the steps and whether each is done")
     parser.add_argument("--report", action="store_true", help="only write the JSON and the report")
+    parser.add_argument("--step", action="append", metavar="NAME",
+                        help="run only this step (repeatable; see --list); no report (--report writes it)")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale]
     os.chdir(ROOT)  # paths near the checkout are given relative to it: the commands shown are the ones run
@@ -310,17 +321,26 @@ def main(argv=None) -> int:
         print(f"replicate.py: error: {data} lacks {', '.join(missing)} (train.txt, valid.txt, test.txt each)",
               file=sys.stderr)
         return 2
-    steps = plan(scale, data, root)
+    suite = [*(("--scale", args.scale) if scale is not FULL else ()), *(("--data", data) if args.data != default_data
+                                                                        else ()), *(("--root", root) if args.root else ())]
+    steps = plan(scale, data, root, tuple(suite))
+    unknown = sorted(set(args.step or ()) - {s.name for s in steps})
+    if unknown:
+        print(f"replicate.py: error: no step {', '.join(unknown)} (python benchmarks/replicate.py --list names them)",
+              file=sys.stderr)
+        return 2
     if args.list:
         for step in steps:
             print(f"{'done' if os.path.isfile(done_path(root, step.name)) else '    '}  {step.name:28} {step.what}")
         return 0
     if not args.report:
         try:
-            run_all(steps, root)
+            run_all([s for s in steps if s.name in args.step] if args.step else steps, root)
         except RuntimeError as err:
             print(f"replicate.py: error: {err}", file=sys.stderr)
             return 1
+        if args.step:
+            return 0
     import replicate_report
 
     replicate_report.write(root, steps, scale, args.results, args.doc)

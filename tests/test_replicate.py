@@ -57,10 +57,23 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
         assert payload["command"] == "python benchmarks/replicate.py --scale tiny"
         if name != "figure8":
             assert payload["claims"] and all(c["ours"] and isinstance(c["holds"], bool) for c in payload["claims"])
-            assert payload["commands"] and all(c.startswith("python ") or "function" in c for c in payload["commands"])
+            assert payload["commands"] and all(c.startswith("python ") for c in payload["commands"])
             assert payload["setup"] in text
     for figure in FIGURES:
         assert (doc.parent / figure).stat().st_size > 1000 and f"]({figure})" in text
+
+    # a function step's command, as the report shows it, reruns that step alone
+    again = json.loads((results / "figure7.json").read_text())["commands"][-1]
+    assert again == (f"python benchmarks/replicate.py --scale tiny --data {data} --root {root} --step ngram")
+    done = {p.name: p.stat().st_mtime_ns for p in (root / "done").glob("*.json")}
+    (root / "done" / "ngram.json").unlink()
+    rerun = subprocess.run([sys.executable, *again.split()[1:]], capture_output=True, text=True, env=env,
+                           timeout=300, cwd=ROOT)
+    assert rerun.returncode == 0 and "[1/1] ngram:" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert {p.name for p in (root / "done").glob("*.json")} == set(done)
+    assert all((root / "done" / n).stat().st_mtime_ns == t for n, t in done.items() if n != "ngram.json")
+    wrong = subprocess.run(cmd + ["--step", "nope"], capture_output=True, text=True, env=env, timeout=60)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "no step nope" in wrong.stderr
 
 
 def test_final_output_gets_no_datastore_of_its_own_when_it_is_block_output():
