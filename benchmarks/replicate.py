@@ -321,8 +321,9 @@ def main(argv=None) -> int:
         print(f"replicate.py: error: {data} lacks {', '.join(missing)} (train.txt, valid.txt, test.txt each)",
               file=sys.stderr)
         return 2
-    suite = [*(("--scale", args.scale) if scale is not FULL else ()), *(("--data", data) if args.data != default_data
-                                                                        else ()), *(("--root", root) if args.root else ())]
+    suite = ["--scale", args.scale] if scale is not FULL else []  # the options a pasted command needs
+    suite += ["--data", data] if args.data != default_data else []
+    suite += ["--root", root] if args.root else []
     steps = plan(scale, data, root, tuple(suite))
     unknown = sorted(set(args.step or ()) - {s.name for s in steps})
     if unknown:
