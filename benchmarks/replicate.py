@@ -307,10 +307,11 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=os.path.join(ROOT, "results", "replicate"),
                         help="where the experiments' JSON go")
     parser.add_argument("--doc", default=os.path.join(ROOT, "docs", "RESULTS.md"), help="the report (figures beside it)")
-    parser.add_argument("--list", action="store_true", help="list the steps and whether each is done")
-    parser.add_argument("--report", action="store_true", help="only write the JSON and the report")
-    parser.add_argument("--step", action="append", metavar="NAME",
-                        help="run only this step (repeatable; see --list); no report (--report writes it)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--list", action="store_true", help="list the steps and whether each is done")
+    only.add_argument("--report", action="store_true", help="only write the JSON and the report")
+    only.add_argument("--step", action="append", metavar="NAME",
+                      help="run only this step (repeatable; see --list); no report (--report writes it)")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale]
     os.chdir(ROOT)  # paths near the checkout are given relative to it: the commands shown are the ones run

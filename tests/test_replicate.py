@@ -74,6 +74,8 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert all((root / "done" / n).stat().st_mtime_ns == t for n, t in done.items() if n != "ngram.json")
     wrong = subprocess.run(cmd + ["--step", "nope"], capture_output=True, text=True, env=env, timeout=60)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "no step nope" in wrong.stderr
+    both = subprocess.run(cmd + ["--report", "--step", "ngram"], capture_output=True, text=True, env=env, timeout=60)
+    assert both.returncode == 2 and "not allowed with argument --report" in both.stderr
 
 
 def test_final_output_gets_no_datastore_of_its_own_when_it_is_block_output():
