@@ -1,4 +1,4 @@
-"""Issue 10 (reliability fixes): rerun each bad input from the command line, as a new user would.
+"""Reliability: rerun each bad input, interruption and concurrent writer from the command line, as a new user would.
 
     python benchmarks/reliability.py [--keep]
 
@@ -9,7 +9,8 @@ Python traceback was printed, and named checks of what was left on disk. A row i
 behaviour stated in its ``expected`` field held:
 
 - ``error`` rows: a non-zero exit, exactly one non-empty line on stderr, no traceback, every check true;
-- ``works`` rows: exit code 0, no traceback, every check true.
+- ``works`` rows: exit code 0, no traceback, every check true;
+- ``killed`` rows (SIGKILL): no traceback, every check true (what the process left behind).
 
 Setup (about 2 minutes on 2 busy cores): a ``tiny`` run on a small corpus (the first 8,000 lines of
 tiny shakespeare's train split; its valid/test splits as they are), its ``train`` datastore, and
@@ -17,7 +18,9 @@ a second datastore ``other`` from tiny shakespeare's test split (another entry c
 the embedded corpus, as the issue's command does. Rows 7 and 8 mount tmpfs file systems (read-only,
 or a few MB) and so need root; every mount is unmounted at exit. Row 8a' fills the disk with only
 224 KB left when the first checkpoint starts. Writes ``results/reliability.json`` and prints a
-Markdown table; exits 1 if any row is not ok. Takes about 6-8 minutes on 2 busy cores.
+Markdown table; exits 1 if any row is not ok. Rows 14-20 cover a stale vocabulary, generate with other weights, SIGINT and SIGKILL of an
+evaluation, damaged keys at evaluation time, two builds at once, a full disk while FAISS writes and
+``--search device --approximate``. Takes about 10 minutes on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +41,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from knnlm_jax.content_hash import file_sha256  # noqa: E402
 from knnlm_jax.report import write_json  # noqa: E402
 
 PY = sys.executable
@@ -118,6 +123,29 @@ def build(*args: str) -> list[str]:
 
 def evaluate(*args: str) -> list[str]:
     return [PY, "evaluate.py", *args]
+
+
+def generate(*args: str) -> list[str]:
+    return [PY, "generate.py", *args]
+
+
+def hashes(directory: str, skip: tuple = ()) -> dict[str, str]:
+    """{relative path: sha256} of every file below ``directory``, leaving out folders named in ``skip``."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in files:
+            out[os.path.relpath(os.path.join(root, name), directory)] = file_sha256(os.path.join(root, name))
+    return out
+
+
+def wait_until(predicate, proc, limit: float = 240) -> bool:
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < limit:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def strict_json(path: str):
@@ -220,6 +248,8 @@ class Rows:
             row.update({k: v for k, v in res.summary().items()})
             if expected == "error":
                 ok = res.rc != 0 and len(res.lines) == 1 and not res.traceback
+            elif expected == "killed":  # a SIGKILL says nothing: only what it left counts
+                ok = not res.traceback
             else:
                 ok = res.rc == 0 and not res.traceback
             if res.rc not in (0, None) or expected == "error":
@@ -313,6 +343,14 @@ def body(tmp: str, mounts: Mounts, rows: Rows, setup: list[dict]) -> None:
     row11_bad_config(tmp, tiny, rows)
     row12_batch_size(base, stores, rows)
     row13_k_nprobe(base, stores, n_train, rows)
+    row14_stale_vocabulary(tmp, corpus, tiny, rows)
+    row15_generate_other_weights(tmp, base, rows)
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        row16_interrupted_evaluate(tmp, base, sig, rows)
+    row17_damaged_keys_evaluate(base, stores, rows)
+    row18_two_builds(base, stores, rows)
+    row19_full_disk_index(tmp, base, mounts, rows)
+    row20_device_approximate(base, rows)
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -430,16 +468,14 @@ def row6_failed_eval(tmp, base, rows):
     res = run(evaluate("--workdir", base, "--datastore", "train", "--out", out, "--retrieve-fraction", "0.5",
                        *EVAL_ARGS))
     after = listing(out)
-    outputs = [p for p in after if p == "results.json" or p.startswith(("sweep_", "logprobs-"))]
     rows.add("6 failed evaluate after a good one (same --out)", "error", res, {
         "good_run_rc0_with_results": good.rc == 0 and "results.json" in before,
-        "earlier_results_json_gone": "results.json" not in after,
-        "no_results_sweeps_or_logprobs_left": not outputs,
-        "no_tmp_files": not [p for p in after if ".tmp" in p],
-        "nothing_new_or_modified": all(before.get(p) == v for p, v in after.items()),
+        "earlier_results_kept_unchanged": after == before,
+        "no_tmp_files": not [p for p in after if ".tmp" in p or p.startswith(".next")],
     }, followups=[good], info=dict(before=sorted(before), after=sorted(after)),
-        note="--retrieve-fraction 0.5 on the valid split fails inside evaluation.run, after the earlier "
-             "outputs are cleared; checked: the --out listing (size, mtime) before and after")
+        note="--retrieve-fraction 0.5 on the valid split fails inside evaluation.run; a new evaluation writes "
+             "beside the last complete one and replaces it only on success; checked: the --out listing "
+             "(size, mtime) before and after")
 
 
 def row7_read_only(tmp, base, tiny, mounts, rows):
@@ -623,6 +659,174 @@ def row13_k_nprobe(base, stores, n_train, rows):
     rows.add("13b evaluate --nprobe 17 on an IVF16 index", "error", res, {
         "ivf_index_built": reindex.rc == 0 and (m.get("index") or {}).get("factory") == "IVF16,Flat",
     }, followups=[reindex], note="the tiny datastores are Flat (no lists): a copy of 'other' re-indexed as IVF16,Flat")
+
+
+def row14_stale_vocabulary(tmp, corpus, tiny, rows):
+    from knnlm_jax.vocab import Vocab
+
+    work, broken = os.path.join(tmp, "stale-vocab"), os.path.join(tmp, "corpus-no-valid")
+    os.makedirs(broken)
+    with open(os.path.join(SHAKE, "train.txt")) as f:  # another corpus: the last 3,000 lines of tiny shakespeare
+        lines = f.readlines()[-3000:]
+    with open(os.path.join(broken, "train.txt"), "w") as f:
+        f.writelines(lines)
+    others = [a for i, a in enumerate(tiny) if a != "--data_dir" and (i == 0 or tiny[i - 1] != "--data_dir")]
+    first = run(train(*others, "--data_dir", broken, "--workdir", work))
+    left = sorted(listing(work)) if os.path.isdir(work) else []
+    res = run(train(*tiny, "--workdir", work))
+    with open(os.path.join(corpus, "train.txt")) as f:
+        fresh = Vocab.build(f.read().splitlines(), max_size=0)
+    vocab = Vocab.load(os.path.join(work, "vocab.txt")) if os.path.isfile(os.path.join(work, "vocab.txt")) else None
+    with open(os.path.join(corpus, "valid.txt")) as f:
+        valid_words = f.read().split()
+    unk = lambda v: sum(w not in v.index for w in valid_words) / max(1, len(valid_words))  # noqa: E731
+    rows.add("14 a failed first training left a vocabulary; rerun with another corpus", "works", res, {
+        "first_failed_in_one_line": first.rc != 0 and len(first.lines) == 1 and not first.traceback,
+        "first_left_a_vocabulary": "vocab.txt" in left,
+        "rerun_vocabulary_is_the_new_corpus": vocab is not None and vocab == fresh,
+        "rerun_says_it_rebuilt": "rebuilding it from" in res.stderr,
+    }, followups=[first], info=dict(left_after_failure=left, vocab_words=len(vocab) if vocab else None,
+                                    fresh_words=len(fresh), valid_unk_rate=round(unk(vocab), 4) if vocab else None,
+                                    fresh_valid_unk_rate=round(unk(fresh), 4)),
+        note="the first run's corpus has no valid.txt; the rerun's vocabulary is compared with one built from "
+             "the new corpus's train split")
+
+
+def row15_generate_other_weights(tmp, base, rows):
+    work = os.path.join(tmp, "retrained")
+    copy_run(base, work)
+    shutil.copytree(os.path.join(base, "datastores", "train"), os.path.join(work, "datastores", "train"))
+    steps = sorted(int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit())
+    shutil.rmtree(os.path.join(work, "best"))  # the weights now come from the earliest checkpoint
+    for step in steps[1:]:
+        shutil.rmtree(os.path.join(work, "checkpoints", str(step)))
+    res = run(generate("--workdir", work, "--datastore", "train", "--prompt", "the king", "--max-new-tokens", "3"))
+    rows.add("15 generate with a datastore built with other weights", "error", res, {
+        "names_the_weights": "other model weights" in res.message,
+    }, info=dict(checkpoint_steps=steps, weights_used=steps[0]),
+        note="the run's best/ removed and later checkpoints dropped: the model loads step "
+             f"{steps[0]}, the datastore was built from best/")
+
+
+def row16_interrupted_evaluate(tmp, base, sig, rows):
+    name = "SIGINT" if sig == signal.SIGINT else "SIGKILL"
+    out = os.path.join(base, "eval", "train")  # where generate.py reads the tuned lambda and T
+    good = run(evaluate("--workdir", base, "--datastore", "train", *EVAL_ARGS))
+    before = hashes(out)
+    argv = evaluate("--workdir", base, "--datastore", "train", "--recompute", "--lmbda", "0.5", *EVAL_ARGS)
+    log(f"$ {shell(argv)}  (then {name} once it has started writing)")
+    t0 = time.time()
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = wait_until(lambda: os.path.isdir(os.path.join(out, ".next")), proc)
+    time.sleep(0.5)  # inside the evaluation pass
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+    stdout, stderr = proc.communicate()
+    res = Result(argv, ROOT, proc.returncode, stdout, stderr, time.time() - t0)
+    after = hashes(out, skip=(".next",))
+    with open(os.path.join(out, "results.json")) as f:
+        knn = json.load(f)["knn"]
+    gen = run(generate("--workdir", base, "--datastore", "train", "--prompt", "the king", "--max-new-tokens", "2",
+                       "--explain", "--k", "16"))
+    rows.add(f"16 evaluate interrupted by {name} after a complete one",
+             "error" if sig == signal.SIGINT else "killed", res, {
+                 "good_run_rc0": good.rc == 0,
+                 "interrupted_while_running": started and res.rc != 0,
+                 "exit_130_one_line" if sig == signal.SIGINT else "killed_by_sigkill":
+                     res.rc == 130 if sig == signal.SIGINT else res.rc == -9,
+                 "every_earlier_file_byte_identical": after == before,
+                 "no_staging_left" if sig == signal.SIGINT else "staging_never_looks_complete":
+                     not os.path.exists(os.path.join(out, ".next")) if sig == signal.SIGINT
+                     else not os.path.exists(os.path.join(out, ".next", "COMMIT")),
+                 "generate_uses_the_earlier_tuned_lambda_and_T": gen.rc == 0 and
+                     f"lambda {knn['lmbda']:g}, kNN temperature {knn['temperature']:.4g}" in gen.stdout,
+             }, followups=[good, gen], info=dict(files=len(before), lmbda=knn["lmbda"], temperature=knn["temperature"]),
+             note="the second evaluation recomputes its per-token files with lambda 0.5; sha256 of every file in "
+                  "<run>/eval/train before and after; then generate.py --explain shows which lambda and T it read")
+
+
+def row17_damaged_keys_evaluate(base, stores, rows):
+    ds = os.path.join(stores, "halfkeys")
+    shutil.copytree(os.path.join(stores, "train"), ds)
+    keys = os.path.join(ds, "keys.npy")
+    size = os.path.getsize(keys)
+    with open(keys, "r+b") as f:  # the second half of the file, same size
+        f.seek(size // 2)
+        f.write(random.Random(17).randbytes(size - size // 2))
+    res = run(evaluate("--workdir", base, "--datastore", "halfkeys", "--out", os.path.join(base, "eval", "halfkeys"),
+                       *EVAL_ARGS))
+    rows.add("17 evaluate after half of keys.npy overwritten in place", "error", res, {
+        "names_keys_npy": "keys.npy" in res.message,
+        "no_results_json": not os.path.exists(os.path.join(base, "eval", "halfkeys", "results.json")),
+    }, info=dict(keys_bytes=size, overwritten=size - size // 2))
+    shutil.rmtree(ds)
+
+
+def row18_two_builds(base, stores, rows):
+    ds = os.path.join(stores, "twice")
+    argv = build("--workdir", base, "--datastore", "twice", "--corpus", SHAKE, "--split", "valid", "--no-index",
+                 "--no-progress")
+    log(f"$ {shell(argv)}  (twice: the first frozen by SIGSTOP while it writes)")
+    first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    caught = wait_until(lambda: manifest(ds).get("status") == "building", first)
+    os.kill(first.pid, signal.SIGSTOP)
+    second = run(argv)
+    reader = run(evaluate("--workdir", base, "--datastore", "twice", *EVAL_ARGS))
+    os.kill(first.pid, signal.SIGCONT)
+    _, first_err = first.communicate()
+    check = run(build("--workdir", base, "--check", "twice", "--no-progress"))
+    rows.add("18 two build.py of one datastore at once", "error", second, {
+        "first_caught_while_building": caught,
+        "second_names_the_first_pid": f"PID {first.pid}" in second.message,
+        "reader_says_a_build_is_running": "being built now" in reader.message and len(reader.lines) == 1,
+        "first_finished_rc0": first.returncode == 0,
+        "check_after_ok": check.rc == 0,
+    }, followups=[reader, check], note="the first build is stopped (SIGSTOP) once its manifest says building, "
+                                       "so the two overlap for certain, and continued after")
+    shutil.rmtree(ds, ignore_errors=True)
+
+
+def row19_full_disk_index(tmp, base, mounts, rows):
+    small = os.path.join(tmp, "full-index")
+    src = os.path.join(base, "datastores", "train")
+    files = ("keys.npy", "vals.npy", "manifest.json", "content.links")
+    need = sum(os.path.getsize(os.path.join(src, f)) for f in files if os.path.exists(os.path.join(src, f)))
+    run_bytes = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(base, "best")) for f in fs)
+    size = need + run_bytes + 16 * 4096 + os.path.getsize(os.path.join(src, "keys.npy")) // 2
+    mounts.mount(small, f"size={size}")
+    work = os.path.join(small, "run")
+    os.makedirs(work)
+    for name in ("config.json", "vocab.txt"):
+        shutil.copy2(os.path.join(base, name), os.path.join(work, name))
+    shutil.copytree(os.path.join(base, "best"), os.path.join(work, "best"))
+    ds = os.path.join(work, "datastores", "train")
+    os.makedirs(ds)
+    for f in files[:2] + files[3:]:
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copy2(os.path.join(src, f), os.path.join(ds, f))
+    with open(os.path.join(src, "manifest.json")) as f:
+        m = dict(json.load(f), index=None)  # as a build with --no-index leaves it
+    with open(os.path.join(ds, "manifest.json"), "w") as f:
+        json.dump(m, f, indent=2)
+    data = ("keys.npy", "vals.npy", "content.links")
+    before = {f: file_sha256(os.path.join(ds, f)) for f in data}
+    res = run(build("--workdir", work, "--datastore", "train", "--index-only", "--index", "Flat", "--no-progress"))
+    after = manifest(ds)
+    rows.add("19 full disk while FAISS writes the index", "error", res, {
+        "says_no_space": "No space left on device" in res.message,
+        "keys_vals_links_unchanged": {f: file_sha256(os.path.join(ds, f)) for f in data} == before,
+        "manifest_same_but_its_time": {k: v for k, v in after.items() if k != "updated"}
+                                      == {k: v for k, v in m.items() if k != "updated"},
+        "no_partial_index_left": not any(n.startswith("index.faiss") for n in os.listdir(ds)),
+    }, info=dict(tmpfs_bytes=size), note="a tmpfs with room for the run and the datastore but not its Flat index "
+                                         "(float32: twice the fp16 keys)")
+
+
+def row20_device_approximate(base, rows):
+    res = run(evaluate("--workdir", base, "--datastore", "train", "--search", "device", "--approximate", *EVAL_ARGS))
+    rows.add("20 evaluate --search device --approximate", "error", res, {
+        "says_approximate_does_not_apply": "--approximate does not apply" in res.message,
+    })
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from knnlm_jax import index as faiss_index
 from knnlm_jax.adaptive import band_edges
 from knnlm_jax.codes import SAMPLED, CodeIndex, load_sampled, sample_batches
-from knnlm_jax import distributed
+from knnlm_jax import distributed, locks
 from knnlm_jax.datastore import (INDEX, SHARDED, Datastore, DatastoreError, ModelSignature, read_manifest, shard_name,
                                  signature_fields, write_manifest)
 from knnlm_jax.datastore_writer import DatastoreWriter, begin_sharded, finish_sharded, shard_ranges
@@ -226,6 +226,17 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
             write_manifest(directory, top)
     distributed.barrier(f"finished {directory}")
     return read_manifest(directory)
+
+
+def writing(directory: str, processes: Processes = Processes()):
+    """A datastore's write locks, held for a ``with`` block: process 0 the datastore's, and under a
+    multi-process launch every process its own shard's; a second writer is refused in one line."""
+    name = os.path.basename(os.path.normpath(directory))
+    claims = [(locks.lock_path(directory), f"datastore {name}")] if processes.is_main else []
+    if processes.multi:
+        shard = shard_name(processes.index, processes.count)
+        claims.append((locks.lock_path(directory, shard), f"datastore {name} {shard}"))
+    return distributed.held_locks(claims)
 
 
 def _begin_shards(directory, header, windows_Wx3, batch_size, processes, overwrite) -> int:

@@ -8,16 +8,39 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import numpy as np
 
 from knnlm_jax.datastore import Datastore, DatastoreError
 
 HASH_BLOCK = 1 << 16  # entries per link of the content hash chain
+LINKS = "content.links"  # every link of both chains, one fixed-width line per block: a block checks alone
+_NO_KEYS = "-" * 64
+LINE_BYTES = 64 + 1 + 64 + 1
+SAMPLE_BYTES, SAMPLE_MAX = 128 << 20, 8  # the sampled check on open: at most this much data, this many blocks
 
 
 def new_content() -> dict:
-    return {"block": HASH_BLOCK, "hashed": 0, "keys": "", "vals": ""}
+    return {"block": HASH_BLOCK, "hashed": 0, "keys": "", "vals": "", "links": True}
+
+
+def link_line(vals_hex: str, keys_hex: str) -> bytes:
+    """One block's line of :data:`LINKS`: the chains' digests after that block."""
+    return f"{vals_hex} {keys_hex or _NO_KEYS}\n".encode()
+
+
+def _read_links(directory: str, count: int) -> list[tuple[str, str]] | None:
+    path = os.path.join(directory, LINKS)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(count * LINE_BYTES)
+    except OSError:
+        return None
+    if len(data) != count * LINE_BYTES:
+        return None
+    pairs = [line.split(" ") for line in data.decode().splitlines()]
+    return [(v, "" if k == _NO_KEYS else k) for v, k in pairs]
 
 
 def chain(previous: str, data: bytes) -> str:
@@ -72,3 +95,44 @@ def verify_content(store: "Datastore", progress=None) -> bool:
                 raise DatastoreError(f"datastore {where}: {name}.npy does not match the sha256 recorded at build "
                                      "time (changed or damaged since); rebuild it with --overwrite")
     return True
+
+
+def _check_blocks(part: "Datastore", blocks: list[int], links: list[tuple[str, str]], where: str) -> None:
+    for b in blocks:
+        start, stop = b * HASH_BLOCK, min(part.size, (b + 1) * HASH_BLOCK)
+        before = links[b - 1] if b else ("", "")
+        got = chain(before[0], np.ascontiguousarray(part.vals[start:stop]).tobytes())
+        bad = ["vals"] if got != links[b][0] else []
+        if part.keys is not None and chain(before[1], np.ascontiguousarray(part.keys[start:stop]).tobytes()) != links[b][1]:
+            bad.append("keys")
+        if bad:
+            raise DatastoreError(f"datastore {where}: {' and '.join(f'{n}.npy' for n in bad)} entries {start}..{stop - 1} "
+                                 "do not match the sha256 recorded at build time (changed or damaged since); rebuild "
+                                 "it with --overwrite")
+
+
+def sample_content(store: "Datastore", rng: np.random.Generator | None = None) -> str:
+    """Check a few random blocks of keys and values (and the last) against the hashes recorded at build
+    time, bounded by :data:`SAMPLE_BYTES`; raise :class:`DatastoreError` naming what differs.
+
+    Returns what was checked, for the output. ``build.py --check`` verifies every byte.
+    """
+    rng = rng or np.random.default_rng()
+    parts = store.shards if store.shards else [store]
+    t0, checked, total = time.perf_counter(), 0, 0
+    for part in parts:
+        content = part.manifest.get("content") or {}
+        count = -(-part.size // HASH_BLOCK)
+        links = _read_links(part.directory, count) if content.get("links") else None
+        if links is None or content.get("hashed") != part.size or links and (
+                links[-1] != (content["vals"], content["keys"])):
+            return "no block hashes recorded (built by an older version); build.py --check verifies every byte"
+        row = part.vals.dtype.itemsize + (part.keys.shape[1] * part.keys.dtype.itemsize if part.keys is not None else 0)
+        budget = max(2, min(SAMPLE_MAX, SAMPLE_BYTES // len(parts) // (HASH_BLOCK * row)))
+        others = rng.choice(count - 1, size=min(count - 1, budget - 1), replace=False).tolist() if count > 1 else []
+        blocks = sorted({count - 1, *others})
+        where = f"{store.name}/{os.path.basename(part.directory)}" if store.shards else store.name
+        _check_blocks(part, blocks, links, where)
+        checked, total = checked + len(blocks), total + count
+    return (f"checked {checked} of {total} blocks of keys and values against their build-time hashes "
+            f"({time.perf_counter() - t0:.2f} s; build.py --check verifies every byte)")

@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from knnlm_jax.locks import holder, lock_path
 
 FORMAT_VERSION = 1
 KEYS, VALS, MANIFEST, INDEX = "keys.npy", "vals.npy", "manifest.json", "index.faiss"
@@ -181,7 +184,7 @@ def open_datastore(directory: str, signature: ModelSignature | None = None) -> D
         done = (f"a sharded build by {manifest.get('num_shards')} processes"
                 if manifest.get("layout") == SHARDED else f"{manifest.get('progress')} of "
                                                           f"{manifest.get('num_entries')} entries")
-        raise DatastoreError(f"datastore {name} is unfinished ({done}); run build.py again to resume it")
+        raise DatastoreError(f"datastore {name} is unfinished ({done}); " + unfinished_hint(directory))
     if signature is not None:
         check_signature(manifest, signature, name)
     n, d = int(manifest["num_entries"]), int(manifest["dim"])
@@ -194,6 +197,26 @@ def open_datastore(directory: str, signature: ModelSignature | None = None) -> D
     keys = _load_array(directory, name, KEYS, (n, d), KEY_DTYPE) if stores_keys(manifest) else None
     vals = _load_array(directory, name, VALS, (n,), VAL_DTYPE)
     return Datastore(directory, manifest, keys, vals)
+
+
+def unfinished_hint(directory: str) -> str:
+    """What to do about an unfinished datastore: wait for the build running now, else resume it."""
+    running = holder(lock_path(directory))
+    if running:
+        return f"it is being built now by {running}: wait for that build to finish"
+    return f"no build is running: resume it with {build_command(directory, *resume_flags(read_manifest(directory)))}"
+
+
+def resume_flags(manifest: dict) -> list[str]:
+    """The build flags that recreate an unfinished build's identity (its corpus, split and key mode)."""
+    flags = ["--corpus", str(manifest["corpus"]), "--split", str(manifest["split"])] if manifest.get("corpus") else []
+    options = manifest.get("corpus_options") or {}
+    for key, flag in (("tfds_data_dir", "--tfds-data-dir"), ("text_feature", "--text-feature")):
+        if options.get(key) is not None:
+            flags += [flag, str(options[key])]
+    if manifest.get("keys", "fp16") != "fp16":
+        flags += ["--keys", str(manifest["keys"])]
+    return flags
 
 
 def stores_keys(manifest: dict) -> bool:
@@ -212,7 +235,7 @@ def build_command(store_directory: str, *flags: str) -> str:
     from knnlm_jax.cli import command
 
     workdir = os.path.dirname(os.path.dirname(os.path.normpath(store_directory)))
-    return " ".join([command("build"), "--workdir", workdir, "--datastore", os.path.basename(
+    return shlex.join([*command("build").split(), "--workdir", workdir, "--datastore", os.path.basename(
         os.path.normpath(store_directory)), *flags])
 
 
@@ -231,8 +254,11 @@ def open_shard(directory: str, manifest: dict, p: int) -> "Datastore":
                              f"(the datastore was built by {count} processes)")
     lo, hi = manifest["shard_entries"][p]
     if m.get("status") != "complete" or m.get("num_entries") != hi - lo or m.get("entry_range") != [lo, hi]:
+        running = holder(lock_path(directory, shard_name(p, count)))
         raise DatastoreError(f"datastore {name}: shard {shard_name(p, count)} is unfinished or does not hold "
-                             f"entries [{lo}, {hi}); run build.py again with {count} processes to finish it")
+                             f"entries [{lo}, {hi}); " + (f"it is being built now by {running}" if running else
+                                                          f"no build is running: run build.py again with {count} "
+                                                          "processes to finish it"))
     d = int(manifest["dim"])
     keys = _load_array(sub, f"{name}/{shard_name(p, count)}", KEYS, (hi - lo, d), KEY_DTYPE) if stores_keys(
         manifest) else None

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from knnlm_jax.content_hash import HASH_BLOCK, chain, new_content
+from knnlm_jax.content_hash import HASH_BLOCK, LINE_BYTES, LINKS, chain, link_line, new_content
 from knnlm_jax.datastore import (BUILD_IDENTITY, FORMAT_VERSION, INDEX, KEY_DTYPE, KEY_MODES, KEYS, MANIFEST, SHARDED,
                                  VAL_DTYPE, VALS, DatastoreError, read_manifest, shard_name, write_manifest)
 
@@ -86,24 +86,24 @@ class DatastoreWriter:
         ok = (vals.shape, vals.dtype) == ((n,), np.dtype(VAL_DTYPE)) and (
             keys is None or (keys.shape, keys.dtype) == ((n, d), np.dtype(KEY_DTYPE)))
         if ok:
-            self._attach(keys, vals, n, d)
+            self._attach(keys, vals, n, d, manifest.get("content"))
         return ok
 
     def _create(self, header: dict) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        _remove(self.directory, MANIFEST, INDEX, KEYS, VALS)  # the manifest first: nothing looks complete
+        _remove(self.directory, MANIFEST, INDEX, KEYS, VALS, LINKS)  # the manifest first: nothing looks complete
         n, d = int(header["num_entries"]), int(header["dim"])
         keys = (np.lib.format.open_memmap(os.path.join(self.directory, KEYS), "w+", KEY_DTYPE, (n, d))
                 if self.stores_keys else None)
         vals = np.lib.format.open_memmap(os.path.join(self.directory, VALS), "w+", VAL_DTYPE, (n,))
-        self._attach(keys, vals, n, d)
+        self._attach(keys, vals, n, d, None)
         self.manifest = {"format_version": FORMAT_VERSION, **header,
                          "dtype": np.dtype(KEY_DTYPE).name if self.stores_keys else None,
                          "status": "building", "progress": 0, "lm_nll_sum": 0.0, "index": None,
                          "created": time.time()}
         write_manifest(self.directory, self.manifest)
 
-    def _attach(self, keys_memmap, vals_memmap, n: int, dim: int) -> None:
+    def _attach(self, keys_memmap, vals_memmap, n: int, dim: int, content: dict | None) -> None:
         """Keep the ``.npy`` layout (shape, data offsets) and write through file descriptors.
 
         Positional writes instead of memmap stores keep written pages out of this process's
@@ -118,6 +118,11 @@ class DatastoreWriter:
         del keys_memmap, vals_memmap
         self._vals_fd = os.open(os.path.join(self.directory, VALS), os.O_RDWR)
         self._nll_pending = 0.0
+        self._links_fd = None
+        if content is None or content.get("links"):  # a build resumed from an older version records none
+            self._links_fd = os.open(os.path.join(self.directory, LINKS), os.O_RDWR | os.O_CREAT, 0o644)
+            # links past what the manifest records were written by a build killed before recording them
+            os.ftruncate(self._links_fd, -(-(content or {}).get("hashed", 0) // HASH_BLOCK) * LINE_BYTES)
 
     @property
     def progress(self) -> int:
@@ -156,11 +161,16 @@ class DatastoreWriter:
         files = [("vals", self._vals_fd, self._val_offset, np.dtype(VAL_DTYPE).itemsize)]
         if self._keys_fd is not None:
             files.append(("keys", self._keys_fd, self._key_offset, self.dim * np.dtype(KEY_DTYPE).itemsize))
+        lines = []
         for start in range(content["hashed"], end, HASH_BLOCK):
             stop = min(end, start + HASH_BLOCK)
             for name, fd, offset, row in files:
                 content[name] = chain(content[name], os.pread(fd, (stop - start) * row, offset + start * row))
             content["hashed"] = stop
+            lines.append(link_line(content["vals"], content["keys"]))
+        if lines and self._links_fd is not None:  # durable before the manifest that counts them
+            _pwrite_all(self._links_fd, b"".join(lines), os.fstat(self._links_fd).st_size)
+            os.fdatasync(self._links_fd)
 
     def finish(self) -> dict:
         if self.written != self.n:
@@ -169,7 +179,7 @@ class DatastoreWriter:
             self.sync()
         self.manifest["status"] = "complete"
         write_manifest(self.directory, self.manifest)
-        for fd in (self._keys_fd, self._vals_fd):
+        for fd in (self._keys_fd, self._vals_fd, self._links_fd):
             if fd is not None:
                 os.close(fd)
         return self.manifest

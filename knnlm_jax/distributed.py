@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from knnlm_jax import locks
 
 
 class ProcessError(ValueError):
@@ -159,3 +162,28 @@ def allgather_rows(rows_RxD: np.ndarray) -> list[np.ndarray]:
     padded[: len(rows_RxD)] = rows_RxD
     gathered = allgather(padded)
     return [gathered[p, : counts[p]] for p in range(len(counts))]
+
+
+@contextmanager
+def held_locks(claims: list[tuple[str, str]]):
+    """Hold this process's write locks ``[(lock path, what it guards)]`` for the block.
+
+    Every process of a launch learns whether any was refused, so that none waits at a barrier
+    for a peer that stopped: the refused one raises its own :class:`~knnlm_jax.locks.LockedError`
+    (naming the holder), the others one that names the refused process.
+    """
+    with ExitStack() as stack:
+        refusal = None
+        try:
+            for path, what in claims:
+                stack.enter_context(locks.exclusive(path, what))
+        except locks.LockedError as err:
+            refusal = err
+        if _CURRENT.multi:
+            refused = allgather(np.asarray([refusal is not None], np.int32)).reshape(-1)
+            if refusal is None and refused.any():
+                refusal = locks.LockedError(f"process {int(np.argmax(refused))} found its part being written by "
+                                            "another launch (its message says by whom)")
+        if refusal is not None:
+            raise refusal
+        yield

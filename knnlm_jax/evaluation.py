@@ -16,12 +16,14 @@ import os
 
 import numpy as np
 
-from knnlm_jax import index as faiss_index
+from knnlm_jax import eval_outputs, index as faiss_index
 from knnlm_jax.adaptive import band_edges
 from knnlm_jax.building import build_capacities
 from knnlm_jax.eval_pass import evaluate_tokens
 from knnlm_jax.eval_report import helped_most, json_safe
+from knnlm_jax.eval_outputs import Staging
 from knnlm_jax.eval_settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
+from knnlm_jax.report import write_json
 from knnlm_jax.mixing import knn_log_probs, mix, tune_cache, tune_knn
 from knnlm_jax.search import has_lists, searcher_kind
 from knnlm_jax.sweeps import plot_sweep, sweep_k, sweep_lambda
@@ -30,7 +32,7 @@ from knnlm_jax.token_files import TokenFiles, files_match, open_token_files
 from knnlm_jax.windows import windows
 
 
-def split_files(out_dir: str, split: str, data, tokens_N, *, settings: Settings, trained, key_type: str, store, index,
+def split_files(stage: Staging, split: str, data, tokens_N, *, settings: Settings, trained, key_type: str, store, index,
                 eos: int, nprobe, requested: bool, capacities=None, progress=True, log=print,
                 policy: Policy = Policy()) -> TokenFiles:
     """The per-token files of one split under ``policy``: reused when saved ones match, else computed.
@@ -48,12 +50,13 @@ def split_files(out_dir: str, split: str, data, tokens_N, *, settings: Settings,
                     nprobe=nprobe, drop_self=drop, searcher=searcher_kind(index),
                     cache_thetas=list(settings.cache_thetas) if settings.cache else None,
                     cache_size=settings.cache_size if settings.cache else None, **policy.identity())
-    directory = os.path.join(out_dir, f"tokens-{split}" + ("" if policy.full else f"-{policy.name}"))
-    saved = None if settings.recompute else open_token_files(directory)
-    if files_match(saved, identity):
-        log(f"{split}: reusing the per-token files in {directory}")
-        return saved
-    return evaluate_tokens(directory, trained, tokens, eos, key_type=key_type, window=settings.window,
+    name = f"tokens-{split}" + ("" if policy.full else f"-{policy.name}")
+    for directory in () if settings.recompute else stage.saved(name):
+        saved = open_token_files(directory)
+        if files_match(saved, identity):
+            log(f"{split}: reusing the per-token files in {stage.final(directory)}")
+            return saved
+    return evaluate_tokens(stage.path(name), trained, tokens, eos, key_type=key_type, window=settings.window,
                            context=settings.context, batch_size=settings.batch_size, index=index, store=store,
                            k=settings.k, exact=settings.exact, nprobe=nprobe, drop_self=drop,
                            cache_thetas=settings.cache_thetas if settings.cache else (),
@@ -66,14 +69,6 @@ def saved_fraction(files: TokenFiles) -> float:
     if files.retrieved is not None and (files.meta.get("policy") or {}).get("policy") == "full":
         return float(1.0 - np.mean(files.retrieved))  # the full files seen through the gate
     return float(files.meta.get("foss") or 0.0)
-
-
-def clear_outputs(out_dir: str) -> None:
-    """Remove an earlier run's results, sweeps and log-probs (not the reusable per-token files), so a
-    run that fails never leaves them beside its own."""
-    for name in os.listdir(out_dir):
-        if name == "results.json" or name.startswith(("sweep_", "logprobs-")):
-            os.remove(os.path.join(out_dir, name))
 
 
 def union_capacities(trained, settings: Settings, token_arrays) -> tuple:
@@ -127,16 +122,27 @@ def _rows(base: float, named: list[tuple[str, float]]) -> list[dict]:
 
 
 def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, key_type: str, store, index, vocab,
-        progress: bool = True, log=print) -> dict:
+        progress: bool = True, log=print, record: dict | None = None) -> dict:
     """Evaluate ``split`` with the datastore; tune ``auto`` parameters on ``splits['valid']``.
 
     ``splits`` maps split names to ``(Split, tokens)``. Writes the per-token files, the
-    per-token log-probs (``.npz``), the sweeps (JSON and PNG) into ``out_dir``; returns
-    the results (the caller adds command, config and manifest and writes ``results.json``).
+    per-token log-probs (``.npz``), the sweeps (JSON and PNG) and ``results.json`` (the
+    results with ``record``'s fields, e.g. the command's config) into ``out_dir``, replacing
+    the last complete evaluation there only once this one is complete
+    (:mod:`~knnlm_jax.eval_outputs`); returns the results.
     """
     settings.check()
-    os.makedirs(out_dir, exist_ok=True)
-    clear_outputs(out_dir)
+    with eval_outputs.staging(out_dir) as stage:
+        results = _run(stage, split=split, splits=splits, settings=settings, trained=trained, key_type=key_type,
+                       store=store, index=index, vocab=vocab, progress=progress, log=log)
+        results.update(record or {})
+        write_json(stage.path(eval_outputs.RESULTS), json_safe(results))
+        stage.commit()
+    return results
+
+
+def _run(stage: Staging, *, split: str, splits: dict, settings: Settings, trained, key_type: str, store, index, vocab,
+         progress: bool, log) -> dict:
     m = store.manifest
     index_info = m.get("index") or {}
     nprobe = settings.nprobe or index_info.get("nprobe") or faiss_index.DEFAULT_NPROBE
@@ -160,7 +166,7 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
                             [settings.head(splits[s][1], tuning_only=s != split) for s in evaluated])
 
     def files_for(s: str, policy: Policy) -> TokenFiles:
-        return split_files(out_dir, s, *splits[s], settings=settings, trained=trained, key_type=key_type, store=store,
+        return split_files(stage, s, *splits[s], settings=settings, trained=trained, key_type=key_type, store=store,
                            index=index, eos=vocab.eos, nprobe=nprobe, requested=s == split, capacities=caps,
                            progress=progress, log=log, policy=policy)
 
@@ -257,14 +263,12 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
         for name, sweep, x, xlabel, log2x in (("k", sweeps["k"], "k", "k (number of neighbours)", True),
                                               ("lambda", sweeps["lmbda"], "lmbda", "interpolation parameter λ",
                                                False)):
-            with open(os.path.join(out_dir, f"sweep_{name}.json.tmp"), "w") as f:
+            with open(stage.path(f"sweep_{name}.json"), "w") as f:
                 json.dump(json_safe(dict(sweep, split="valid", datastore=store.name)), f, indent=2)
-            os.replace(os.path.join(out_dir, f"sweep_{name}.json.tmp"), os.path.join(out_dir, f"sweep_{name}.json"))
-            plot_sweep(os.path.join(out_dir, f"sweep_{name}.png"), sweep[x], sweep["ppl"], sweep["base_ppl"],
+            plot_sweep(stage.path(f"sweep_{name}.png"), sweep[x], sweep["ppl"], sweep["base_ppl"],
                        xlabel=xlabel, title=f"valid, datastore {store.name}", log2x=log2x)
-    npz = os.path.join(out_dir, f"logprobs-{split}.npz")
-    np.savez(npz + ".tmp.npz", **per_token)
-    os.replace(npz + ".tmp.npz", npz)
+    npz = f"logprobs-{split}.npz"
+    np.savez(stage.path(npz), **per_token)
 
     examples = []
     if settings.show:
@@ -284,7 +288,7 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
         retrieval=dict(policy=policy.name, min_pointers=settings.min_pointers,
                        retrieve_fraction=settings.retrieve_fraction, gate=gate_report,
                        foss={s: saved_fraction(f) for s, f in files.items()}),
-        files=dict(tokens={s: f.directory for s, f in files.items()}, logprobs=npz,
-                   sweeps=[os.path.join(out_dir, f"sweep_{x}.{e}") for x in ("k", "lambda") for e in ("json", "png")]
+        files=dict(tokens={s: stage.final(f.directory) for s, f in files.items()}, logprobs=stage.final(npz),
+                   sweeps=[stage.final(f"sweep_{x}.{e}") for x in ("k", "lambda") for e in ("json", "png")]
                    if sweeps else []),
     )

@@ -12,6 +12,7 @@ searched apart) uses :func:`train_index`, :func:`add_keys` and ``index_shards``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
@@ -220,9 +221,25 @@ def as_float32(keys_NxD: np.ndarray) -> np.ndarray:
     return quantizer.decode(keys_NxD.view(np.uint8).reshape(n, 2 * dim))
 
 
+def faiss_write(index: faiss.Index, path: str) -> None:
+    """``faiss.write_index``, its C++ write errors raised as :class:`OSError` (a full disk is a user's
+    problem, said in one line) and a partial file removed."""
+    try:
+        faiss.write_index(index, path)
+    except RuntimeError as err:
+        if os.path.exists(path):
+            os.remove(path)
+        text = str(err)
+        code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG, errno.EIO)
+                     if f"({os.strerror(c)})" in text), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), path) from None
+
+
 def write_index(index: faiss.Index, path: str) -> None:
-    """Write to ``path.tmp``, then rename: a killed write never leaves a partial index."""
-    faiss.write_index(index, path + ".tmp")
+    """Write to ``path.tmp``, then rename: a killed or failed write never leaves a partial index."""
+    faiss_write(index, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 

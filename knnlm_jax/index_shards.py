@@ -16,6 +16,7 @@ import time
 import faiss
 import numpy as np
 
+from knnlm_jax import index as faiss_index
 from knnlm_jax.index import _faiss_message, _stdout_to_stderr
 
 MISSING = np.finfo(np.float32).max  # FAISS's distance for a missing (-1) neighbour
@@ -84,7 +85,7 @@ def merge_on_disk(trained_index: faiss.Index, shard_index_paths: list[str], inde
     ivf.replace_invlists(lists, True)
     lists.this.disown()  # owned by the index now
     lists.filename = os.path.basename(ivfdata_path)  # what the index file records
-    faiss.write_index(merged, index_tmp)
+    faiss_index.faiss_write(merged, index_tmp)
     del merged, ivf, lists, parts, shards  # unmaps the lists
     with open(ivfdata_tmp, "rb+") as f:
         os.fsync(f.fileno())

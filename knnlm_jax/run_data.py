@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,17 +46,56 @@ def _prepare_data(config, workdir: str, *, need_valid: bool, corpus_options: dic
     cache = os.path.join(workdir, "tokens")
     options = dict(corpus_options or {}, cache_dir=cache)
     train = corpus.read_split(config.data_dir, "train", **options)
-    vocab_path = os.path.join(workdir, "vocab.txt")
-    if os.path.isfile(vocab_path):
+    vocab_path = os.path.join(workdir, VOCAB)
+    source = dict(corpus=train.corpus, train_sha256=train.sha256, max_size=int(config.vocab_size or 0))
+    if _vocab_is_ours(workdir, source):
         vocab = Vocab.load(vocab_path)
     else:
         vocab = Vocab.build(train.lines(), max_size=config.vocab_size)
         os.makedirs(workdir, exist_ok=True)
         vocab.save(vocab_path)
+        write_vocab_source(workdir, source)
     train_ids = token_cache.load_tokens(cache, train, vocab)
     valid_ids = (token_cache.load_tokens(cache, corpus.read_split(config.data_dir, "valid", **options), vocab)
                  if need_valid else None)
     return RunData(vocab, train_ids, valid_ids, train.sha256, train.corpus, dict(corpus_options or {}))
+
+
+VOCAB, VOCAB_SOURCE, CONFIG = "vocab.txt", "vocab-source.json", "config.json"
+
+
+def write_vocab_source(workdir: str, source: dict) -> None:
+    """Record what the run's vocabulary was made from (``{"given": path}`` for ``--vocab``)."""
+    path = os.path.join(workdir, VOCAB_SOURCE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(source, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _vocab_is_ours(workdir: str, source: dict) -> bool:
+    """Whether ``vocab.txt`` in the run directory belongs to this run.
+
+    Once training has started (``config.json``), the saved config's corpus check decides. Before
+    that, a vocabulary left by a run that failed early is kept only if it was given (``--vocab``)
+    or made from this corpus; otherwise it is rebuilt, with a note, never silently reused.
+    """
+    vocab_path = os.path.join(workdir, VOCAB)
+    if not os.path.isfile(vocab_path):
+        return False
+    if os.path.isfile(os.path.join(workdir, CONFIG)):
+        return True
+    try:
+        with open(os.path.join(workdir, VOCAB_SOURCE)) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict) and (recorded.get("given") or recorded == source):
+        return True
+    made = (f"from {recorded.get('corpus')} ({recorded.get('max_size') or 'all'} words)"
+            if isinstance(recorded, dict) else "by an unknown corpus")
+    print(f"note: {vocab_path} was made {made} by a run that never started training; rebuilding it from "
+          f"{source['corpus']}", file=sys.stderr)
+    return False
 
 
 def resolved_config(config, data: RunData) -> dict:
@@ -73,7 +113,7 @@ TRAINING_NEUTRAL = ("build_", "eval_")
 
 def check_run_config(workdir: str, resolved: dict, *, write: bool = True) -> None:
     """Save ``config.json`` (unless ``write`` is false), or refuse to continue a run whose saved config differs."""
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, CONFIG)
     if os.path.isfile(path):
         with open(path) as f:
             saved = json.load(f)

@@ -65,10 +65,13 @@ def main(argv=None) -> int:
             return check(args, config, workdir, vocab, processes)
         name = args.datastore or default_name(args)
         directory = datastore_dir(workdir, name)
-        if args.index_only:
-            store = open_datastore(directory, runs.signature(config, vocab))
-            return index(args, store, processes)
-        return build(args, config, workdir, vocab, directory, processes)
+        from knnlm_jax.building import writing
+
+        with writing(directory, processes):  # one writer at a time
+            if args.index_only:
+                store = open_datastore(directory, runs.signature(config, vocab))
+                return index(args, store, processes)
+            return build(args, config, workdir, vocab, directory, processes)
 
 
 def start_processes(args):

@@ -152,6 +152,9 @@ def evaluate(args) -> int:
     check_process_args(args.coordinator, args.num_processes, args.process_id)
     config, workdir = load_run(args)
     settings = settings_from(args, config)  # bad numbers are refused before anything is loaded
+    if args.search == "device" and args.exact is False:
+        raise EvaluationError("--search device computes exact distances to the stored keys: --approximate does "
+                              "not apply (drop it, or search a FAISS index with --search merged)")
     if args.html and args.html_tokens < 1:
         raise EvaluationError(f"--html-tokens {args.html_tokens}: must be at least 1")
     vocab = runs.load_vocab(workdir, config)
@@ -193,7 +196,7 @@ def evaluate(args) -> int:
 def evaluate_main(args, config, workdir, vocab, directory, settings, index, trained) -> int:
     from knnlm_jax import runs
     from knnlm_jax.cli import corpus_options
-    from knnlm_jax.datastore import open_datastore
+    from knnlm_jax.datastore_reader import open_for_model
     source = args.corpus if args.corpus is not None else (args.data_dir or runs.run_corpus(config))
     options = corpus_options(args, runs.corpus_options(config) if args.corpus is None else None)
     wanted = [args.split] + (["valid"] if settings.tunes and args.split != "valid" else [])
@@ -202,20 +205,18 @@ def evaluate_main(args, config, workdir, vocab, directory, settings, index, trai
         splits[split] = runs.split_tokens(workdir, vocab, source, split, **options)
 
     from knnlm_jax import eval_report, evaluation
-    from knnlm_jax.report import write_json
 
-    store = open_datastore(directory, runs.signature(config, vocab, trained.fingerprint, trained.step))
-    out_dir = args.out or os.path.join(workdir, "eval", store.name)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    store = open_for_model(directory, runs.signature(config, vocab, trained.fingerprint, trained.step), log=print)
+    out_dir = args.out or os.path.join(workdir, "eval", store.name)
+    record = dict(workdir=os.path.abspath(workdir), model=dict(step=trained.step, source=trained.source,
+                                                               fingerprint=trained.fingerprint),
+                  config=config.to_dict(), datastore_manifest=store.manifest,
+                  settings={k: v for k, v in vars(settings).items()})
     results = evaluation.run(out_dir, split=args.split, splits=splits, settings=settings, trained=trained,
                              key_type=str(config.key_type), store=store, index=index, vocab=vocab,
-                             progress=not args.no_progress, log=log)
-    results.update(workdir=os.path.abspath(workdir), model=dict(step=trained.step, source=trained.source,
-                                                                  fingerprint=trained.fingerprint),
-                   config=config.to_dict(), datastore_manifest=store.manifest,
-                   settings={k: v for k, v in vars(settings).items()})
+                             progress=not args.no_progress, log=log, record=record)
     path = os.path.join(out_dir, "results.json")
-    write_json(path, eval_report.json_safe(results))
     print(eval_report.format_table(results))
     print(describe_tuning(results))
     if results["examples"]:

@@ -15,6 +15,7 @@ per token, p_LM, p_kNN and the mixture, and its nearest neighbours' values.
 import argparse
 import json
 import os
+import sys
 
 
 def main(argv=None) -> int:
@@ -46,13 +47,24 @@ def main(argv=None) -> int:
 
 def tuned(workdir: str, name: str) -> dict:
     """λ and T tuned on valid by the last evaluation of datastore ``name`` ({} if none)."""
-    path = os.path.join(workdir, "eval", name, "results.json")
+    from knnlm_jax.eval_outputs import results_path
+
+    path = results_path(os.path.join(workdir, "eval", name))
     try:
         with open(path) as f:
             knn = json.load(f).get("knn") or {}
     except (OSError, ValueError):
         return {}
     return {key: knn[key] for key in ("lmbda", "temperature") if isinstance(knn.get(key), (int, float))}
+
+
+def check_mixing(lmbda: float, knn_temperature: float) -> None:
+    from knnlm_jax.cli import UserError
+
+    if not 0.0 <= lmbda <= 1.0:
+        raise UserError(f"--lmbda {lmbda}: must be in [0, 1]")
+    if knn_temperature <= 0:
+        raise UserError(f"--knn-temperature {knn_temperature}: must be positive")
 
 
 def generate_main(args) -> int:
@@ -93,10 +105,16 @@ def generate_main(args) -> int:
             raise UserError(f"datastore {store.name} has no FAISS index; index it with: "
                             f"{build_command(store.directory, '--index-only')}")
         k = min(args.k, store.size)
-        index = open_searcher(store)
         found = tuned(workdir, store.name)
         lmbda = args.lmbda if args.lmbda is not None else found.get("lmbda", 0.25)
         knn_temperature = args.knn_temperature if args.knn_temperature is not None else found.get("temperature", 1.0)
+        check_mixing(lmbda, knn_temperature)  # before the model loads
+        trained = runs.load_model(workdir, config, vocab)
+        from knnlm_jax.datastore_reader import open_for_model
+
+        store = open_for_model(store.directory, runs.signature(config, vocab, trained.fingerprint, trained.step),
+                               log=lambda msg: print(msg, file=sys.stderr))
+        index = open_searcher(store)
 
         def retrieve(query_1xD):
             dists, ids = search(index, query_1xD, k, args.nprobe)
@@ -107,11 +125,9 @@ def generate_main(args) -> int:
         search_fn, vals = retrieve, store.vals
     elif args.lmbda:
         raise UserError("--lmbda needs --datastore NAME (the datastore to retrieve from)")
-    if not 0.0 <= lmbda <= 1.0:
-        raise UserError(f"--lmbda {lmbda}: must be in [0, 1]")
-    if knn_temperature <= 0:
-        raise UserError(f"--knn-temperature {knn_temperature}: must be positive")
-    trained = runs.load_model(workdir, config, vocab)
+    check_mixing(lmbda, knn_temperature)
+    if search_fn is None:
+        trained = runs.load_model(workdir, config, vocab)
     steps = generate(trained, context, args.max_new_tokens, key_type=config.key_type, retrieve=search_fn,
                      vals_N=vals, lmbda=lmbda, knn_temperature=knn_temperature, sampling=sampling,
                      stop=vocab.eos if args.stop_at_line_end else None)

@@ -39,25 +39,7 @@ def main(argv=None) -> int:
         from knnlm_jax import distributed
 
         processes = distributed.initialize_from(args)
-        if args.overwrite and processes.is_main:
-            shutil.rmtree(workdir, ignore_errors=True)
-        if args.vocab and processes.is_main:
-            given_vocab(args.vocab, workdir)
-        distributed.barrier("overwrite")
-        from knnlm_jax.training import train
-
-        try:
-            result = train(config, workdir, progress=not args.no_progress, corpus_options=corpus_options(args))
-        except OSError as err:  # full disk, read-only run directory, a file where a directory goes
-            reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
-            if err.errno in (errno.EROFS, errno.ENOSPC):  # only writes fail so
-                raise UserError(f"cannot write {err.filename or workdir}: {reason}; fix it and run the same "
-                                "command again") from None
-            if err.filename and not _inside(err.filename, workdir):  # an input, not the run directory
-                if isinstance(err, FileNotFoundError):
-                    raise  # user_errors says which
-                raise UserError(f"cannot read {err.filename}: {reason}") from None
-            raise UserError(f"cannot write {err.filename or workdir}: {reason}") from None
+        result = _train(args, config, workdir, processes)
         if not processes.is_main:
             return 0
         print(f"valid perplexity {result['valid_ppl']:.2f} (best {result['best_valid_ppl']:.2f} "
@@ -68,11 +50,39 @@ def main(argv=None) -> int:
     return 0
 
 
+def _train(args, config, workdir: str, processes) -> dict:
+    from knnlm_jax import distributed, locks
+    from knnlm_jax.cli import UserError, corpus_options
+
+    claims = [(locks.lock_path(workdir), f"run directory {workdir}")] if processes.is_main else []
+    try:
+        with distributed.held_locks(claims):  # one writer of a run directory at a time
+            if args.overwrite and processes.is_main:
+                shutil.rmtree(workdir, ignore_errors=True)
+            if args.vocab and processes.is_main:
+                given_vocab(args.vocab, workdir)
+            distributed.barrier("overwrite")
+            from knnlm_jax.training import train
+
+            return train(config, workdir, progress=not args.no_progress, corpus_options=corpus_options(args))
+    except OSError as err:  # full disk, read-only run directory, a file where a directory goes
+        reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
+        if err.errno in (errno.EROFS, errno.ENOSPC):  # only writes fail so
+            raise UserError(f"cannot write {err.filename or workdir}: {reason}; fix it and run the same "
+                            "command again") from None
+        if err.filename and not _inside(err.filename, workdir):  # an input, not the run directory
+            if isinstance(err, FileNotFoundError):
+                raise  # user_errors says which
+            raise UserError(f"cannot read {err.filename}: {reason}") from None
+        raise UserError(f"cannot write {err.filename or workdir}: {reason}") from None
+
+
 def given_vocab(path: str, workdir: str) -> None:
     """Put vocabulary ``path`` in the run directory (training then uses it); a different one there is refused."""
     import os
 
     from knnlm_jax.cli import UserError
+    from knnlm_jax.run_data import write_vocab_source
     from knnlm_jax.vocab import Vocab
 
     try:
@@ -87,6 +97,7 @@ def given_vocab(path: str, workdir: str) -> None:
         return
     os.makedirs(workdir, exist_ok=True)
     vocab.save(target)
+    write_vocab_source(workdir, {"given": os.path.abspath(path)})
 
 
 def _inside(path, directory: str) -> bool:
