@@ -106,12 +106,14 @@ def program(name: str) -> str:
 
 @contextmanager
 def user_errors(prog: str):
-    """Turn user errors into one line on stderr and exit status 2."""
+    """Turn user errors into one line on stderr and exit status 2; Ctrl-C into one line and 130."""
+    from knnlm_jax import interrupts
     from knnlm_jax.checkpoint import CheckpointError
     from knnlm_jax.corpus_error import CorpusError
 
     try:
-        yield
+        with interrupts.handled(prog):
+            yield
     except (UserError, ConfigError, CorpusError, CheckpointError, ValueError, FileNotFoundError) as err:
         if getattr(err, "threads_stuck", False):  # a failed orbax write or read leaves threads that never end
             sys.stdout.flush()

@@ -17,7 +17,7 @@ import os
 import shutil
 from contextlib import contextmanager
 
-from knnlm_jax import locks
+from knnlm_jax import interrupts, locks
 
 NEXT, COMMIT, RESULTS = ".next", "COMMIT", "results.json"
 OWN_OUTPUTS = ("results.json", "sweep_", "logprobs-")  # what one evaluation owns (per-token files are shared)
@@ -108,9 +108,14 @@ def staging(out_dir: str):
         roll_forward(out_dir)
         stage = Staging(out_dir)
         shutil.rmtree(stage.dir, ignore_errors=True)  # an earlier run's, interrupted before its commit
-        os.makedirs(stage.dir)
-        try:
-            yield stage
-        finally:
+
+        def abandon():
             if _committed(out_dir) is None:
                 shutil.rmtree(stage.dir, ignore_errors=True)
+
+        os.makedirs(stage.dir)
+        try:
+            with interrupts.cleanup_on_interrupt(abandon):
+                yield stage
+        finally:
+            abandon()

@@ -225,3 +225,19 @@ def test_two_devices_give_the_same_results_as_one(one_device, tmp_path):
     assert_matches_faiss(keys, queries, dists, ids, BIG_K, missing=ds.MISSING)  # FAISS's value for -1
     assert np.all(ids[:, N:] == -1) and np.all(np.sort(ids[:, :N], 1) == np.arange(N))
     assert_ties_to_lower_id(dists, ids)
+
+
+def test_the_searchers_distance_matmuls_run_at_highest_precision():
+    """Read from the lowered computation (CPU ignores precision; a GPU would use TF32 without it): every dot
+    of the search and of the key norms asks for HIGHEST."""
+    import re
+
+    from knnlm_jax.device_search import DeviceSearcher, _search_fn
+
+    keys = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float16)
+    searcher = DeviceSearcher(keys, block=64)
+    fn = _search_fn(searcher.mesh, 4, searcher.block, searcher.approx, searcher.precision)
+    queries = np.zeros((8, 8), np.float32)
+    text = fn.lower(queries, searcher.keys, searcher.norms, searcher.center, searcher.valid).as_text()
+    dots = re.findall(r"stablehlo\.dot_general.*", text)
+    assert dots and all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots

@@ -20,12 +20,14 @@ from knnlm_jax.token_files import open_token_files
 from test_evaluation import ev  # noqa: F401  (module fixture)
 
 
-def run(ev, out, split="valid", splits=None, trained=None, store=None, index=None, **kw):  # noqa: F811
+def run(ev, out, split="valid", splits=None, trained=None, store=None, index=None, key_type=None,  # noqa: F811
+        **kw):
     settings = dict(k=8, lmbda=0.3, temperature=1.0, max_tokens=96, batch_size=4, window=16, context=8)
     settings.update(kw)
     logs = []
     result = evaluation.run(str(out), split=split, splits=splits or ev.splits, settings=Settings(**settings),
-                            trained=trained or ev.trained, key_type=ev.config.key_type, store=store or ev.store,
+                            trained=trained or ev.trained, key_type=key_type or ev.config.key_type,
+                            store=store or ev.store,
                             index=index if index is not None else ev.index, vocab=ev.vocab, progress=False,
                             log=logs.append)
     return result, any("reusing" in line for line in logs)
@@ -52,6 +54,9 @@ def test_each_setting_that_changes_the_files_forces_a_new_pass(ev, tmp_path):  #
         run(ev, out)  # the baseline's files again
         assert run(ev, out)[1], name  # the very same evaluation reuses them
         assert not run(ev, out, **change)[1], f"{name} changed but the saved files were reused"
+    # the same directory under a retrieval policy: another pointer threshold is another pass
+    assert not run(ev, out, min_pointers=4)[1] and run(ev, out, min_pointers=4)[1]
+    assert not run(ev, out, min_pointers=8)[1], "the RetoMaton threshold changed but the saved files were reused"
     # nprobe: with inverted lists, a new probe count is a new search
     assert not run(ev, out, index=ivf, nprobe=1)[1]
     assert run(ev, out, index=ivf, nprobe=1)[1]
@@ -77,3 +82,25 @@ def test_the_cache_is_tuned_on_valid_only(ev, tmp_path):  # noqa: F811
     on_test = tune_cache(test.logp_lm, test.cache, thetas)
     assert result["valid"]["cache"]["ppl"] == pytest.approx(best["ppl"])
     assert os.path.isdir(tmp_path / "c" / "tokens-test") and on_test["ppl"] > 0
+
+
+def test_window_context_self_retrieval_searcher_and_key_type_each_force_a_new_pass(ev, tmp_path):  # noqa: F811
+    """Field by field: each of these changes the per-token files, so none may be reused across it."""
+    from knnlm_jax.device_search import DeviceSearcher
+
+    out = tmp_path / "out"
+    other_key = next(t for t in ("ffn_input_before_ln", "attn_output") if t != ev.config.key_type)
+    changes = {
+        "window": dict(window=12),
+        "context": dict(context=4),
+        "searcher": dict(index=DeviceSearcher(ev.store.keys, block=64)),
+        "key type": dict(key_type=other_key),
+    }
+    for name, change in changes.items():
+        run(ev, out)
+        assert run(ev, out)[1], name
+        assert not run(ev, out, **change)[1], f"{name} changed but the saved files were reused"
+        assert run(ev, out, **change)[1], f"{name}: the very same evaluation reuses its files"
+    # self-retrieval: dropped by default on the datastore's own text, kept with drop_self="no"
+    assert not run(ev, out, split="train")[1] and run(ev, out, split="train")[1]
+    assert not run(ev, out, split="train", drop_self="no")[1], "drop_self changed but the saved files were reused"

@@ -187,7 +187,8 @@ def test_settings_refuse_bad_retrieval_options():
 def run_eval(ev, out, split="test", **kw):
     from knnlm_jax import evaluation
 
-    settings = Settings(k=16, lmbda=None, temperature=None, max_tokens=150, batch_size=4, window=16, context=8, **kw)
+    settings = Settings(**dict(dict(k=16, lmbda=None, temperature=None, max_tokens=150, batch_size=4, window=16,
+                                    context=8), **kw))
     return evaluation.run(str(out), split=split, splits=ev.splits, settings=settings, trained=ev.trained,
                           key_type=ev.config.key_type, store=ev.store, index=ev.index, vocab=ev.vocab,
                           progress=False, log=lambda m: None)
@@ -238,3 +239,42 @@ def test_device_search_gives_the_flat_index_perplexity(ev, tmp_path, exact):
     differ = i_dev != i_ref
     assert differ.mean() < 0.02  # only swaps between (near-)equal distances
     np.testing.assert_allclose(d_dev[differ], d_ref[differ], rtol=1e-4, atol=1e-4)
+
+
+def test_the_pass_follows_pointers_from_the_true_targets(ev, tmp_path):
+    """The pass's RetoMaton against a reference: the pointer algorithm run window by window (windows never
+    share pointers) on the pass's own query keys and the true next tokens."""
+    from knnlm_jax.windows import windows
+
+    tokens = np.asarray(ev.splits["train"][1][:192])  # the datastore's own text: long chains of pointers
+    files = run_tokens(ev, tmp_path, tokens, name="reto", policy=Policy(min_pointers=1), drop_self=True)
+    queries = np.asarray(files.features)[:, -ev.store.dim:]
+    search = flat_search(np.asarray(ev.store.keys, np.float32), 8)
+    ids = np.full((len(tokens), 8), -1, np.int64)
+    searched = 0
+    for _, lo, hi in windows(len(tokens), 16, 8):
+        rows = np.arange(lo, hi)
+        _, ids[rows], _, s = retrieve_batch(Policy(min_pointers=1), queries[rows], tokens[rows], [hi - lo],
+                                            search=search, keys_NxD=ev.store.keys, vals_N=ev.store.vals, k=8,
+                                            own_ids_R=rows)
+        searched += int(s.sum())
+    np.testing.assert_array_equal(np.asarray(files.ids), ids)
+    assert files.meta["searches"] == searched < len(tokens)
+
+
+def test_the_fitted_gate_retrieves_where_retrieval_helps_on_held_out_text(ev, tmp_path):
+    """End to end: on test, the tokens the gate (fitted on valid) lets retrieve gain more from the kNN-LM, at
+    the gate's own λ and T, than the tokens it skips, and more than a random half does."""
+    from knnlm_jax.token_files import open_token_files
+
+    gated = run_eval(ev, tmp_path / "adaptive", retrieve_fraction=0.5, max_tokens=400)
+    gate = gated["retrieval"]["gate"]
+    run_eval(ev, tmp_path / "full", lmbda=gate["lmbda"], temperature=gate["temperature"], max_tokens=400)
+    full = open_token_files(str(tmp_path / "full" / "tokens-test"))
+    retrieved = np.asarray(open_token_files(str(tmp_path / "adaptive" / "tokens-test-adaptive")).retrieved)
+    lm = np.asarray(full.logp_lm)
+    gain = mix(lm, knn_log_probs(full, [gate["temperature"]])[0], gate["lmbda"]) - lm
+    assert 0.3 < retrieved.mean() < 0.7
+    assert gain[retrieved].mean() > gain[~retrieved].mean()
+    random_halves = [gain[np.random.default_rng(s).random(len(gain)) < retrieved.mean()].mean() for s in range(200)]
+    assert gain[retrieved].mean() > np.quantile(random_halves, 0.9)
