@@ -9,7 +9,7 @@ feed-forward's input after ``post_attention_layernorm``; ``ffn_input_before_ln``
 residual stream after attention; ``attn_output``; ``block_output``; ``final_output``: after
 the final norm), so ``forward_states`` and ``forward_with_keys`` work unchanged. Float32
 throughout (weights dequantised from GGUF or read from safetensors by
-:mod:`~knnlm_jax.pretrained`).
+:mod:`~knnlm_jax.pretrained`), every matmul at ``Precision.HIGHEST``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,18 @@ import numpy as np
 from flax import nnx
 
 from knnlm_jax.model import _key_types
+
+# Parity with a float32 reference needs true float32 products: GPUs would otherwise multiply in
+# TF32 (10-bit mantissas) or bfloat16 passes; CPUs ignore the setting.
+PRECISION = jax.lax.Precision.HIGHEST
+
+
+def matmul(a, b):
+    return jnp.matmul(a, b, precision=PRECISION)
+
+
+def einsum(spec: str, a, b):
+    return jnp.einsum(spec, a, b, precision=PRECISION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +82,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if bias else None
 
     def __call__(self, x):
-        y = x @ self.weight[...].T
+        y = matmul(x, self.weight[...].T)
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -102,9 +114,9 @@ class Attention(nnx.Module):
         k = rotary(self.k_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, hd), positions, cfg.rope_theta)
         v = self.v_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, hd)
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * hd**-0.5
+        scores = einsum("bqhd,bkhd->bhqk", q, k) * hd**-0.5
         scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(jnp.float32).min)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        ctx = einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
         return self.o_proj(ctx.reshape(b, t, cfg.num_heads * hd))
 
 
@@ -183,9 +195,9 @@ class LlamaLM(nnx.Module):
             keys = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k, pos, 1)
             vals = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v, pos, 1)
             new_cache.append((keys, vals))
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(keys, group, axis=2)) * hd**-0.5
+            scores = einsum("bqhd,bkhd->bhqk", q, jnp.repeat(keys, group, axis=2)) * hd**-0.5
             scores = jnp.where(jnp.arange(keys.shape[1]) <= pos, scores, jnp.finfo(jnp.float32).min)
-            ctx = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), jnp.repeat(vals, group, axis=2))
+            ctx = einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), jnp.repeat(vals, group, axis=2))
             attn = a.o_proj(ctx.reshape(b, 1, cfg.num_heads * hd))
             x = x + attn
             ffn_in = layer.post_attention_layernorm(x)
@@ -202,7 +214,7 @@ class LlamaLM(nnx.Module):
         return tuple((zeros, zeros) for _ in range(self.cfg.num_layers))
 
     def logits(self, h_BxTxD):
-        return h_BxTxD @ self.embed_tokens[...].T if self.lm_head is None else self.lm_head(h_BxTxD)
+        return matmul(h_BxTxD, self.embed_tokens[...].T) if self.lm_head is None else self.lm_head(h_BxTxD)
 
     def full_log_probs(self, h_BxTxD, **_):
         return jax.nn.log_softmax(self.logits(h_BxTxD).astype(jnp.float32), axis=-1)
