@@ -4,6 +4,9 @@ The vocabulary is cut into bands ``[0, c1), [c1, c2), ..., [ck, V)``; band ``i``
 embedding size ``d / factor**i``. With ``tie_adaptive_weights`` the softmax reuses the
 input embeddings as output word vectors, and with ``tie_adaptive_proj`` it reuses the
 input projections (transposed), as in fairseq's ``transformer_lm_wiki103``.
+
+``precision`` is every matmul's precision (``None``: the backend's default); see
+``ModelConfig.precision``.
 """
 
 from __future__ import annotations
@@ -28,18 +31,18 @@ def band_dims(d_model: int, n_bands: int, factor: int) -> tuple[int, ...]:
 class AdaptiveInput(nnx.Module):
     """Token ids -> ``d_model`` vectors, with smaller embeddings for rarer bands."""
 
-    def __init__(self, vocab_size: int, d_model: int, cutoffs, factor: int, *, rngs: nnx.Rngs):
+    def __init__(self, vocab_size: int, d_model: int, cutoffs, factor: int, *, precision=None, rngs: nnx.Rngs):
         self.edges = band_edges(vocab_size, cutoffs)
         self.dims = band_dims(d_model, len(self.edges) - 1, factor)
         self.embeddings = nnx.List()
         self.projections = nnx.List()
+        xavier = nnx.initializers.xavier_uniform()
         for i, dim in enumerate(self.dims):
             size = self.edges[i + 1] - self.edges[i]
             init = nnx.initializers.normal(stddev=dim**-0.5)
             self.embeddings.append(nnx.Embed(size, dim, embedding_init=init, rngs=rngs))
-            self.projections.append(
-                nnx.Linear(dim, d_model, use_bias=False, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
-            )
+            self.projections.append(nnx.Linear(dim, d_model, use_bias=False, kernel_init=xavier, precision=precision,
+                                               rngs=rngs))
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
         out_BxTxD = None
@@ -62,6 +65,10 @@ class AdaptiveSoftmax(nnx.Module):
 
     The head scores the first band's words plus one "cluster" entry per tail band;
     ``log p(w in tail i) = log p_head(cluster i) + log p_tail_i(w)``.
+
+    Dropout (training only) sits where fairseq's ``AdaptiveSoftmax.forward`` puts it: once on
+    the softmax input, which the head and every tail then read, and again on each tail's
+    projection before its output matrix. Masks are drawn in that order: input, then tails 0, 1, ...
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class AdaptiveSoftmax(nnx.Module):
         dropout: float,
         adaptive_input: AdaptiveInput | None,
         tie_proj: bool,
+        precision=None,
         rngs: nnx.Rngs,
     ):
         self.edges = band_edges(vocab_size, cutoffs)
@@ -82,30 +90,29 @@ class AdaptiveSoftmax(nnx.Module):
         self.tie_proj = bool(tie_proj and self.tied)
         n_tails = len(self.edges) - 2
         head_size = self.edges[1]
+        self.precision = precision
         xavier = nnx.initializers.xavier_uniform()
+
+        def linear(n_in, n_out, **kw):
+            return nnx.Linear(n_in, n_out, use_bias=False, precision=precision, rngs=rngs, **kw)
+
         if self.tied:
             if adaptive_input.edges != self.edges or adaptive_input.dims != self.dims:
                 raise ValueError("tied adaptive softmax needs the adaptive input's cutoffs and factor")
             self.head_words = None
-            self.head_classes = nnx.Linear(d_model, n_tails, use_bias=False, rngs=rngs) if n_tails else None
+            self.head_classes = linear(d_model, n_tails) if n_tails else None
             # the head's word vectors are the band-0 embeddings; project first when their dim differs
-            self.head_proj = (
-                nnx.Linear(d_model, self.dims[0], use_bias=False, rngs=rngs) if self.dims[0] != d_model else None
-            )
+            self.head_proj = linear(d_model, self.dims[0]) if self.dims[0] != d_model else None
         else:
-            self.head_words = nnx.Linear(d_model, head_size + n_tails, use_bias=False, kernel_init=xavier, rngs=rngs)
+            self.head_words = linear(d_model, head_size + n_tails, kernel_init=xavier)
             self.head_classes = None
             self.head_proj = None
         self.tail_proj = nnx.List()
         self.tail_out = nnx.List()
         for i in range(n_tails):
             dim, size = self.dims[i + 1], self.edges[i + 2] - self.edges[i + 1]
-            self.tail_proj.append(
-                None if self.tie_proj else nnx.Linear(d_model, dim, use_bias=False, kernel_init=xavier, rngs=rngs)
-            )
-            self.tail_out.append(
-                None if self.tied else nnx.Linear(dim, size, use_bias=False, kernel_init=xavier, rngs=rngs)
-            )
+            self.tail_proj.append(None if self.tie_proj else linear(d_model, dim, kernel_init=xavier))
+            self.tail_out.append(None if self.tied else linear(dim, size, kernel_init=xavier))
         self.dropout = nnx.Dropout(dropout)
 
     def _head_logits(self, h_BxTxD, adaptive_input):
@@ -113,17 +120,18 @@ class AdaptiveSoftmax(nnx.Module):
             return self.head_words(h_BxTxD)
         emb_WxE, _ = adaptive_input.band_weights(0)
         x = self.head_proj(h_BxTxD) if self.head_proj is not None else h_BxTxD
-        words = x @ emb_WxE.T
+        words = jnp.matmul(x, emb_WxE.T, precision=self.precision)
         if self.head_classes is None:
             return words
         return jnp.concatenate([words, self.head_classes(h_BxTxD)], axis=-1)
 
     def _tail_logits(self, i, h_BxTxD, adaptive_input, deterministic, rngs):
+        """Tail ``i``'s logits of (already dropped-out) softmax inputs; dropout again after the projection."""
         if self.tied:
             emb_SxE, proj_ExD = adaptive_input.band_weights(i + 1)
-        x = h_BxTxD @ proj_ExD.T if self.tie_proj else self.tail_proj[i](h_BxTxD)
+        x = jnp.matmul(h_BxTxD, proj_ExD.T, precision=self.precision) if self.tie_proj else self.tail_proj[i](h_BxTxD)
         x = self.dropout(x, deterministic=deterministic, rngs=rngs)
-        return x @ emb_SxE.T if self.tied else self.tail_out[i](x)
+        return jnp.matmul(x, emb_SxE.T, precision=self.precision) if self.tied else self.tail_out[i](x)
 
     def target_log_probs(
         self, h_BxTxD, targets_BxT, adaptive_input=None, *, capacities=None, deterministic=True, rngs=None
@@ -135,6 +143,7 @@ class AdaptiveSoftmax(nnx.Module):
         at least that count: a position left out by a too-small capacity gets NaN, never a
         finite wrong value. ``None`` computes every tail densely at every position.
         """
+        h_BxTxD = self.dropout(h_BxTxD, deterministic=deterministic, rngs=rngs)  # one mask: head and tails alike
         head_lp = jax.nn.log_softmax(self._head_logits(h_BxTxD, adaptive_input).astype(jnp.float32), axis=-1)
         head_size = self.edges[1]
         idx = jnp.clip(targets_BxT, 0, head_size - 1)
@@ -179,6 +188,7 @@ class AdaptiveSoftmax(nnx.Module):
 
     def full_log_probs(self, h_BxTxD, adaptive_input=None, *, deterministic=True, rngs=None):
         """``log p(w)`` for every word: ``B x T x V`` (use only where the full distribution is needed)."""
+        h_BxTxD = self.dropout(h_BxTxD, deterministic=deterministic, rngs=rngs)  # one mask: head and tails alike
         head_lp = jax.nn.log_softmax(self._head_logits(h_BxTxD, adaptive_input).astype(jnp.float32), axis=-1)
         head_size = self.edges[1]
         parts = [head_lp[..., :head_size]]

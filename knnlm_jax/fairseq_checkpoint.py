@@ -20,6 +20,7 @@ import numpy as np
 from knnlm_jax.vocab import SPECIALS, Vocab
 
 ARGS_KEY = "__fairseq_args__"  # the model args (JSON) inside a .npz checkpoint
+INTERPOLATION = re.compile(r"\$\{(\w+)\.(\w+)\}")  # omegaconf's "${task.tokens_per_sample}", left unresolved
 
 
 class ConvertError(ValueError):
@@ -65,13 +66,32 @@ def read_dict(path: str) -> Vocab:
 
 
 def model_args(checkpoint: dict) -> dict:
-    """The model's args (plain dict) of a loaded fairseq checkpoint: ``cfg.model`` (fairseq >= 0.10)
-    or ``args`` (older), whichever holds the architecture."""
-    for source in (_get(checkpoint.get("cfg"), "model"), checkpoint.get("args")):
-        args = _plain(source)
-        if args and ("arch" in args or "decoder_layers" in args or "decoder_embed_dim" in args):
-            return args
+    """The model's args (plain dict) of a loaded fairseq checkpoint: ``cfg.model`` (fairseq >= 0.10,
+    the architecture under ``_name``) or ``args`` (older), whichever holds the architecture."""
+    cfg = checkpoint.get("cfg")
+    new, old = _plain(_get(cfg, "model")), _plain(checkpoint.get("args"))
+    if _names_a_model(new):
+        return _with_task_fields(new, cfg)
+    if _names_a_model(old):
+        return old
     raise ConvertError("the checkpoint has no model args (neither cfg.model nor args)")
+
+
+def _names_a_model(args: dict) -> bool:
+    return any(k in args for k in ("arch", "_name", "decoder_layers", "decoder_embed_dim"))
+
+
+def _with_task_fields(args: dict, cfg) -> dict:
+    """``cfg.model`` with its ``${section.field}`` references read from ``cfg``: fairseq's model config
+    takes ``tokens_per_sample`` from the task (``II("task.tokens_per_sample")``), which a saved config
+    may leave unresolved or (an unresolvable one) leave out."""
+    out = {}
+    for key, value in args.items():
+        ref = INTERPOLATION.fullmatch(value) if isinstance(value, str) else None
+        out[key] = _get(_get(cfg, ref.group(1)), ref.group(2)) if ref else value
+    if out.get("tokens_per_sample") is None:
+        out["tokens_per_sample"] = _get(_get(cfg, "task"), "tokens_per_sample")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _get(obj, key):

@@ -35,6 +35,10 @@ What fairseq does that the conversion reproduces (fairseq 0.12.2 sources):
   band ``i+1``'s input projection (``tie_adaptive_proj``) or its own ``tail.i.0``, then scores
   band ``i+1``'s embeddings (tied) or ``tail.i.2``.
 - a decoder ``version <= 2`` means no final LayerNorm, as fairseq's upgrade says.
+- the architecture is ``args.arch`` (fairseq < 0.10) or ``cfg.model._name`` (fairseq >= 0.10).
+- ``tokens_per_sample`` (the window the model was trained on, which sets the run's windows) is a
+  task setting that no architecture defines: it comes from the checkpoint or ``--tokens-per-sample``,
+  never from a default.
 
 One numeric difference remains: fairseq computes the sinusoid table in float32 and this
 project in float64 (then rounds to float32): over the positions of a 3072-token window
@@ -69,14 +73,14 @@ BASE_DEFAULTS = dict(
     no_token_positional_embeddings=False, layernorm_embedding=False, share_decoder_input_output_embed=False,
     character_embeddings=False, cross_self_attention=False, scale_fc=False, scale_attn=False, scale_heads=False,
     scale_resids=False, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, relu_dropout=0.0,
-    adaptive_softmax_dropout=0.0, tokens_per_sample=1024,
+    adaptive_softmax_dropout=0.0,
 )
 # ... and what the paper's architecture sets first (transformer_lm_baevski_wiki103 -> transformer_lm_big)
 WIKI103_DEFAULTS = dict(
     decoder_layers=16, decoder_attention_heads=8, dropout=0.3, adaptive_input=True, tie_adaptive_weights=True,
     adaptive_input_cutoff="20000,60000", adaptive_softmax_cutoff="20000,60000", adaptive_softmax_dropout=0.2,
     attention_dropout=0.1, activation_dropout=0.1, no_decoder_final_norm=True, tie_adaptive_proj=True,
-    decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, tokens_per_sample=3072,
+    decoder_embed_dim=1024, decoder_ffn_embed_dim=4096,
 )
 ARCH_DEFAULTS = {"transformer_lm_wiki103": WIKI103_DEFAULTS, "transformer_lm_baevski_wiki103": WIKI103_DEFAULTS}
 
@@ -88,6 +92,8 @@ ARCH_DEFAULTS = {"transformer_lm_wiki103": WIKI103_DEFAULTS, "transformer_lm_bae
 def resolve_args(args: dict) -> dict:
     """Fill what fairseq's architecture functions would (wiki103 and base defaults, old-name upgrades)."""
     args = {k: v for k, v in args.items() if v is not None}
+    if "arch" not in args and "_name" in args:  # fairseq >= 0.10 names the architecture cfg.model._name
+        args["arch"] = args["_name"]
     if "no_tie_adaptive_proj" in args:  # base_lm_architecture's backward compatibility for old checkpoints
         args["no_decoder_final_norm"] = True
         if args["no_tie_adaptive_proj"] is False:
@@ -98,6 +104,23 @@ def resolve_args(args: dict) -> dict:
         for key, value in defaults.items():
             args.setdefault(key, value)
     return args
+
+
+def trained_window(args: dict, given: int | None = None) -> int:
+    """The ``tokens_per_sample`` the model was trained on: the (resolved) args', or ``given``
+    (``--tokens-per-sample``) where they have none; a disagreement is refused."""
+    value = args.get("tokens_per_sample")
+    if value is None:
+        if given is None:
+            raise ConvertError("the checkpoint's args have no tokens_per_sample (the window the model was trained on): "
+                               "pass --tokens-per-sample N (3072 for the paper's WikiText-103 model)")
+        value = given
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or value <= 0 or value != int(value):
+        raise ConvertError(f"tokens_per_sample {value!r} is not a positive number of tokens")
+    window = int(value)
+    if given is not None and given != window:
+        raise ConvertError(f"--tokens-per-sample {given} differs from the checkpoint's tokens_per_sample {window}")
+    return window
 
 
 def _cutoffs(value) -> tuple[int, ...]:
@@ -385,15 +408,16 @@ def build_model(cfg, params: dict[tuple, np.ndarray]):
     return nnx.merge(graphdef, params_state(cfg, params))
 
 
-def run_config(arch: dict, vocab: Vocab, *, data_dir: str = "", compute_dtype: str = "float32",
-               tokens_per_sample: int | None = None, source: dict | None = None) -> dict:
-    """The run's ``config.json``: the ``wt103`` config with the converted model's fields."""
+def run_config(arch: dict, vocab: Vocab, *, tokens_per_sample: int, data_dir: str = "",
+               compute_dtype: str = "float32", source: dict | None = None) -> dict:
+    """The run's ``config.json``: the ``wt103`` config with the converted model's fields and windows
+    for its ``tokens_per_sample`` (see :func:`trained_window`)."""
     from knnlm_jax.configs import get_config
 
     config = get_config("wt103").to_dict()
     config.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()})
     config.update(compute_dtype=compute_dtype, data_dir=data_dir, vocab_size=len(vocab))
-    if tokens_per_sample and tokens_per_sample != config["tokens_per_sample"]:
+    if tokens_per_sample != config["tokens_per_sample"]:
         # windows the model was trained for: build half-context windows, evaluate with the last 512 scored
         config.update(tokens_per_sample=int(tokens_per_sample), eval_window=int(tokens_per_sample),
                       eval_context=max(int(tokens_per_sample) - 512, int(tokens_per_sample) // 2))
@@ -444,7 +468,11 @@ def main(argv=None) -> int:
                         help="the WikiText-103 directory build.py and evaluate.py read by default (else pass "
                              "--data_dir to them)")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="the run's compute_dtype (float32: fairseq's numerics; --set overrides it later)")
+                        help="the run's compute_dtype (float32: fairseq's numerics, matmuls at full float32 "
+                             "precision; --set overrides it later)")
+    parser.add_argument("--tokens-per-sample", "--tokens_per_sample", type=int, default=None,
+                        help="the window the model was trained on, where the checkpoint's args do not say "
+                             "(3072 for the paper's WikiText-103 model); it sets the run's windows")
     args = parser.parse_args(argv)
     prog = "fairseq_convert"
     try:
@@ -457,13 +485,14 @@ def main(argv=None) -> int:
             raise ConvertError(f"--out {args.out} already exists: choose another or remove it")
         vocab = read_dict(args.dict_path)
         state, fairseq_args, num_updates = load_checkpoint(args.checkpoint)
-        arch, params = convert(state, fairseq_args, vocab)
         resolved = resolve_args(fairseq_args)
+        window = trained_window(resolved, args.tokens_per_sample)
+        arch, params = convert(state, fairseq_args, vocab)
         source = dict(checkpoint=os.path.abspath(args.checkpoint), sha256=file_sha256(args.checkpoint),
                       arch=str(resolved.get("arch", "")), num_updates=num_updates)
         data_dir = os.path.abspath(args.data_dir) if args.data_dir else ""
-        config = run_config(arch, vocab, data_dir=data_dir, compute_dtype=args.compute_dtype,
-                            tokens_per_sample=resolved.get("tokens_per_sample"), source=source)
+        config = run_config(arch, vocab, tokens_per_sample=window, data_dir=data_dir,
+                            compute_dtype=args.compute_dtype, source=source)
         cfg = model_config(arch, attention_impl=config["attention_impl"], compute_dtype=args.compute_dtype)
         write_run(out, config, vocab, cfg, params, step=num_updates)
     except (ConvertError, OSError) as err:
@@ -471,7 +500,8 @@ def main(argv=None) -> int:
         return 2
     n_params = sum(int(np.prod(a.shape)) for a in params.values())
     print(f"{out}: {arch['num_layers']} layers, d {arch['d_model']}, {arch['num_heads']} heads, FFN {arch['d_ff']}, "
-          f"cutoffs {list(arch['cutoffs'])}, {len(vocab)} words, {n_params:,} parameters; step {num_updates}")
+          f"cutoffs {list(arch['cutoffs'])}, {len(vocab)} words, {n_params:,} parameters; step {num_updates}; "
+          f"tokens_per_sample {window}")
     if not data_dir:
         print("no --data_dir given: pass --data_dir /path/to/wikitext-103 to build.py and evaluate.py")
     return 0

@@ -80,10 +80,12 @@ def make_decode_step(graphdef, key_type: str, max_len: int):
             keys_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k.astype(cache[i][0].dtype), pos, 1)
             vals_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v.astype(cache[i][1].dtype), pos, 1)
             new_cache.append((keys_BxLxHxK, vals_BxLxHxK))
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys_BxLxHxK, preferred_element_type=jnp.float32) * hd**-0.5
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys_BxLxHxK, preferred_element_type=jnp.float32,
+                                precision=attn.precision) * hd**-0.5
             scores = jnp.where(jnp.arange(max_len) <= pos, scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            attn_out = attn.out(jnp.einsum("bhqk,bkhd->bqhd", probs, vals_BxLxHxK).reshape(b, 1, d))
+            attn_out = attn.out(jnp.einsum("bhqk,bkhd->bqhd", probs, vals_BxLxHxK, precision=attn.precision)
+                                .reshape(b, 1, d))
             x = x + attn_out
             ffn_in = block.ln2(x)
             if i == len(model.blocks) - 1:

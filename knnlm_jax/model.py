@@ -19,6 +19,9 @@ defaults give exactly the original numerics):
   matmuls in bf16, parameters (hence gradients and optimizer state) float32; LayerNorm
   statistics, attention softmax, the adaptive input, the adaptive softmax (its projections,
   log-softmax) and so the loss stay float32; hidden states and sown keys come out float32.
+  In ``"float32"`` every matmul runs at ``jax.lax.Precision.HIGHEST`` (``ModelConfig.precision``):
+  GPUs and TPUs otherwise run float32 matmuls as TF32 or bf16 passes, and float32 is what a
+  converted fairseq model is compared in; ``"bfloat16"`` keeps the backend's default.
 - ``remat``: recompute each block's activations in the backward pass (``nnx.remat``) instead
   of keeping them: memory for time, identical gradients.
 """
@@ -97,6 +100,12 @@ class ModelConfig:
         """The layers' computation dtype: ``None`` (the parameters', float32) or ``jnp.bfloat16``."""
         return None if self.compute_dtype == "float32" else jnp.dtype(self.compute_dtype)
 
+    @property
+    def precision(self):
+        """Every matmul's precision: ``HIGHEST`` in float32 (true float32 on GPUs and TPUs too),
+        ``None`` (the backend's default) in bfloat16, whose speed is the point."""
+        return jax.lax.Precision.HIGHEST if self.compute_dtype == "float32" else None
+
 
 def sinusoidal_positions(length: int, dim: int, offset: int = 0) -> np.ndarray:
     """fairseq-style sinusoidal embeddings: ``[sin | cos]`` halves, ``length x dim``."""
@@ -115,9 +124,11 @@ class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
         self.impl = cfg.attention_impl
+        self.precision = cfg.precision
         xavier = nnx.initializers.xavier_uniform()
-        self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
-        self.out = nnx.Linear(cfg.d_model, cfg.d_model, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
+        kw = dict(kernel_init=xavier, dtype=cfg.dtype, precision=cfg.precision, rngs=rngs)
+        self.qkv = nnx.Linear(cfg.d_model, 3 * cfg.d_model, **kw)
+        self.out = nnx.Linear(cfg.d_model, cfg.d_model, **kw)
         self.attn_dropout = nnx.Dropout(cfg.attention_dropout)
 
     def __call__(self, x_BxTxD, *, deterministic, rngs):
@@ -128,17 +139,18 @@ class CausalSelfAttention(nnx.Module):
         if self.impl == "explicit" or dropping:  # a fused kernel has no dropout on the probabilities
             ctx_BxTxHxK = self._explicit(q, k, v, deterministic=deterministic, rngs=rngs)
         else:
-            ctx_BxTxHxK = fused_attention(q, k, v, self.impl)
+            ctx_BxTxHxK = fused_attention(q, k, v, self.impl, self.precision)
         return self.out(ctx_BxTxHxK.reshape(b, t, d))
 
     def _explicit(self, q, k, v, *, deterministic, rngs):
         t, hd = q.shape[1], q.shape[-1]
-        scores_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * hd**-0.5
+        scores_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32,
+                                    precision=self.precision) * hd**-0.5
         causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
         scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(v.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=self.precision)
 
 
 def cudnn_supported(q_BxTxHxK) -> bool:
@@ -148,12 +160,16 @@ def cudnn_supported(q_BxTxHxK) -> bool:
             and hd % 8 == 0 and hd <= 128)
 
 
-def fused_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, impl: str):
+def fused_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, impl: str, precision=None):
     """``jax.nn.dot_product_attention``, causal, scale ``1/sqrt(head size)``: ``B x T x H x K``.
 
     ``impl``: ``"xla"``, ``"cudnn"`` (raises where cuDNN cannot run it) or ``"auto"`` (cuDNN where
     :func:`cudnn_supported`, else XLA; a cuDNN refusal at trace time falls back to XLA).
+    ``precision``: the matmuls' precision (``None``: the backend's default).
     """
+    if precision is not None:  # dot_product_attention takes no precision argument: set the default it uses
+        with jax.default_matmul_precision(jax.lax.Precision(precision).name.lower()):
+            return fused_attention(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, impl)
     if impl == "auto":
         if cudnn_supported(q_BxTxHxK):
             try:
@@ -172,9 +188,9 @@ class Block(nnx.Module):
         self.ln1 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
         self.ln2 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, rngs=rngs)
-        xavier = nnx.initializers.xavier_uniform()
-        self.fc1 = nnx.Linear(cfg.d_model, cfg.d_ff, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.d_ff, cfg.d_model, kernel_init=xavier, dtype=cfg.dtype, rngs=rngs)
+        kw = dict(kernel_init=nnx.initializers.xavier_uniform(), dtype=cfg.dtype, precision=cfg.precision, rngs=rngs)
+        self.fc1 = nnx.Linear(cfg.d_model, cfg.d_ff, **kw)
+        self.fc2 = nnx.Linear(cfg.d_ff, cfg.d_model, **kw)
         self.dropout = nnx.Dropout(cfg.dropout)
         self.act_dropout = nnx.Dropout(cfg.activation_dropout)
 
@@ -199,7 +215,8 @@ class Block(nnx.Module):
 class TransformerLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = AdaptiveInput(cfg.vocab_size, cfg.d_model, cfg.cutoffs, cfg.adaptive_factor, rngs=rngs)
+        self.embed = AdaptiveInput(cfg.vocab_size, cfg.d_model, cfg.cutoffs, cfg.adaptive_factor,
+                                   precision=cfg.precision, rngs=rngs)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.dropout = nnx.Dropout(cfg.dropout)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
@@ -213,6 +230,7 @@ class TransformerLM(nnx.Module):
             dropout=cfg.adaptive_softmax_dropout,
             adaptive_input=self.embed if cfg.tie_adaptive_weights else None,
             tie_proj=cfg.tie_adaptive_proj,
+            precision=cfg.precision,
             rngs=rngs,
         )
 

@@ -125,3 +125,85 @@ def test_a_too_small_capacity_gives_nan_never_a_wrong_number():
         finite = np.isfinite(logp)
         assert not finite.all()  # the uncovered targets
         np.testing.assert_allclose(logp[finite], np.asarray(right)[finite], atol=1e-6)  # the rest are exact
+
+
+# ---------------------------------------------------------------------------------
+# training mode: dropout where fairseq's AdaptiveSoftmax.forward puts it
+
+
+def dropout_masks(rate, seed, shapes):
+    """The scaled keep-masks (0 or ``1 / (1 - rate)``) that ``nnx.Dropout`` draws from
+    ``nnx.Rngs(dropout=seed)`` for calls on arrays of these shapes, in this order."""
+    rngs, drop = nnx.Rngs(dropout=seed), nnx.Dropout(rate)
+    return [np.asarray(drop(jnp.ones(shape), deterministic=False, rngs=rngs), np.float64) for shape in shapes]
+
+
+def numpy_weights(inp, sm):
+    """The layer's weights as float64 functions of NumPy inputs: head logits, tail projections and outputs."""
+    f64 = lambda a: np.asarray(a, np.float64)
+    kernel = lambda linear: f64(linear.kernel[...])
+    n_tails = len(sm.edges) - 2
+    if sm.tied:
+        emb0 = f64(inp.band_weights(0)[0])
+        head = lambda x: np.concatenate([x @ emb0.T, x @ kernel(sm.head_classes)], axis=-1)
+        embs, projs = zip(*[(f64(e), f64(p)) for e, p in (inp.band_weights(i + 1) for i in range(n_tails))])
+        tail_out = [lambda z, e=e: z @ e.T for e in embs]
+    else:
+        head = lambda x: x @ kernel(sm.head_words)
+        tail_out = [lambda z, k=kernel(sm.tail_out[i]): z @ k for i in range(n_tails)]
+    if sm.tie_proj:
+        tail_proj = [lambda x, p=p: x @ p.T for p in projs]
+    else:
+        tail_proj = [lambda x, k=kernel(sm.tail_proj[i]): x @ k for i in range(n_tails)]
+    return head, tail_proj, tail_out
+
+
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def fairseq_training_target_log_probs(inp, sm, h_BxTxD, targets_BxT, input_mask, tail_masks):
+    """``log p(target)`` of fairseq's ``AdaptiveSoftmax.forward`` in training mode, as ``adaptive_loss``
+    scores it: ``input = dropout(input)``; ``head(input)``; tail ``i`` on the rows whose target is in
+    band ``i`` (``index_select``, flat order): ``Sequential(proj, Dropout, out)``. ``tail_masks[i]``
+    holds one mask row per selected row, in that order."""
+    head, tail_proj, tail_out = numpy_weights(inp, sm)
+    d, edges = h_BxTxD.shape[-1], sm.edges
+    x_NxD = (np.asarray(h_BxTxD, np.float64) * input_mask).reshape(-1, d)
+    t_N = np.asarray(targets_BxT).reshape(-1)
+    head_lp = np_log_softmax(head(x_NxD))
+    logp_N = head_lp[np.arange(len(t_N)), np.minimum(t_N, edges[1] - 1)]
+    for i in range(len(edges) - 2):
+        (rows,) = np.nonzero((t_N >= edges[i + 1]) & (t_N < edges[i + 2]))
+        z = tail_proj[i](x_NxD[rows]) * tail_masks[i]
+        tail_lp = np_log_softmax(tail_out[i](z))[np.arange(len(rows)), t_N[rows] - edges[i + 1]]
+        logp_N[rows] = head_lp[rows, edges[1] + i] + tail_lp
+    return logp_N.reshape(t_N.shape[0] // h_BxTxD.shape[1], -1)
+
+
+@pytest.mark.parametrize("tied,tie_proj", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_training_dropout_is_placed_as_fairseqs(tied, tie_proj, sparse):
+    """Fixed masks (reproduced from the same dropout rng): one on the softmax input, read by the head and
+    every tail, then one on each tail's projection; for the dense path the tail masks cover every position."""
+    rate, seed = 0.5, 3
+    inp, _, h, targets = make((10, 30), tied, tie_proj)
+    sm = AdaptiveSoftmax(V, 16, (10, 30), 2, dropout=rate, adaptive_input=inp if tied else None,
+                         tie_proj=tie_proj, rngs=nnx.Rngs(0))
+    edges, n = sm.edges, h.shape[0] * h.shape[1]
+    rows = [np.nonzero((np.asarray(targets).reshape(-1) >= lo) & (np.asarray(targets).reshape(-1) < hi))[0]
+            for lo, hi in zip(edges[1:-1], edges[2:])]
+    caps = band_capacities(np.asarray(targets), edges) if sparse else None
+    tail_shapes = [(caps[i], dim) if sparse else (*h.shape[:2], dim) for i, dim in enumerate(sm.dims[1:])]
+    input_mask, *tail_masks = dropout_masks(rate, seed, [h.shape, *tail_shapes])
+    assert 0.3 < (input_mask == 0).mean() < 0.7  # the masks drop something
+    # the masks' rows that fairseq's selected rows meet: the first ones (sparse) or the rows' own (dense)
+    per_row = [m[: len(r)] if sparse else m.reshape(n, -1)[r] for m, r in zip(tail_masks, rows)]
+    expected = fairseq_training_target_log_probs(inp, sm, h, targets, input_mask, per_row)
+    got = sm.target_log_probs(h, targets, inp, capacities=caps, deterministic=False, rngs=nnx.Rngs(dropout=seed))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+    if not sparse:  # full_log_probs draws the same masks in the same order
+        full = sm.full_log_probs(h, inp, deterministic=False, rngs=nnx.Rngs(dropout=seed))
+        gathered = jnp.take_along_axis(full, targets[..., None], axis=-1)[..., 0]
+        np.testing.assert_allclose(np.asarray(gathered), expected, atol=1e-4, rtol=0)

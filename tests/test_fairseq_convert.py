@@ -139,8 +139,11 @@ def sinusoid_table(num_embeddings, dim, padding_idx):  # SinusoidalPositionalEmb
     return table
 
 
-def fairseq_log_probs(sd, args, tokens_BxT):
-    """``B x T x V`` log-probabilities of fairseq's TransformerLanguageModel (eval mode, no incremental state)."""
+def fairseq_log_probs(sd, args, tokens_BxT, x_BxTxD=None):
+    """``B x T x V`` log-probabilities of fairseq's TransformerLanguageModel (eval mode, no incremental state).
+
+    ``x_BxTxD``: the decoder's input in place of the embedded tokens (positions included).
+    """
     sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
     heads = args["decoder_attention_heads"]
     layers = sum(1 for k in sd if k.startswith("decoder.layers.") and k.endswith(".fc1.weight"))
@@ -162,7 +165,7 @@ def fairseq_log_probs(sd, args, tokens_BxT):
         d = sd["decoder.embed_tokens.weight"].shape[1]
         emb = sd["decoder.embed_tokens.weight"][tokens_BxT]
     scale = 1.0 if args.get("no_scale_embedding") else math.sqrt(d)
-    x = scale * emb + sinusoid_table(positions.max() + 1, d, PAD)[positions]
+    x = scale * emb + sinusoid_table(positions.max() + 1, d, PAD)[positions] if x_BxTxD is None else x_BxTxD
     b, t = tokens_BxT.shape
     hd = d // heads
     future = np.triu(np.full((t, t), -np.inf), 1)  # buffered_future_mask
@@ -222,6 +225,12 @@ def flax_log_probs(cfg, params, toks):
     return np.asarray(model.full_log_probs(model(jnp.asarray(toks)))), model
 
 
+def decoder_log_probs(cfg, params, x_BxTxD):
+    """The converted model's log-probabilities of decoder inputs (embedding skipped)."""
+    model = fc.build_model(cfg, params)
+    return np.asarray(model.full_log_probs(model.decode(jnp.asarray(x_BxTxD, jnp.float32))))
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_converted_model_matches_fairseqs_forward(name):
     sd, args = case(name)
@@ -238,9 +247,10 @@ def test_converted_model_matches_fairseqs_forward(name):
     np.testing.assert_allclose(target_lp, np.take_along_axis(ref, targets[..., None], -1)[..., 0], atol=1e-4)
 
 
-def test_the_paper_architecture_is_read_from_the_args_and_weights():
+@pytest.mark.parametrize("arch_key", ["arch", "_name"])  # fairseq < 0.10: args.arch; >= 0.10: cfg.model._name
+def test_the_paper_architecture_is_read_from_the_args_and_weights(arch_key):
     sd, args = case("wiki103")
-    minimal = {"arch": "transformer_lm_wiki103", "decoder_attention_heads": 2, "adaptive_input_cutoff": "8,20",
+    minimal = {arch_key: "transformer_lm_wiki103", "decoder_attention_heads": 2, "adaptive_input_cutoff": "8,20",
                "adaptive_softmax_cutoff": "8,20"}  # the rest: transformer_lm_wiki103 defaults
     arch, _ = fc.convert(sd, minimal, vocab_of())
     assert arch == dict(
@@ -251,13 +261,24 @@ def test_the_paper_architecture_is_read_from_the_args_and_weights():
 
 
 def test_fairseq_positions_and_epsilon_matter():
-    """Without fairseq's position offset (2) the model is measurably different: the test can see it."""
+    """Without fairseq's position offset (2) or LayerNorm epsilon (1e-5) the model is measurably
+    different from fairseq's forward: the comparison can see either going wrong."""
     sd, args = case("wiki103")
     arch, params = fc.convert(sd, args, vocab_of())
     toks = tokens()
     ref = fairseq_log_probs(sd, args, toks)
     shifted, _ = flax_log_probs(fc.model_config({**arch, "position_offset": 0}), params, toks)
     assert np.abs(shifted - ref).max() > 1e-2
+    flax_eps, _ = flax_log_probs(fc.model_config({**arch, "layer_norm_eps": 1e-6}), params, toks)
+    assert np.abs(flax_eps - ref).max() > 1e-4  # the comparison tests' tolerance (3.5e-4 here)
+    # epsilon counts next to the LayerNorm input's variance (~1 for embedded tokens): decoder
+    # inputs of variance ~1e-5 show the difference in gross
+    x_BxTxD = np.random.default_rng(2).normal(size=(2, 12, 16)) * 10**-2.5
+    ref_x = fairseq_log_probs(sd, args, toks, x_BxTxD)
+    fairseq_eps = decoder_log_probs(fc.model_config(arch), params, x_BxTxD)
+    flax_eps = decoder_log_probs(fc.model_config({**arch, "layer_norm_eps": 1e-6}), params, x_BxTxD)
+    np.testing.assert_allclose(fairseq_eps, ref_x, atol=1e-4, rtol=0)
+    assert np.abs(flax_eps - ref_x).max() > 1e-2
 
 
 def test_older_checkpoint_names_are_upgraded_as_fairseq_does():
@@ -327,6 +348,33 @@ def test_model_args_from_old_and_new_checkpoints():
     assert old["tie_adaptive_proj"] and old["no_decoder_final_norm"] and old["adaptive_input_cutoff"] == "20000,60000"
 
 
+def test_fairseq_0_10_configs_name_the_arch_and_take_the_window_from_the_task():
+    """cfg.model has ``_name`` and ``tokens_per_sample = ${task.tokens_per_sample}``, resolved or not."""
+    model = {"_name": "transformer_lm_wiki103", "decoder_layers": 2}
+    for saved in ({**model, "tokens_per_sample": "${task.tokens_per_sample}"}, model):
+        args = fck.model_args({"args": None, "cfg": {"model": saved, "task": {"tokens_per_sample": 3072}}})
+        resolved = fc.resolve_args(args)
+        assert resolved["arch"] == "transformer_lm_wiki103" and resolved["adaptive_softmax_dropout"] == 0.2
+        assert fc.trained_window(resolved) == 3072
+    args = fck.model_args({"args": None, "cfg": {"model": {**model, "tokens_per_sample": 512}}})
+    assert fc.trained_window(fc.resolve_args(args)) == 512
+
+
+def test_a_missing_window_is_refused_never_guessed():
+    """No tokens_per_sample in the args: a clear error, or the --tokens-per-sample given."""
+    resolved = fc.resolve_args({"_name": "transformer_lm_wiki103"})
+    assert "tokens_per_sample" not in resolved  # no architecture default supplies one
+    with pytest.raises(fck.ConvertError, match="no tokens_per_sample .*pass --tokens-per-sample N"):
+        fc.trained_window(resolved)
+    assert fc.trained_window(resolved, 3072) == 3072
+    assert fc.trained_window({"tokens_per_sample": 64}, 64) == 64
+    for args, given, message in (({"tokens_per_sample": 64}, 128, "--tokens-per-sample 128 differs .* 64"),
+                                 ({"tokens_per_sample": "${task.tokens_per_sample}"}, None, "not a positive number"),
+                                 ({"tokens_per_sample": 0}, None, "not a positive number")):
+        with pytest.raises(fck.ConvertError, match=message):
+            fc.trained_window(args, given)
+
+
 def test_unpickling_stubs_classes_of_an_absent_fairseq(monkeypatch):
     """Old checkpoints pickle fairseq objects (meters) beside the weights: read them without fairseq."""
     import pickle
@@ -375,7 +423,7 @@ def test_run_directory_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(model.full_log_probs(model(toks))), expected)
     np.testing.assert_allclose(expected, fairseq_log_probs(sd, args, np.asarray(toks)), atol=1e-4, rtol=0)
     with pytest.raises(fck.ConvertError, match="already exists"):
-        fc.write_run(out, fc.run_config(arch, vocab), vocab, cfg, params)
+        fc.write_run(out, fc.run_config(arch, vocab, tokens_per_sample=64), vocab, cfg, params)
 
 
 def test_cli_converts_an_npz_copy_and_refuses_bad_input_in_one_line(tmp_path, capsys):
@@ -404,6 +452,25 @@ def test_cli_converts_an_npz_copy_and_refuses_bad_input_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("needs PyTorch" in err or "not a readable PyTorch checkpoint" in err)
     assert not (tmp_path / "r4").exists()
+
+
+def test_cli_needs_the_window_of_a_checkpoint_whose_args_lack_it(tmp_path, capsys):
+    """A fairseq >= 0.10 checkpoint (``_name``) without tokens_per_sample: refused in one line, then
+    converted with --tokens-per-sample, whose windows the run gets."""
+    sd, args = case("wiki103")
+    args = {("_name" if k == "arch" else k): v for k, v in args.items() if k != "tokens_per_sample"}
+    fck.save_npz(str(tmp_path / "model.npz"), sd, args)
+    (tmp_path / "dict.txt").write_text("".join(f"w{i} 1\n" for i in range(36)), encoding="utf-8")
+    base = ["--checkpoint", str(tmp_path / "model.npz"), "--dict", str(tmp_path / "dict.txt"), "--out"]
+    assert fc.main([*base, str(tmp_path / "r1")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no tokens_per_sample" in err and "--tokens-per-sample" in err
+    assert not (tmp_path / "r1").exists()
+    assert fc.main([*base, str(tmp_path / "r2"), "--tokens-per-sample", "64"]) == 0
+    with open(tmp_path / "r2" / "config.json") as f:
+        saved = json.load(f)
+    assert (saved["tokens_per_sample"], saved["eval_window"], saved["eval_context"]) == (64, 64, 32)
+    assert saved["derived"]["fairseq"]["arch"] == "transformer_lm_wiki103" and saved["adaptive_softmax_dropout"] == 0.2
 
 
 def test_build_py_runs_on_a_converted_run(tmp_path):

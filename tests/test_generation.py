@@ -184,3 +184,16 @@ def test_greedy_generation_of_a_deep_model_is_its_full_forward_greedy():
     want, logps = full_forward_greedy(ev, context, 10)
     assert [s.token for s in steps] == want and len(set(want)) >= 2
     np.testing.assert_allclose([s.logp_lm for s in steps], logps, rtol=1e-5, atol=1e-4)
+
+
+def test_every_matmul_of_a_float32_decode_step_asks_for_highest_precision():
+    """Read from the lowered step (CPU ignores precision; a GPU would multiply in TF32 without it)."""
+    import re
+
+    from knnlm_jax.generation import empty_cache, make_decode_step
+
+    trained = deep_model()
+    step = make_decode_step(trained.graphdef, "ffn_input_after_ln", 8)
+    text = step.lower(trained.params, empty_cache(trained, 1, 8), jnp.asarray([3], jnp.int32), 0).as_text()
+    dots = re.findall(r"stablehlo\.dot_general.*", text)
+    assert len(dots) >= 3 * 6 and all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots

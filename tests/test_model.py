@@ -1,9 +1,12 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from knnlm_jax.adaptive import band_capacities
 from knnlm_jax.configs import apply_overrides, get_config
 from knnlm_jax.model import KEY_TYPES, ModelConfig, TransformerLM, count_params, forward_states, forward_with_keys
 
@@ -102,3 +105,31 @@ def test_wt103_parameter_count_matches_the_paper():
     config = apply_overrides(get_config("wt103"), ["vocab_size=267735"])
     n = count_params(ModelConfig.from_config(config))
     assert abs(n - 247e6) / 247e6 < 0.01, n
+
+
+def dot_precisions(cfg) -> list[str]:
+    """The precision of every dot in the lowered forward and softmaxes (dense, sparse, full, head)."""
+    graphdef, state = nnx.split(TransformerLM(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, cfg.vocab_size)
+    caps = band_capacities(np.asarray(tokens), (0, *cfg.cutoffs, cfg.vocab_size))
+
+    def everything(state, tokens):
+        model = nnx.merge(graphdef, state)
+        h = model(tokens)
+        return (model.target_log_probs(h, tokens), model.target_log_probs(h, tokens, capacities=caps),
+                model.full_log_probs(h), model.head_features(h))
+
+    text = jax.jit(everything).lower(state, tokens).as_text()
+    found = [re.search(r"precision = \[(\w+), \w+\]", line) for line in text.splitlines() if "dot_general" in line]
+    return [m.group(1) if m else "unset" for m in found]
+
+
+@pytest.mark.parametrize("impl,tied", [("explicit", True), ("xla", False)])
+def test_float32_matmuls_run_at_highest_precision(impl, tied):
+    """GPUs and TPUs run float32 matmuls as TF32 or bf16 passes unless told otherwise: in float32 every
+    dot (blocks, attention, adaptive input and softmax) asks for HIGHEST; bf16 keeps the default."""
+    untied = {} if tied else {"tie_adaptive_weights": False, "tie_adaptive_proj": False}
+    cfg = ModelConfig(**{**CFG.__dict__, "attention_impl": impl, **untied})
+    precisions = dot_precisions(cfg)
+    assert len(precisions) >= 12 and set(precisions) == {"HIGHEST"}, precisions
+    assert "HIGHEST" not in dot_precisions(ModelConfig(**{**cfg.__dict__, "compute_dtype": "bfloat16"}))
