@@ -649,7 +649,7 @@ def row13_k_nprobe(base, stores, n_train, rows):
     rows.add(f"13a evaluate --k N+1 (N={n_train})", "error", res, {})
     ds = os.path.join(stores, "ivf")
     os.makedirs(ds)
-    for f in ("keys.npy", "vals.npy", "manifest.json"):
+    for f in ("keys.npy", "vals.npy", "manifest.json", "content.links"):
         shutil.copy2(os.path.join(stores, "other", f), os.path.join(ds, f))
     reindex = run(build("--workdir", base, "--datastore", "ivf", "--index-only", "--index", "IVF16,Flat",
                         "--no-progress"))

@@ -129,6 +129,5 @@ def user_errors(prog: str):
         print(f"{prog}: error: cannot write or read: {what}; fix it and run the same command again "
               "(finished work is kept)", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # everything below has cleaned up; a normal shutdown could crash mid-compile
+        interrupts.exit_interrupted(prog)

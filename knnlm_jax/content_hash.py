@@ -30,17 +30,25 @@ def link_line(vals_hex: str, keys_hex: str) -> bytes:
     return f"{vals_hex} {keys_hex or _NO_KEYS}\n".encode()
 
 
-def _read_links(directory: str, count: int) -> list[tuple[str, str]] | None:
-    path = os.path.join(directory, LINKS)
+def _read_links(part: "Datastore") -> list[tuple[str, str]] | None:
+    """Every block's link, checked against the manifest's chain; ``None`` for a store that records none."""
+    content = part.manifest.get("content") or {}
+    if not content.get("links"):
+        return None
+    count = -(-part.size // HASH_BLOCK)
+    where = os.path.join(part.directory, LINKS)
     try:
-        with open(path, "rb") as f:
-            data = f.read(count * LINE_BYTES)
-    except OSError:
-        return None
-    if len(data) != count * LINE_BYTES:
-        return None
-    pairs = [line.split(" ") for line in data.decode().splitlines()]
-    return [(v, "" if k == _NO_KEYS else k) for v, k in pairs]
+        with open(where, "rb") as f:
+            data = f.read(count * LINE_BYTES + 1)
+        pairs = [line.split(" ") for line in data.decode("ascii").splitlines()]
+        links = [(v, "" if k == _NO_KEYS else k) for v, k in pairs]
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DatastoreError(f"{where} is missing or damaged ({err}); rebuild the datastore with --overwrite") from None
+    if content.get("hashed") != part.size or len(data) != count * LINE_BYTES or (
+            links and links[-1] != (content["vals"], content["keys"])):
+        raise DatastoreError(f"{where} does not match the manifest's content hashes (damaged or replaced); "
+                             "rebuild the datastore with --overwrite")
+    return links
 
 
 def chain(previous: str, data: bytes) -> str:
@@ -112,27 +120,28 @@ def _check_blocks(part: "Datastore", blocks: list[int], links: list[tuple[str, s
 
 
 def sample_content(store: "Datastore", rng: np.random.Generator | None = None) -> str:
-    """Check a few random blocks of keys and values (and the last) against the hashes recorded at build
-    time, bounded by :data:`SAMPLE_BYTES`; raise :class:`DatastoreError` naming what differs.
+    """Check random blocks of keys and values (and the very last block) against the hashes recorded at
+    build time: at most :data:`SAMPLE_MAX` blocks and :data:`SAMPLE_BYTES` (but at least 2 blocks) over
+    all shards; raise :class:`DatastoreError` naming what differs.
 
     Returns what was checked, for the output. ``build.py --check`` verifies every byte.
     """
     rng = rng or np.random.default_rng()
     parts = store.shards if store.shards else [store]
-    t0, checked, total = time.perf_counter(), 0, 0
-    for part in parts:
-        content = part.manifest.get("content") or {}
-        count = -(-part.size // HASH_BLOCK)
-        links = _read_links(part.directory, count) if content.get("links") else None
-        if links is None or content.get("hashed") != part.size or links and (
-                links[-1] != (content["vals"], content["keys"])):
-            return "no block hashes recorded (built by an older version); build.py --check verifies every byte"
-        row = part.vals.dtype.itemsize + (part.keys.shape[1] * part.keys.dtype.itemsize if part.keys is not None else 0)
-        budget = max(2, min(SAMPLE_MAX, SAMPLE_BYTES // len(parts) // (HASH_BLOCK * row)))
-        others = rng.choice(count - 1, size=min(count - 1, budget - 1), replace=False).tolist() if count > 1 else []
-        blocks = sorted({count - 1, *others})
-        where = f"{store.name}/{os.path.basename(part.directory)}" if store.shards else store.name
-        _check_blocks(part, blocks, links, where)
-        checked, total = checked + len(blocks), total + count
-    return (f"checked {checked} of {total} blocks of keys and values against their build-time hashes "
-            f"({time.perf_counter() - t0:.2f} s; build.py --check verifies every byte)")
+    t0 = time.perf_counter()
+    links = [_read_links(part) for part in parts]
+    if any(link is None for link in links):
+        return "no block hashes recorded (built by an older version); build.py --check verifies every byte"
+    blocks = [(p, b) for p, part in enumerate(parts) for b in range(-(-part.size // HASH_BLOCK))]
+    if not blocks:
+        return "empty datastore: nothing to check"
+    row = parts[0].vals.dtype.itemsize + (
+        parts[0].keys.shape[1] * parts[0].keys.dtype.itemsize if parts[0].keys is not None else 0)
+    budget = max(2, min(SAMPLE_MAX, SAMPLE_BYTES // (HASH_BLOCK * row)))
+    picked = rng.choice(len(blocks) - 1, size=min(len(blocks) - 1, budget - 1), replace=False).tolist()
+    for i in sorted({len(blocks) - 1, *picked}):  # the last block too: the end of every build
+        p, b = blocks[i]
+        where = f"{store.name}/{os.path.basename(parts[p].directory)}" if store.shards else store.name
+        _check_blocks(parts[p], [b], links[p], where)
+    return (f"checked {len({len(blocks) - 1, *picked})} of {len(blocks)} blocks of keys and values against their "
+            f"build-time hashes ({time.perf_counter() - t0:.2f} s; build.py --check verifies every byte)")

@@ -204,7 +204,12 @@ def unfinished_hint(directory: str) -> str:
     running = holder(lock_path(directory))
     if running:
         return f"it is being built now by {running}: wait for that build to finish"
-    return f"no build is running: resume it with {build_command(directory, *resume_flags(read_manifest(directory)))}"
+    manifest = read_manifest(directory)
+    if manifest.get("layout") == SHARDED:
+        count = manifest.get("num_shards")
+        return (f"no build is running: relaunch its {count} processes to resume it (the same build command on "
+                f"each, with --num_processes {count} and its own --process_id)")
+    return f"no build is running: resume it with {build_command(directory, *resume_flags(manifest))}"
 
 
 def resume_flags(manifest: dict) -> list[str]:

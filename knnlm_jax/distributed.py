@@ -177,13 +177,13 @@ def held_locks(claims: list[tuple[str, str]]):
         try:
             for path, what in claims:
                 stack.enter_context(locks.exclusive(path, what))
-        except locks.LockedError as err:
+        except Exception as err:  # noqa: BLE001 - every process must learn of it before anyone raises
             refusal = err
         if _CURRENT.multi:
             refused = allgather(np.asarray([refusal is not None], np.int32)).reshape(-1)
             if refusal is None and refused.any():
-                refusal = locks.LockedError(f"process {int(np.argmax(refused))} found its part being written by "
-                                            "another launch (its message says by whom)")
+                refusal = locks.LockedError(f"process {int(np.argmax(refused))} could not take its write lock "
+                                            "(its message says why)")
         if refusal is not None:
             raise refusal
         yield

@@ -5,9 +5,9 @@ sweeps, ``results.json``) into ``<out>/.next/``, beside the last complete evalua
 can still reuse per-token files from. On success a ``COMMIT`` list is written there and its
 entries are moved into ``<out>``, ``results.json`` last; outputs of the old evaluation that
 the new one does not make (its results, sweeps, log-probs) are removed after that. A run that
-is interrupted or killed before ``COMMIT`` leaves ``<out>`` exactly as it was; one killed
-during the moves is rolled forward by the next writer, and readers meanwhile read the
-committed ``.next/results.json``. One writer at a time (a lock beside ``<out>``).
+is interrupted or killed before ``COMMIT`` leaves ``<out>`` exactly as it was; one interrupted
+during the moves finishes them, and one killed during them is rolled forward by the next
+writer or reader (:func:`results_path`). One writer at a time (a lock beside ``<out>``).
 """
 
 from __future__ import annotations
@@ -88,10 +88,19 @@ def roll_forward(out_dir: str) -> None:
 
 
 def results_path(out_dir: str) -> str:
-    """The last complete evaluation's ``results.json`` (in ``.next/`` while a commit is being moved)."""
-    names = _committed(out_dir)
+    """The last complete evaluation's ``results.json``.
+
+    A commit that a killed writer left half-moved is finished first (under the writer's lock);
+    while a live writer is moving one, its staged ``results.json`` is the complete one.
+    """
+    if _committed(out_dir) is not None:
+        try:
+            with locks.exclusive(locks.lock_path(out_dir), f"the evaluation in {out_dir}"):
+                roll_forward(out_dir)
+        except (locks.LockedError, OSError):  # a writer is finishing it, or this reader cannot write here
+            pass
     staged = os.path.join(out_dir, NEXT, RESULTS)
-    if names is not None and os.path.isfile(staged):
+    if _committed(out_dir) is not None and os.path.isfile(staged):
         return staged
     return os.path.join(out_dir, RESULTS)
 
@@ -109,9 +118,11 @@ def staging(out_dir: str):
         stage = Staging(out_dir)
         shutil.rmtree(stage.dir, ignore_errors=True)  # an earlier run's, interrupted before its commit
 
-        def abandon():
+        def abandon():  # uncommitted: remove; committed but interrupted while moving: finish the move
             if _committed(out_dir) is None:
                 shutil.rmtree(stage.dir, ignore_errors=True)
+            else:
+                roll_forward(out_dir)
 
         os.makedirs(stage.dir)
         try:

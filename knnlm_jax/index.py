@@ -222,19 +222,21 @@ def as_float32(keys_NxD: np.ndarray) -> np.ndarray:
 
 
 def faiss_write(index: faiss.Index, path: str) -> None:
-    """``faiss.write_index``, its C++ write errors raised as :class:`OSError` (a full disk is a user's
-    problem, said in one line) and a partial file removed."""
+    """``faiss.write_index`` through a Python file, flushed and fsynced: FAISS's own file writer only
+    prints a failed close (a disk that fills during its last buffer) and returns, so a short file
+    could pass for an index. Write errors are :class:`OSError` (one line for a user); a partial
+    file is removed."""
     try:
-        faiss.write_index(index, path)
-    except RuntimeError as err:
+        with open(path, "wb") as f:
+            writer = faiss.PyCallbackIOWriter(f.write)
+            faiss.write_index(index, writer)
+            del writer  # flushes FAISS's own buffer into ``f``
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
         if os.path.exists(path):
             os.remove(path)
-        text = str(err)
-        code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG, errno.EIO)
-                     if f"({os.strerror(c)})" in text), None)
-        if code is None:
-            raise
-        raise OSError(code, os.strerror(code), path) from None
+        raise
 
 
 def write_index(index: faiss.Index, path: str) -> None:

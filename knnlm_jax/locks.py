@@ -66,6 +66,20 @@ def holder(path: str) -> str | None:
         os.close(fd)
 
 
+def _take(fd: int, path: str, tries: int = 20) -> bool:
+    """The exclusive lock, retried briefly (a reader's :func:`holder` holds it shared for an instant)."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OSError(err.errno, f"cannot lock ({err.strerror}; a file system without flock?)",
+                              path) from None
+            time.sleep(0.025)
+    return False
+
+
 @contextmanager
 def exclusive(path: str, what: str):
     """Hold the lock at ``path`` for the block; refuse in one line (:class:`LockedError`) when held.
@@ -75,13 +89,9 @@ def exclusive(path: str, what: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
+        if not _take(fd, path):
             raise LockedError(f"{what} is being written by {_describe(_read(fd))}; wait for it to finish or "
-                              "stop it, then run this again") from None
+                              "stop it, then run this again")
         info = dict(pid=os.getpid(), host=socket.gethostname(), since=time.time(), command=" ".join(sys.argv))
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)

@@ -52,9 +52,7 @@ def _prepare_data(config, workdir: str, *, need_valid: bool, corpus_options: dic
         vocab = Vocab.load(vocab_path)
     else:
         vocab = Vocab.build(train.lines(), max_size=config.vocab_size)
-        os.makedirs(workdir, exist_ok=True)
-        vocab.save(vocab_path)
-        write_vocab_source(workdir, source)
+        save_vocab(workdir, vocab, source)
     train_ids = token_cache.load_tokens(cache, train, vocab)
     valid_ids = (token_cache.load_tokens(cache, corpus.read_split(config.data_dir, "valid", **options), vocab)
                  if need_valid else None)
@@ -64,11 +62,19 @@ def _prepare_data(config, workdir: str, *, need_valid: bool, corpus_options: dic
 VOCAB, VOCAB_SOURCE, CONFIG = "vocab.txt", "vocab-source.json", "config.json"
 
 
-def write_vocab_source(workdir: str, source: dict) -> None:
-    """Record what the run's vocabulary was made from (``{"given": path}`` for ``--vocab``)."""
+def save_vocab(workdir: str, vocab: Vocab, source: dict) -> None:
+    """Save the run's vocabulary and what it was made from (``{"given": path}`` for ``--vocab``).
+
+    The record names the vocabulary's fingerprint too, and the old record goes first: a process
+    killed between the two writes leaves a vocabulary that no record vouches for.
+    """
+    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, VOCAB_SOURCE)
+    if os.path.exists(path):
+        os.remove(path)
+    vocab.save(os.path.join(workdir, VOCAB))
     with open(path + ".tmp", "w") as f:
-        json.dump(source, f, indent=2)
+        json.dump(dict(source, vocab_fingerprint=vocab.fingerprint()), f, indent=2)
     os.replace(path + ".tmp", path)
 
 
@@ -89,8 +95,11 @@ def _vocab_is_ours(workdir: str, source: dict) -> bool:
             recorded = json.load(f)
     except (OSError, ValueError):
         recorded = None
-    if isinstance(recorded, dict) and (recorded.get("given") or recorded == source):
-        return True
+    if isinstance(recorded, dict):
+        made_from = {k: v for k, v in recorded.items() if k != "vocab_fingerprint"}
+        if (recorded.get("given") or made_from == source) and \
+                recorded.get("vocab_fingerprint") == Vocab.load(vocab_path).fingerprint():
+            return True
     made = (f"from {recorded.get('corpus')} ({recorded.get('max_size') or 'all'} words)"
             if isinstance(recorded, dict) else "by an unknown corpus")
     print(f"note: {vocab_path} was made {made} by a run that never started training; rebuilding it from "

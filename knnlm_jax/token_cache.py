@@ -11,6 +11,7 @@ from typing import Iterable
 import numpy as np
 
 from knnlm_jax.corpus import Split, hashing
+from knnlm_jax.interrupts import cleanup_on_interrupt
 from knnlm_jax.vocab import Vocab
 
 _NPY_HEADER_BYTES = 128  # fixed, so the provisional header can be rewritten in place
@@ -69,7 +70,8 @@ def load_tokens(cache_dir: str, data: Split, vocab: Vocab) -> np.ndarray:
     fd, tmp = tempfile.mkstemp(prefix=f"{data.split}-", suffix=".tmp.npy", dir=cache_dir)
     os.close(fd)
     try:
-        _write_tokens(tmp, vocab.encode_chunks(hashing(data.lines(), h)))
+        with cleanup_on_interrupt(lambda: os.path.exists(tmp) and os.remove(tmp)):
+            _write_tokens(tmp, vocab.encode_chunks(hashing(data.lines(), h)))
         if h.hexdigest() != known:  # unknown until now (or a stale fingerprint entry)
             data.record_sha256(h.hexdigest())
         path = _token_path(cache_dir, data.split, data.sha256, fp)

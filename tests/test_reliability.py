@@ -113,6 +113,12 @@ def test_a_second_writer_of_a_run_directory_or_an_evaluation_is_refused(tmp_path
         out = tool("train", "--config", "tiny", "--workdir", workdir, "--set", "max_steps=1")
         assert_user_error(out, f"run directory {workdir} is being written by PID {os.getpid()}")
     assert not os.path.exists(workdir)  # refused before anything was written
+    store = os.path.join(workdir, "datastores", "train")
+    os.makedirs(store)
+    with locks.exclusive(locks.lock_path(store), "datastore train"):  # a build running in the run directory
+        out = tool("train", "--config", "tiny", "--workdir", workdir, "--set", "max_steps=1", "--overwrite")
+        assert_user_error(out, f"--overwrite would delete {store}, which is being written by PID {os.getpid()}")
+    assert os.path.isdir(store)
 
 
 def _evaluate_args(project, out):
@@ -183,7 +189,8 @@ def test_an_interrupted_commit_is_rolled_forward_and_read_meanwhile(tmp_path):
             json.dump(names, f)  # as if killed right after the commit list was written
         os.replace(stage.path("logprobs-test.npz"), out / "logprobs-test.npz")  # ... and one move done
         assert open(eval_outputs.results_path(str(out))).read() == "new"  # readers see the committed one
-        eval_outputs.roll_forward(str(out))
+    # the writer died there: the next reader finishes the move (under the writer's lock) before reading
+    assert eval_outputs.results_path(str(out)) == str(out / "results.json")
     assert sorted(os.listdir(out)) == ["logprobs-test.npz", "results.json", "tokens-test"]
     assert (out / "results.json").read_text() == "new"
 
@@ -230,6 +237,25 @@ def test_the_sampled_check_finds_one_damaged_block_of_many(tmp_path):
     del vals
     with pytest.raises(DatastoreError, match=f"vals.npy entries {HASH_BLOCK}..{2 * HASH_BLOCK - 1} do not match"):
         sample_content(open_datastore(directory))
+    with open(os.path.join(directory, LINKS), "r+b") as f:  # the last link changed: refused, never skipped
+        f.seek(3 * 130)
+        f.write(b"0" * 8)
+    with pytest.raises(DatastoreError, match="content.links does not match"):
+        sample_content(open_datastore(directory))
+    os.remove(os.path.join(directory, LINKS))
+    with pytest.raises(DatastoreError, match="content.links is missing or damaged"):
+        sample_content(open_datastore(directory))
+
+
+def test_an_unfinished_sharded_datastore_says_to_relaunch_its_processes(tmp_path):
+    from knnlm_jax.datastore import DatastoreError, open_datastore
+
+    directory = tmp_path / "datastores" / "wiki"
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text(json.dumps(dict(format_version=1, layout="sharded", num_shards=2,
+                                                             status="building")))
+    with pytest.raises(DatastoreError, match="no build is running: relaunch its 2 processes to resume it"):
+        open_datastore(str(directory))
 
 
 def test_a_vocabulary_left_by_a_failed_first_run_is_rebuilt_for_another_corpus(tmp_path, capsys):
@@ -255,6 +281,11 @@ def test_a_vocabulary_left_by_a_failed_first_run_is_rebuilt_for_another_corpus(t
     again = prepare_data(tiny_config(second), workdir)  # its own vocabulary: kept, silently
     assert again.vocab == fresh.vocab and "rebuilding" not in capsys.readouterr().err
     assert Vocab.load(os.path.join(workdir, "vocab.txt")) == fresh.vocab
+    # killed between the two writes of another corpus's vocabulary: no record vouches for it
+    first_vocab = prepare_data(tiny_config(write_corpus(tmp_path / "third", n_train=30)), str(tmp_path / "v3")).vocab
+    first_vocab.save(os.path.join(workdir, "vocab.txt"))
+    assert prepare_data(tiny_config(second), workdir).vocab == fresh.vocab
+    assert "rebuilding it from" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_datastore_built_with_other_weights(project, tmp_path, capsys):

@@ -9,6 +9,7 @@ global batch and the gradients are averaged across all devices.
 import argparse
 import errno
 import json
+import os
 import shutil
 import sys
 
@@ -58,6 +59,7 @@ def _train(args, config, workdir: str, processes) -> dict:
     try:
         with distributed.held_locks(claims):  # one writer of a run directory at a time
             if args.overwrite and processes.is_main:
+                refuse_if_written(workdir)
                 shutil.rmtree(workdir, ignore_errors=True)
             if args.vocab and processes.is_main:
                 given_vocab(args.vocab, workdir)
@@ -77,12 +79,24 @@ def _train(args, config, workdir: str, processes) -> dict:
         raise UserError(f"cannot write {err.filename or workdir}: {reason}") from None
 
 
+def refuse_if_written(workdir: str) -> None:
+    """``--overwrite`` must not delete a datastore or an evaluation that another process is writing."""
+    import glob
+
+    from knnlm_jax import locks
+
+    for path in sorted(glob.glob(os.path.join(glob.escape(workdir), "**", ".*.lock"), recursive=True)):
+        running = locks.holder(path)
+        if running:
+            what = os.path.basename(path)[1:-len(".lock")]
+            raise locks.LockedError(f"--overwrite would delete {os.path.join(os.path.dirname(path), what)}, which "
+                                    f"is being written by {running}; wait for it to finish or stop it")
+
+
 def given_vocab(path: str, workdir: str) -> None:
     """Put vocabulary ``path`` in the run directory (training then uses it); a different one there is refused."""
-    import os
-
     from knnlm_jax.cli import UserError
-    from knnlm_jax.run_data import write_vocab_source
+    from knnlm_jax.run_data import save_vocab
     from knnlm_jax.vocab import Vocab
 
     try:
@@ -95,14 +109,10 @@ def given_vocab(path: str, workdir: str) -> None:
             raise UserError(f"--vocab {path}: {workdir} already has another vocabulary; pass --overwrite to start "
                             "that run again")
         return
-    os.makedirs(workdir, exist_ok=True)
-    vocab.save(target)
-    write_vocab_source(workdir, {"given": os.path.abspath(path)})
+    save_vocab(workdir, vocab, {"given": os.path.abspath(path)})
 
 
 def _inside(path, directory: str) -> bool:
-    import os
-
     return bool(path) and os.path.abspath(str(path)).startswith(os.path.abspath(directory) + os.sep)
 
 
