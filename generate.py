@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""``python generate.py``: the same as the installed ``knnlm-generate`` (see knnlm_jax/commands/generate.py)."""
+"""``python generate.py``: the same as the installed ``knnlm-generate`` (see knnlm_jax/cli/generate.py)."""
 
 import sys
 
-from knnlm_jax.commands.generate import main
+from knnlm_jax.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""``python train.py``: the same as the installed ``knnlm-train`` (see knnlm_jax/commands/train.py)."""
+"""``python train.py``: the same as the installed ``knnlm-train`` (see knnlm_jax/cli/train.py)."""
 
 import sys
 
-from knnlm_jax.commands.train import main
+from knnlm_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from knnlm_jax.content_hash import file_sha256  # noqa: E402
+from knnlm_jax.core.hashing import file_sha256  # noqa: E402
 
 
 def timed_build(workdir: str, name: str, corpus: str) -> dict:
@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--data_dir", default="../shared/data/wikitext-2")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "build_memory_wt2.json"))
     args = parser.parse_args()
-    from knnlm_jax.report import write_json
+    from knnlm_jax.core.report import write_json
 
     train = os.path.join(args.data_dir, "train.txt")
     with open(train) as f:

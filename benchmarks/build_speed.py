@@ -35,9 +35,9 @@ def main() -> int:
     from flax import nnx
 
     from knnlm_jax import runs
-    from knnlm_jax.building import KeyComputer, build_capacities, build_datastore, window_sizes
-    from knnlm_jax.windows import windows
-    from knnlm_jax.report import write_json
+    from knnlm_jax.datastore.building import KeyComputer, build_capacities, build_datastore, window_sizes
+    from knnlm_jax.data.windows import windows
+    from knnlm_jax.core.report import write_json
 
     config = runs.run_config(args.workdir)
     vocab = runs.load_vocab(args.workdir, config)
@@ -58,7 +58,7 @@ def main() -> int:
         logp = model.target_log_probs(model(inputs), targets, capacities=caps)
         return -jnp.sum(jnp.where(mask, logp, 0.0))
 
-    from knnlm_jax.windows import window_batch
+    from knnlm_jax.data.windows import window_batch
 
     batches = [window_batch(keys_computer.stream, wins[i : i + batch], window, vocab.eos, rows=batch)
                for i in range(0, len(wins), batch)]

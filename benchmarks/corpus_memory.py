@@ -29,8 +29,9 @@ sys.path.insert(0, ROOT)
 
 CHILD = """
 import json, sys, time
-from knnlm_jax import corpus, token_cache
-from knnlm_jax.vocab import Vocab
+from knnlm_jax.data import corpus
+from knnlm_jax.data import token_cache
+from knnlm_jax.data.vocab import Vocab
 t = time.perf_counter()
 data = corpus.read_split(sys.argv[1], "train", cache_dir=sys.argv[2])
 vocab = Vocab.build(data.lines())
@@ -78,7 +79,7 @@ def main() -> int:
     if not os.path.isfile(args.wikitext):
         print(f"corpus_memory.py: {args.wikitext} is absent", file=sys.stderr)
         return 2
-    from knnlm_jax.report import write_json
+    from knnlm_jax.core.report import write_json
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_corpora(args.wikitext, tmp)

@@ -19,7 +19,7 @@ SECONDS_ALL=$(echo "$end - $start" | bc) RUN="$tmp/demo/runs/demo" COMMIT="$comm
 import json
 import os
 
-from knnlm_jax.report import summarize_training, write_json
+from knnlm_jax.core.report import summarize_training, write_json
 
 run = os.environ["RUN"]
 training = summarize_training(run)

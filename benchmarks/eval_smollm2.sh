@@ -17,7 +17,7 @@ parts=("$@")
 summarise() {  # $1 part, $2 datastore, $3 extra note
   $PY - "$1" "$2" "$3" <<'PY'
 import json, os, sys
-from knnlm_jax.report import valid_without_grids, write_json
+from knnlm_jax.core.report import valid_without_grids, write_json
 
 part, name, note = sys.argv[1:]
 r = json.load(open(f"runs/smollm2/eval/{name}/results.json"))

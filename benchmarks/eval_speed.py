@@ -82,14 +82,14 @@ def run(args) -> int:
     import jax
 
     from knnlm_jax import runs
-    from knnlm_jax import index as faiss_index
-    from knnlm_jax.adaptive import band_edges
-    from knnlm_jax.building import build_capacities
-    from knnlm_jax.datastore import datastore_dir, open_datastore
-    from knnlm_jax.eval_pass import evaluate_tokens
-    from knnlm_jax.eval_settings import eval_window_sizes
-    from knnlm_jax.windows import windows
-    from knnlm_jax.report import write_json
+    from knnlm_jax.retrieval import index as faiss_index
+    from knnlm_jax.models.adaptive import band_edges
+    from knnlm_jax.datastore.building import build_capacities
+    from knnlm_jax.datastore.format import datastore_dir, open_datastore
+    from knnlm_jax.evaluation.streaming import evaluate_tokens
+    from knnlm_jax.evaluation.settings import eval_window_sizes
+    from knnlm_jax.data.windows import windows
+    from knnlm_jax.core.report import write_json
 
     config = runs.run_config(args.workdir)
     vocab = runs.load_vocab(args.workdir, config)
@@ -108,7 +108,7 @@ def run(args) -> int:
                             band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs), window)
     exact = not args.approximate
 
-    from knnlm_jax.retrieval import Policy
+    from knnlm_jax.retrieval.policies import Policy
 
     vstore, vindex = store, index
     if args.variants_datastore and args.variants_datastore != store.name:
@@ -216,12 +216,13 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
     import dataclasses
     import shutil
 
-    from knnlm_jax import evaluation, runs
-    from knnlm_jax.eval_pass import evaluate_tokens
-    from knnlm_jax.eval_settings import Settings, eval_window_sizes
-    from knnlm_jax.mixing import tune_knn
-    from knnlm_jax.retrieval import Gate, Policy
-    from knnlm_jax.token_files import open_token_files
+    from knnlm_jax import runs
+    from knnlm_jax.evaluation import evaluate as evaluation
+    from knnlm_jax.evaluation.streaming import evaluate_tokens
+    from knnlm_jax.evaluation.settings import Settings, eval_window_sizes
+    from knnlm_jax.evaluation.mixing import tune_knn
+    from knnlm_jax.retrieval.policies import Gate, Policy
+    from knnlm_jax.evaluation.token_files import open_token_files
 
     out_dir = args.variants_dir or os.path.join(args.workdir, "eval", "variants")
     os.makedirs(out_dir, exist_ok=True)

@@ -16,7 +16,7 @@ cp runs/wt2/eval/train-exact/sweep_lambda.png results/eval_wt2_sweep_lambda.png
 
 $PY - <<'PY'
 import json
-from knnlm_jax.report import write_json
+from knnlm_jax.core.report import write_json
 
 exact = json.load(open("runs/wt2/eval/train-exact/results.json"))
 approx = json.load(open("runs/wt2/eval/train-approx/results.json"))

@@ -32,13 +32,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from knnlm_jax import runs
-    from knnlm_jax import index as faiss_index
-    from knnlm_jax.datastore import datastore_dir, open_datastore
-    from knnlm_jax.eval_pass import evaluate_tokens
-    from knnlm_jax.eval_settings import eval_window_sizes
-    from knnlm_jax.mixing import knn_log_probs, mix, tune_knn
-    from knnlm_jax.eval_settings import perplexity
-    from knnlm_jax.report import write_json
+    from knnlm_jax.retrieval import index as faiss_index
+    from knnlm_jax.datastore.format import datastore_dir, open_datastore
+    from knnlm_jax.evaluation.streaming import evaluate_tokens
+    from knnlm_jax.evaluation.settings import eval_window_sizes
+    from knnlm_jax.evaluation.mixing import knn_log_probs, mix, tune_knn
+    from knnlm_jax.evaluation.settings import perplexity
+    from knnlm_jax.core.report import write_json
 
     config = runs.run_config(args.workdir)
     vocab = runs.load_vocab(args.workdir, config)

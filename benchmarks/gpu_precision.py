@@ -31,7 +31,7 @@ def main() -> int:
 
     import jax
 
-    from knnlm_jax.report import write_json
+    from knnlm_jax.core.report import write_json
 
     highest = run(args, default_precision=False)
     default = run(args, default_precision=True)
@@ -53,8 +53,8 @@ def run(args, *, default_precision: bool) -> dict:
     from flax import nnx
 
     from knnlm_jax.configs import apply_overrides, get_config
-    from knnlm_jax.model import ModelConfig, forward_with_keys
-    from knnlm_jax.train_steps import init_model
+    from knnlm_jax.models.transformer import ModelConfig, forward_with_keys
+    from knnlm_jax.models.steps import init_model
 
     config = get_config("wt103")
     apply_overrides(config, ["compute_dtype=float32", *args.set])

@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="wt103 config overrides")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")
     args = parser.parse_args()
-    from knnlm_jax.report import write_json
+    from knnlm_jax.core.report import write_json
 
     results = {f"batch_{b}": run_one(int(b), args) for b in args.batch.split(",")}
     write_json(args.out, dict(what=__doc__.split("\n\n")[0], overrides=args.set, **results))
@@ -45,11 +45,11 @@ def run_one(batch: int, args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from knnlm_jax.adaptive import band_capacities, band_edges
+    from knnlm_jax.models.adaptive import band_capacities, band_edges
     from knnlm_jax.configs import apply_overrides, get_config
-    from knnlm_jax.model import ModelConfig, forward_with_keys
-    from knnlm_jax.optim import make_optimizer
-    from knnlm_jax.train_steps import init_model, make_train_step
+    from knnlm_jax.models.transformer import ModelConfig, forward_with_keys
+    from knnlm_jax.training.optim import make_optimizer
+    from knnlm_jax.models.steps import init_model, make_train_step
 
     config = apply_overrides(get_config("wt103"), ["vocab_size=267735", *args.set])
     cfg = ModelConfig.from_config(config)

@@ -32,11 +32,11 @@ def main() -> int:
     import numpy as np
 
     from knnlm_jax import runs
-    from knnlm_jax.building import KeyComputer, window_sizes
-    from knnlm_jax.datastore import datastore_dir, open_datastore
-    from knnlm_jax.index import read_index, search
-    from knnlm_jax.report import write_json
-    from knnlm_jax.windows import windows
+    from knnlm_jax.datastore.building import KeyComputer, window_sizes
+    from knnlm_jax.datastore.format import datastore_dir, open_datastore
+    from knnlm_jax.retrieval.index import read_index, search
+    from knnlm_jax.core.report import write_json
+    from knnlm_jax.data.windows import windows
 
     config = runs.run_config(args.workdir)
     vocab = runs.load_vocab(args.workdir, config)

@@ -23,7 +23,7 @@ wait "$pid" 2>/dev/null || true
 
 $PY - "$killed_at" <<'PY'
 import json, sys
-from knnlm_jax.report import read_jsonl, write_json
+from knnlm_jax.core.report import read_jsonl, write_json
 ref = [r for r in read_jsonl("runs/wt2-ref/metrics.jsonl") if r.get("event") == "end"][-1]
 kill = [r for r in read_jsonl("runs/wt2-kill/metrics.jsonl") if r.get("event") == "end"][-1]
 resumed = [l for l in open("runs/wt2-kill.2.log") if l.startswith("resumed from step")]

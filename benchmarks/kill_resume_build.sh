@@ -23,7 +23,7 @@ progress_at_kill=$($PY -c "import json; m=json.load(open('runs/wt2/datastores/$N
 
 $PY - "$progress_at_kill" "$REF" "runs/wt2/datastores/$NAME" <<'PY'
 import hashlib, json, sys
-from knnlm_jax.report import write_json
+from knnlm_jax.core.report import write_json
 
 def sha(path):
     h = hashlib.sha256()

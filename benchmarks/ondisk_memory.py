@@ -27,9 +27,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from knnlm_jax import index as ix  # noqa: E402
-from knnlm_jax import index_shards  # noqa: E402
-from knnlm_jax.report import write_json  # noqa: E402
+from knnlm_jax.retrieval import index as ix  # noqa: E402
+from knnlm_jax.retrieval import index_shards  # noqa: E402
+from knnlm_jax.core.report import write_json  # noqa: E402
 
 CGROUP = "/sys/fs/cgroup/memory/knnlm_ondisk_memory"
 

@@ -69,9 +69,9 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from knnlm_jax import corpus
-    from knnlm_jax.pretrained import load_pretrained, smollm2_path
-    from knnlm_jax.report import write_json
+    from knnlm_jax.data import corpus
+    from knnlm_jax.models.convert.pretrained import load_pretrained, smollm2_path
+    from knnlm_jax.core.report import write_json
 
     path = args.model or smollm2_path()
     model, tokenizer, info = load_pretrained(path)
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     np.savez(args.reference, ids=ids[:n_ref], logp=hf_logp[: n_ref - 1])
     payload = dict(
         model=os.path.basename(path), model_sha256=None if args.model else
-        __import__("knnlm_jax.pretrained", fromlist=["SMOLLM2_SHA256"]).SMOLLM2_SHA256,
+        __import__("knnlm_jax.models.convert.pretrained", fromlist=["SMOLLM2_SHA256"]).SMOLLM2_SHA256,
         corpus="WikiText-2 test (first lines, as written)", tokens=int(len(ids)), scored=int(len(hf_logp)),
         max_abs_diff=float(np.max(np.abs(logp_gguf - hf_logp))),
         mean_abs_diff=float(np.mean(np.abs(logp_gguf - hf_logp))),

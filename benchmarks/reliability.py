@@ -41,8 +41,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from knnlm_jax.content_hash import file_sha256  # noqa: E402
-from knnlm_jax.report import write_json  # noqa: E402
+from knnlm_jax.core.hashing import file_sha256  # noqa: E402
+from knnlm_jax.core.report import write_json  # noqa: E402
 
 PY = sys.executable
 SHAKE = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare"))
@@ -662,7 +662,7 @@ def row13_k_nprobe(base, stores, n_train, rows):
 
 
 def row14_stale_vocabulary(tmp, corpus, tiny, rows):
-    from knnlm_jax.vocab import Vocab
+    from knnlm_jax.data.vocab import Vocab
 
     work, broken = os.path.join(tmp, "stale-vocab"), os.path.join(tmp, "corpus-no-valid")
     os.makedirs(broken)

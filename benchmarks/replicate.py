@@ -83,7 +83,7 @@ def tool(script: str, *args) -> list:
 def build(workdir: str, name: str, *args) -> dict:
     """A build step's command, and its test for a datastore already complete and indexed (which
     ``build.py`` refuses to redo: a suite killed between the build's end and its marker)."""
-    from knnlm_jax.datastore import read_manifest
+    from knnlm_jax.datastore.format import read_manifest
 
     def ready() -> bool:
         m = read_manifest(os.path.join(workdir, "datastores", name))
@@ -212,10 +212,10 @@ def ngram_experiment(workdir: str, eval_dir: str, orders, out: str) -> None:
     import numpy as np
 
     from knnlm_jax import runs
-    from knnlm_jax.eval_settings import LAMBDAS, perplexity
-    from knnlm_jax.mixing import mix
-    from knnlm_jax.ngram import KneserNey
-    from knnlm_jax.token_files import open_token_files
+    from knnlm_jax.evaluation.settings import LAMBDAS, perplexity
+    from knnlm_jax.evaluation.mixing import mix
+    from knnlm_jax.evaluation.ngram import KneserNey
+    from knnlm_jax.evaluation.token_files import open_token_files
 
     config = runs.run_config(workdir)
     vocab = runs.load_vocab(workdir, config)
@@ -266,7 +266,7 @@ def run_step(step: Step, root: str) -> float:
         print(f"\n$ {command_line(step)}", flush=True)
         try:
             if step.argv is not None:  # the tool's main() in this process: JAX starts once for the whole suite
-                module = importlib.import_module(f"knnlm_jax.commands.{step.argv[0][: -len('.py')]}")
+                module = importlib.import_module(f"knnlm_jax.cli.{step.argv[0][: -len('.py')]}")
                 code = module.main(step.argv[1:])
             else:
                 code = step.func()

@@ -38,15 +38,15 @@ def _rows(result: dict) -> dict:
 
 def _valid_lm_ppl(eval_dir: str, n: int) -> float:
     """The LM's perplexity on the first ``n`` valid tokens, from an evaluation's per-token files."""
-    from knnlm_jax.eval_settings import perplexity
-    from knnlm_jax.token_files import open_token_files
+    from knnlm_jax.evaluation.settings import perplexity
+    from knnlm_jax.evaluation.token_files import open_token_files
 
     files = open_token_files(os.path.join(eval_dir, "tokens-valid"))
     return perplexity(np.asarray(files.logp_lm)[:n])
 
 
 def _unk_rate(eval_dir: str, split: str, unk: int) -> float:
-    from knnlm_jax.token_files import open_token_files
+    from knnlm_jax.evaluation.token_files import open_token_files
 
     return float(np.mean(np.asarray(open_token_files(os.path.join(eval_dir, f"tokens-{split}")).targets) == unk))
 
@@ -107,7 +107,7 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
         out.append(entry)
 
     def table1():
-        from knnlm_jax.report import valid_without_grids
+        from knnlm_jax.core.report import valid_without_grids
 
         r = _load(os.path.join(wiki, "eval", "table1", "results.json"))
         t = _rows(r)
@@ -373,7 +373,7 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                "exact L2 here too; the paper used FAISS's quantised distances for these datastores.",
                [p + d for d in DOMAINS for p in ("build-wiki-", "eval-wiki-", "train-", "build-", "eval-")], table4)
     experiment("figure7", "Figure 7: n-gram interpolation",
-               "Interpolated Kneser-Ney n-gram LMs (knnlm_jax/ngram.py) fitted on the Wikipedia LM's training "
+               "Interpolated Kneser-Ney n-gram LMs (knnlm_jax/evaluation/ngram.py) fitted on the Wikipedia LM's training "
                "tokens, interpolated with that LM (λ tuned on valid), beside the kNN-LM; the figure shows test.",
                ["ngram"], ngram)
     out.append(dict(name="figure8", title="Figure 8: a memorising LM", pending=[],

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from knnlm_jax.report import write_json  # noqa: E402
+from knnlm_jax.core.report import write_json  # noqa: E402
 
 import local_processes  # noqa: E402
 

@@ -34,8 +34,8 @@ sys.path.insert(0, ROOT)
 
 import faiss  # noqa: E402
 
-from knnlm_jax import index as faiss_index  # noqa: E402
-from knnlm_jax.report import write_json  # noqa: E402
+from knnlm_jax.retrieval import index as faiss_index  # noqa: E402
+from knnlm_jax.core.report import write_json  # noqa: E402
 
 D = 1024
 CODE, ID = 64, 8  # bytes per entry of IVF-PQ64 with 64-bit ids

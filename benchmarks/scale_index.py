@@ -76,7 +76,7 @@ def search_child(args) -> int:
     """In a fresh process: open the index, search the queries (1 warm-up + runs), print JSON."""
     import numpy as np
 
-    from knnlm_jax import index as ix
+    from knnlm_jax.retrieval import index as ix
 
     t0 = time.time()
     index = ix.read_index(args.child_search, nprobe=args.nprobe)
@@ -105,7 +105,7 @@ def run_search_child(path: str, queries_path: str, args) -> dict:
 
 
 def median_qps(index, queries_QxD, k: int, runs: int) -> tuple[float, list]:
-    from knnlm_jax import index as ix
+    from knnlm_jax.retrieval import index as ix
 
     ix.search(index, queries_QxD, k)  # warm-up
     times = []
@@ -141,9 +141,9 @@ def main() -> int:
     import faiss
     import numpy as np
 
-    from knnlm_jax import index as ix
-    from knnlm_jax import index_shards
-    from knnlm_jax.report import write_json
+    from knnlm_jax.retrieval import index as ix
+    from knnlm_jax.retrieval import index_shards
+    from knnlm_jax.core.report import write_json
 
     t_start = time.time()
     if args.n % (10 * BLOCK):

@@ -31,8 +31,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from knnlm_jax.index_shards import same_neighbours  # noqa: E402
-from knnlm_jax.report import write_json  # noqa: E402
+from knnlm_jax.retrieval.index_shards import same_neighbours  # noqa: E402
+from knnlm_jax.core.report import write_json  # noqa: E402
 
 import local_processes  # noqa: E402
 
@@ -46,8 +46,8 @@ def run(script, args, processes=1, log=None):
 
 def monolithic_index(workdir: str) -> dict:
     """``one``'s index: the clone of ``two``'s trained index with every key of ``one`` added in order."""
-    from knnlm_jax import index as faiss_index
-    from knnlm_jax.datastore import INDEX, open_datastore, update_manifest
+    from knnlm_jax.retrieval import index as faiss_index
+    from knnlm_jax.datastore.format import INDEX, open_datastore, update_manifest
 
     two = open_datastore(os.path.join(workdir, "datastores", "two"))
     one = open_datastore(os.path.join(workdir, "datastores", "one"))

@@ -51,7 +51,7 @@ print(json.dumps(dict(ids=[tok.encode(t, add_special_tokens=False).ids for t in 
 
 def parity_text(corpus: str, tokenizer, n_tokens: int) -> str:
     """WikiText-2 test's first lines, each with its line end, until they hold ``n_tokens`` tokens."""
-    from knnlm_jax import corpus as corpora
+    from knnlm_jax.data import corpus as corpora
 
     text = ""
     for line in corpora.read_split(corpus, "test").lines():
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from knnlm_jax.pretrained import SMOLLM2_SHA256, peek, smollm2_path
+    from knnlm_jax.models.convert.pretrained import SMOLLM2_SHA256, peek, smollm2_path
 
     path = smollm2_path()
     _, tokenizer = peek(path)

@@ -5,7 +5,7 @@ Each step runs the model on one position against its cached attention keys and v
 explicit attention) and returns the full next-token log-distribution ``p_LM`` and the query
 key (the run's key type). With a datastore, the query's ``k`` nearest entries (host FAISS,
 optionally re-ranked exactly) give ``p_kNN`` over the whole vocabulary by scatter-add
-(:func:`~knnlm_jax.knn.knn_full_log_probs`); the next token is drawn from
+(:func:`~knnlm_jax.retrieval.knn.knn_full_log_probs`); the next token is drawn from
 ``log(λ p_kNN + (1 - λ) p_LM)`` (``λ = 0``: the LM alone, no search) greedily or by sampling
 with a temperature, top-k and top-p, from a seeded NumPy generator. Every step keeps where
 its token's probability came from (:class:`Step`).
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from knnlm_jax.knn import interpolate, knn_full_log_probs
-from knnlm_jax.model import sinusoidal_positions
+from knnlm_jax.retrieval.knn import interpolate, knn_full_log_probs
+from knnlm_jax.models.transformer import sinusoidal_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ def make_decode_step(graphdef, key_type: str, max_len: int):
     """
     def step(params, cache, token_B, pos):
         model = nnx.merge(graphdef, params)
-        if hasattr(model, "decode_step"):  # a pretrained LM (knnlm_jax.llama) decodes itself
+        if hasattr(model, "decode_step"):  # a pretrained LM (knnlm_jax.models.llama) decodes itself
             x, states, new_cache = model.decode_step(token_B, cache, pos)
             return model.full_log_probs(x)[:, 0], states[key_type][:, 0].astype(jnp.float32), new_cache
         cfg = model.cfg
@@ -104,7 +104,7 @@ def make_decode_step(graphdef, key_type: str, max_len: int):
 
 def empty_cache(trained, batch: int, max_len: int):
     model = trained.model()
-    if hasattr(model, "empty_cache"):  # a pretrained LM (knnlm_jax.llama) sizes its own, as it decodes itself
+    if hasattr(model, "empty_cache"):  # a pretrained LM (knnlm_jax.models.llama) sizes its own, as it decodes itself
         return model.empty_cache(batch, max_len)
     cfg = trained.cfg
     hd = cfg.d_model // cfg.num_heads

@@ -14,10 +14,10 @@ import os
 from ml_collections import ConfigDict
 
 from knnlm_jax.configs import NAMES, ConfigError, apply_overrides, get_config
-from knnlm_jax.corpus import is_spec, read_split
-from knnlm_jax.datastore import ModelSignature
-from knnlm_jax.embedded_corpus import EMBEDDED
-from knnlm_jax.vocab import Vocab
+from knnlm_jax.data.corpus import is_spec, read_split
+from knnlm_jax.datastore.format import ModelSignature
+from knnlm_jax.data.embedded_corpus import EMBEDDED
+from knnlm_jax.data.vocab import Vocab
 
 RUNS_ROOT = "runs"
 # config fields a trained model fixes (ModelConfig's, spelled out to keep this module JAX-free)
@@ -92,7 +92,7 @@ def setup_pretrained(workdir: str, model: str, data_dir: str | None) -> None:
             raise RunError(f"{workdir} is a trained run (config {name}): give --model another --workdir")
         return
     from knnlm_jax.configs.pretrained import get_config as pretrained_config
-    from knnlm_jax.pretrained import EMBEDDED_MODEL
+    from knnlm_jax.models.convert.pretrained import EMBEDDED_MODEL
 
     config = pretrained_config()
     config.model = model if model == EMBEDDED_MODEL else os.path.abspath(model)
@@ -106,7 +106,7 @@ def setup_pretrained(workdir: str, model: str, data_dir: str | None) -> None:
 
 def peek_model(model: str):
     """``(LlamaConfig, tokenizer)`` of ``model`` (a path or ``smollm2``), headers only, cached."""
-    from knnlm_jax.pretrained import peek, resolve
+    from knnlm_jax.models.convert.pretrained import peek, resolve
 
     path = resolve(model)
     stat = os.stat(path) if os.path.exists(path) else None
@@ -186,7 +186,7 @@ def split_tokens(workdir: str, vocab: Vocab, source: str, split: str, *, tfds_da
     Token arrays and the corpus fingerprint cache live in ``<workdir>/tokens/``; ``tfds_data_dir`` and
     ``text_feature`` (see :func:`cli.corpus_options`) apply to ``tfds:`` and ``wiki3b`` sources.
     """
-    from knnlm_jax import token_cache  # NumPy
+    from knnlm_jax.data import token_cache  # NumPy
 
     cache = os.path.join(workdir, "tokens")
     data = read_split(source, split, tfds_data_dir=tfds_data_dir, text_feature=text_feature, cache_dir=cache)
@@ -194,9 +194,9 @@ def split_tokens(workdir: str, vocab: Vocab, source: str, split: str, *, tfds_da
 
 
 def load_vocab(workdir: str, config=None):
-    """The run's :class:`Vocab`, or a pretrained LM's :class:`~knnlm_jax.subword.SubwordVocab`."""
+    """The run's :class:`Vocab`, or a pretrained LM's :class:`~knnlm_jax.data.subword.SubwordVocab`."""
     if config is not None and is_pretrained(config):
-        from knnlm_jax.subword import SubwordVocab
+        from knnlm_jax.data.subword import SubwordVocab
 
         return SubwordVocab(peek_model(config.model)[1], int(config.vocab_size))
     path = os.path.join(workdir, "vocab.txt")
@@ -254,17 +254,17 @@ def load_model(workdir: str, config, vocab: Vocab) -> TrainedModel:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from knnlm_jax.checkpoint import CheckpointError, Checkpointer
-    from knnlm_jax.model import ModelConfig
-    from knnlm_jax.optim import make_optimizer
-    from knnlm_jax.distributed import local_mesh
-    from knnlm_jax.train_steps import abstract_model
+    from knnlm_jax.core.checkpoint import CheckpointError, Checkpointer
+    from knnlm_jax.models.transformer import ModelConfig
+    from knnlm_jax.training.optim import make_optimizer
+    from knnlm_jax.core.distributed import local_mesh
+    from knnlm_jax.models.steps import abstract_model
 
     replicated = NamedSharding(local_mesh(), P())
     if is_pretrained(config):
         from flax import nnx
 
-        from knnlm_jax.pretrained import load_pretrained, resolve
+        from knnlm_jax.models.convert.pretrained import load_pretrained, resolve
 
         model, _, _ = load_pretrained(resolve(config.model))
         graphdef, params = nnx.split(model)

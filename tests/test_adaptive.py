@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from knnlm_jax.adaptive import AdaptiveInput, AdaptiveSoftmax, band_capacities, band_edges
-from knnlm_jax.model import ModelConfig, TransformerLM
+from knnlm_jax.models.adaptive import AdaptiveInput, AdaptiveSoftmax, band_capacities, band_edges
+from knnlm_jax.models.transformer import ModelConfig, TransformerLM
 
 V = 53
 

@@ -61,7 +61,7 @@ def test_check_then_reindex(project):
 
 
 def test_a_build_whose_index_step_was_killed_is_finished_by_the_same_command(project):
-    from knnlm_jax.datastore import update_manifest
+    from knnlm_jax.datastore.format import update_manifest
 
     root, _ = project
     out = build("--datastore", "again", "--no-index", cwd=root)

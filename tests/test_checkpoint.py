@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from knnlm_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from knnlm_jax.model import ModelConfig
-from knnlm_jax.train_steps import init_model
+from knnlm_jax.core.checkpoint import Checkpointer, CheckpointError, abstract_like
+from knnlm_jax.models.transformer import ModelConfig
+from knnlm_jax.models.steps import init_model
 
 CFG = ModelConfig(vocab_size=40, num_layers=1, d_model=16, num_heads=2, d_ff=32, cutoffs=(8, 20))
 

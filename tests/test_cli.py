@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -46,7 +48,7 @@ def test_missing_data_dir_missing_split_and_empty_corpus(tmp_path, wikitext_dir)
 
 
 def test_a_given_vocabulary_that_is_unreadable_or_differs(tmp_path, wikitext_dir):
-    from knnlm_jax.vocab import Vocab
+    from knnlm_jax.data.vocab import Vocab
 
     (tmp_path / "junk.txt").write_text("no counts here\n")
     assert_user_error(run("--data_dir", wikitext_dir, "--workdir", str(tmp_path / "w"), "--vocab",
@@ -70,3 +72,23 @@ def test_unreadable_checkpoint(tmp_path, wikitext_dir):
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     assert_user_error(run("--data_dir", wikitext_dir, "--workdir", work, "--no-progress", *small), "unreadable")
+
+
+@pytest.mark.parametrize("tool", ["train", "build", "evaluate", "generate"])
+def test_help_imports_neither_jax_nor_faiss(tool):
+    """``--help`` (and so every bad-flag refusal before the work starts) stays fast: no JAX, no FAISS."""
+    code = (f"import sys, io, contextlib; sys.argv = ['{tool}.py', '--help']; from knnlm_jax.cli.{tool} import main\n"
+            "try:\n    with contextlib.redirect_stdout(io.StringIO()): main()\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('jax', 'flax', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_import_layers_hold():
+    """The package's layer rules (``.importlinter``): no lower layer imports a higher one; JAX and FAISS
+    only where allowed."""
+    lint = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    if not os.path.exists(lint):
+        pytest.skip("import-linter is not installed here")
+    out = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "0 broken" in out.stdout, out.stdout[-3000:]

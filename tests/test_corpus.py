@@ -5,8 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from knnlm_jax import corpus, corpus_error, embedded_corpus, token_cache, wikitext
-from knnlm_jax.vocab import Vocab
+from knnlm_jax.data import corpus
+from knnlm_jax.data import corpus_error
+from knnlm_jax.data import embedded_corpus
+from knnlm_jax.data import token_cache
+from knnlm_jax.data import wikitext
+from knnlm_jax.data.vocab import Vocab
 
 
 @pytest.mark.parametrize("raw,expected", [

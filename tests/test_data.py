@@ -1,6 +1,6 @@
 import numpy as np
 
-from knnlm_jax.data import BatchOrder, lm_blocks
+from knnlm_jax.data.blocks import BatchOrder, lm_blocks
 
 
 def test_lm_blocks_align_every_target_once():

@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_lines, tiny_config
-from knnlm_jax import corpus, runs, token_cache
-from knnlm_jax.building import KEY_RTOL, KEY_ATOL, build_datastore, check_datastore, window_sizes
-from knnlm_jax.indexing import index_datastore
-from knnlm_jax.datastore import (BUILD_IDENTITY, FORMAT_VERSION, KEYS, MANIFEST, SHARDED, VALS, DatastoreError,
+from knnlm_jax import runs
+from knnlm_jax.data import corpus
+from knnlm_jax.data import token_cache
+from knnlm_jax.datastore.building import KEY_RTOL, KEY_ATOL, build_datastore, check_datastore, window_sizes
+from knnlm_jax.datastore.indexing import index_datastore
+from knnlm_jax.datastore.format import (BUILD_IDENTITY, FORMAT_VERSION, KEYS, MANIFEST, SHARDED, VALS, DatastoreError,
                                  open_datastore, read_manifest, update_manifest)
-from knnlm_jax.datastore_writer import DatastoreWriter, begin_sharded
-from knnlm_jax.windows import token_stream, window_batch, window_of, windows
-from knnlm_jax.index import search
-from knnlm_jax.model import forward_with_keys
+from knnlm_jax.datastore.writer import DatastoreWriter, begin_sharded
+from knnlm_jax.data.windows import token_stream, window_batch, window_of, windows
+from knnlm_jax.retrieval.index import search
+from knnlm_jax.models.transformer import forward_with_keys
 
 
 def write_corpus(directory, n_train=120) -> str:
@@ -37,11 +39,11 @@ def make_run(data_dir, workdir, layout="best", **overrides):
     ``layout``: ``best`` (params only) or ``checkpoints`` (the full training state).
     Training itself is skipped: compiling the train step costs ~40 s of CPU.
     """
-    from knnlm_jax.checkpoint import Checkpointer
-    from knnlm_jax.model import ModelConfig
-    from knnlm_jax.optim import make_optimizer
-    from knnlm_jax.run_data import check_run_config, prepare_data, resolved_config
-    from knnlm_jax.train_steps import init_model
+    from knnlm_jax.core.checkpoint import Checkpointer
+    from knnlm_jax.models.transformer import ModelConfig
+    from knnlm_jax.training.optim import make_optimizer
+    from knnlm_jax.training.run_data import check_run_config, prepare_data, resolved_config
+    from knnlm_jax.models.steps import init_model
 
     config = tiny_config(data_dir, **overrides)
     data = prepare_data(config, workdir, need_valid=False)
@@ -119,8 +121,8 @@ def test_windows_give_every_target_exactly_one_entry_with_its_context():
 
 
 def test_build_capacities_fit_every_batch_as_band_capacities_would():
-    from knnlm_jax.adaptive import band_capacities
-    from knnlm_jax.building import build_capacities
+    from knnlm_jax.models.adaptive import band_capacities
+    from knnlm_jax.datastore.building import build_capacities
 
     rng = np.random.default_rng(3)
     edges = (0, 8, 20, 40)
@@ -207,7 +209,7 @@ def test_flat_index_finds_each_stored_key_at_distance_zero(built, tmp_path):
     info = index_datastore(store, progress=False)
     assert info["factory"] == "Flat" and info["ntotal"] == store.size and info["nprobe"] == 32
     assert read_manifest(copy)["index"] == info and store.index_path
-    from knnlm_jax.index import read_index
+    from knnlm_jax.retrieval.index import read_index
 
     index = read_index(store.index_path)
     ids = np.random.default_rng(2).choice(store.size, 64, replace=False)
@@ -377,7 +379,7 @@ def test_run_config_takes_new_defaults_and_locks_the_model(built, tmp_path):
 
 def test_keys_that_overflow_float16_are_refused_at_build_and_at_check(built, tmp_path):
     """A residual-stream key beyond 65,504 becomes inf in float16: never stored silently, found by --check."""
-    from knnlm_jax.content_hash import verify_content
+    from knnlm_jax.datastore.content_hash import verify_content
 
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.full_like(x, 1e5) if "fc2" in jax.tree_util.keystr(path) and "bias" in

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from knnlm_jax import device_search as ds
+from knnlm_jax.retrieval import device_search as ds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, DIM, Q, K, BIG_K = 1000, 32, 17, 10, 1200  # N: no multiple of the block or of 2 devices
@@ -232,7 +232,7 @@ def test_the_searchers_distance_matmuls_run_at_highest_precision():
     of the search and of the key norms asks for HIGHEST."""
     import re
 
-    from knnlm_jax.device_search import DeviceSearcher, _search_fn
+    from knnlm_jax.retrieval.device_search import DeviceSearcher, _search_fn
 
     keys = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float16)
     searcher = DeviceSearcher(keys, block=64)

@@ -9,17 +9,20 @@ import numpy as np
 import pytest
 
 from test_datastore import build, make_run, write_corpus
-from knnlm_jax import corpus, evaluation, runs, token_cache
-from knnlm_jax.building import window_sizes
-from knnlm_jax.indexing import index_datastore
-from knnlm_jax.datastore import open_datastore
-from knnlm_jax.eval_pass import evaluate_tokens
-from knnlm_jax.retrieval import exact_distances
-from knnlm_jax.eval_settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
-from knnlm_jax.token_files import open_token_files
-from knnlm_jax.mixing import knn_log_probs, mix, tune_knn
-from knnlm_jax.windows import token_stream, window_batch, windows
-from knnlm_jax.index import read_index
+from knnlm_jax import runs
+from knnlm_jax.data import corpus
+from knnlm_jax.evaluation import evaluate as evaluation
+from knnlm_jax.data import token_cache
+from knnlm_jax.datastore.building import window_sizes
+from knnlm_jax.datastore.indexing import index_datastore
+from knnlm_jax.datastore.format import open_datastore
+from knnlm_jax.evaluation.streaming import evaluate_tokens
+from knnlm_jax.retrieval.policies import exact_distances
+from knnlm_jax.evaluation.settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
+from knnlm_jax.evaluation.token_files import open_token_files
+from knnlm_jax.evaluation.mixing import knn_log_probs, mix, tune_knn
+from knnlm_jax.data.windows import token_stream, window_batch, windows
+from knnlm_jax.retrieval.index import read_index
 
 
 _SHARED = {}
@@ -74,10 +77,10 @@ def run_tokens(ev, tmp_path, tokens, name="files", **kw):
 
 
 def test_base_lm_perplexity_equals_the_trainers_on_the_same_blocks(ev, tmp_path):
-    from knnlm_jax.adaptive import band_edges
-    from knnlm_jax.data import lm_blocks
-    from knnlm_jax.distributed import make_mesh
-    from knnlm_jax.train_steps import evaluate, make_eval_step
+    from knnlm_jax.models.adaptive import band_edges
+    from knnlm_jax.data.blocks import lm_blocks
+    from knnlm_jax.core.distributed import make_mesh
+    from knnlm_jax.models.steps import evaluate, make_eval_step
 
     tokens = ev.splits["valid"][1]
     n = 8 * 16  # whole blocks of a longer split: the windows are then exactly the trainer's blocks
@@ -318,7 +321,7 @@ def test_settings_refuse_bad_values():
 
 
 def test_one_forward_gives_the_query_key_and_the_cache_state(ev):
-    from knnlm_jax.model import forward_with_keys
+    from knnlm_jax.models.transformer import forward_with_keys
 
     model = ev.trained.model()
     tokens = np.asarray(ev.splits["valid"][1][:16], np.int32)[None]

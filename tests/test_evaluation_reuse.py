@@ -12,11 +12,11 @@ import faiss
 import numpy as np
 import pytest
 
-from knnlm_jax import evaluation
-from knnlm_jax.datastore import open_datastore
-from knnlm_jax.eval_settings import EvaluationError, Settings
-from knnlm_jax.mixing import tune_cache
-from knnlm_jax.token_files import open_token_files
+from knnlm_jax.evaluation import evaluate as evaluation
+from knnlm_jax.datastore.format import open_datastore
+from knnlm_jax.evaluation.settings import EvaluationError, Settings
+from knnlm_jax.evaluation.mixing import tune_cache
+from knnlm_jax.evaluation.token_files import open_token_files
 from test_evaluation import ev  # noqa: F401  (module fixture)
 
 
@@ -86,7 +86,7 @@ def test_the_cache_is_tuned_on_valid_only(ev, tmp_path):  # noqa: F811
 
 def test_window_context_self_retrieval_searcher_and_key_type_each_force_a_new_pass(ev, tmp_path):  # noqa: F811
     """Field by field: each of these changes the per-token files, so none may be reused across it."""
-    from knnlm_jax.device_search import DeviceSearcher
+    from knnlm_jax.retrieval.device_search import DeviceSearcher
 
     out = tmp_path / "out"
     other_key = next(t for t in ("ffn_input_before_ln", "attn_output") if t != ev.config.key_type)

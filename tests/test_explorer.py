@@ -23,7 +23,7 @@ def page(ev, tmp_path_factory):
     text = (corpus / "test.txt").read_text().replace(" red ", " crimson ").replace(" fish ", " zebrafish ")
     (corpus / "test.txt").write_text(text)
     path = str(out / "page.html")
-    from knnlm_jax.commands.evaluate import main  # in this process: the model is already compiled here
+    from knnlm_jax.cli.evaluate import main  # in this process: the model is already compiled here
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

@@ -1,5 +1,5 @@
-"""fairseq transformer_lm checkpoints -> this project's model and run directory (knnlm_jax/fairseq_checkpoint.py
-reads the files, knnlm_jax/fairseq_convert.py maps them).
+"""fairseq transformer_lm checkpoints -> this project's model and run directory (knnlm_jax/models/convert/fairseq_checkpoint.py
+reads the files, knnlm_jax/models/convert/fairseq.py maps them).
 
 The checkpoints are built here with the parameter names and shapes fairseq 0.12.2's
 ``TransformerLanguageModel.state_dict()`` has (adaptive input / softmax, tied duplicates and
@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from knnlm_jax import fairseq_checkpoint as fck
-from knnlm_jax import fairseq_convert as fc
-from knnlm_jax.vocab import Vocab
+from knnlm_jax.models.convert import fairseq_checkpoint as fck
+from knnlm_jax.models.convert import fairseq as fc
+from knnlm_jax.data.vocab import Vocab
 
 PAD = 1
 WIKI103_LIKE = dict(arch="transformer_lm_wiki103", decoder_layers=2, decoder_embed_dim=16, decoder_ffn_embed_dim=32,
@@ -521,7 +521,7 @@ sd = {k: v.numpy() for k, v in model.state_dict().items()}
 keep = {k: getattr(args, k) for k in vars(args) if isinstance(getattr(args, k), (str, int, float, bool))}
 np.savez(out, tokens=toks.numpy(), log_probs=lp.numpy(), args=json.dumps(keep), **{"sd." + k: v for k, v in sd.items()})
 # the same model as fairseq checkpoint files: args (as the public WikiText-103 model) and cfg (fairseq >= 0.10)
-from knnlm_jax import fairseq_checkpoint as fck
+from knnlm_jax.models.convert import fairseq_checkpoint as fck
 history = [{"num_updates": 5}]
 torch.save({"args": args, "model": model.state_dict(), "optimizer_history": history}, out + ".args.pt")
 torch.save({"args": None, "cfg": {"model": vars(args)}, "model": model.state_dict(), "optimizer_history": history},

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from knnlm_jax import fairseq_convert as fc
+from knnlm_jax.models.convert import fairseq as fc
 from knnlm_jax import runs
 
 DATA = os.path.join(ROOT, "tests", "data", "fairseq_tiny")
@@ -84,8 +84,8 @@ def test_the_converted_model_gives_fairseqs_log_probs(run):
 def test_the_run_windows_come_from_the_checkpoints_tokens_per_sample(run):
     """fairseq trained on 40-token samples (not wt103's 3072): the run's windows are 40 tokens with half
     as context, for building and for evaluation (eval-lm's --context-window 20)."""
-    from knnlm_jax.building import window_sizes
-    from knnlm_jax.eval_settings import eval_window_sizes
+    from knnlm_jax.datastore.building import window_sizes
+    from knnlm_jax.evaluation.settings import eval_window_sizes
 
     config, trained = run
     meta, _ = reference()
@@ -99,8 +99,8 @@ def test_the_run_windows_come_from_the_checkpoints_tokens_per_sample(run):
 def test_the_evaluator_scores_the_test_stream_as_fairseq_eval_lm(run, tmp_path):
     """The streaming evaluator with the run's windows gives every test token the log-prob eval-lm gave it:
     eval-lm's blocks of 20 after up to 20 earlier tokens are the run's 40-token windows scoring 20."""
-    from knnlm_jax.eval_pass import evaluate_tokens
-    from knnlm_jax.eval_settings import eval_window_sizes
+    from knnlm_jax.evaluation.streaming import evaluate_tokens
+    from knnlm_jax.evaluation.settings import eval_window_sizes
 
     config, trained = run
     _, ref = reference()

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from knnlm_jax.generation import Sampling, choose, generate
-from knnlm_jax.model import forward_with_keys
+from knnlm_jax.models.transformer import forward_with_keys
 from test_evaluation import ev  # noqa: F401  (module fixture)
 
 def context_of(ev, n=5):
@@ -122,7 +122,7 @@ def test_a_datastore_of_a_distinctive_text_is_continued_where_the_lm_alone_is_no
 
 
 def test_generate_cli_explains_each_token_and_refuses_bad_input(ev, capsys):
-    from knnlm_jax.commands.generate import main  # the console form runs in test_package.py
+    from knnlm_jax.cli.generate import main  # the console form runs in test_package.py
 
     prompt = " ".join(ev.vocab.words[t] for t in ev.splits["valid"][1][:4])
     assert main(["--workdir", ev.workdir, "--datastore", "train", "--prompt", prompt, "--max-new-tokens", "4",
@@ -147,9 +147,9 @@ def test_generate_cli_explains_each_token_and_refuses_bad_input(ev, capsys):
 def deep_model(seed=3):
     """A fixed-seed model with what converted fairseq runs have: 3 layers, a final LayerNorm, positions
     offset by 2; weights scaled up so that attention is sharp and every layer's cache matters."""
-    from knnlm_jax.model import ModelConfig
+    from knnlm_jax.models.transformer import ModelConfig
     from knnlm_jax.runs import TrainedModel
-    from knnlm_jax.train_steps import init_model
+    from knnlm_jax.models.steps import init_model
 
     cfg = ModelConfig(vocab_size=48, num_layers=3, d_model=32, num_heads=4, d_ff=64, cutoffs=(12, 30),
                       final_norm=True, position_offset=2)

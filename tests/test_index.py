@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from knnlm_jax import index as ix
+from knnlm_jax.retrieval import index as ix
 
 
 def keys_with_duplicates(n=600, dim=16, seed=0):
@@ -111,7 +111,7 @@ def test_faiss_without_gpus_leaves_indexes_on_the_host(monkeypatch):
     """faiss-cpu (CI): no GPU copies, k-means untouched; KNNLM_FAISS_GPU=0 turns GPUs off even with them."""
     import faiss
 
-    from knnlm_jax import faiss_gpu
+    from knnlm_jax.retrieval import faiss_gpu
 
     index = faiss.index_factory(8, "IVF4,Flat")
     expected = int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0

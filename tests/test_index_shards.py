@@ -13,8 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
-from knnlm_jax import index as ix
-from knnlm_jax import index_shards as shards
+from knnlm_jax.retrieval import index as ix
+from knnlm_jax.retrieval import index_shards as shards
 
 DIM, N, Q, K, NPROBE = 64, 3000, 300, 20, 4
 BOUNDS = (0, 700, 2100, N)  # three shards of unequal sizes

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from knnlm_jax import codes
-from knnlm_jax.building import check_datastore
-from knnlm_jax.datastore import DatastoreError, open_datastore, read_manifest
-from knnlm_jax.index import make_index, read_index, search
+from knnlm_jax.datastore import codes
+from knnlm_jax.datastore.building import check_datastore
+from knnlm_jax.datastore.format import DatastoreError, open_datastore, read_manifest
+from knnlm_jax.retrieval.index import make_index, read_index, search
 from test_build_cli import build as build_cli
 from test_datastore import build, built  # noqa: F401  (module fixture)
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from knnlm_jax.knn import interpolate, knn_full_log_probs, knn_target_log_prob, squared_l2
+from knnlm_jax.retrieval.knn import interpolate, knn_full_log_probs, knn_target_log_prob, squared_l2
 
 
 def numpy_knn_logp(dists, vals, valid, target, T):
@@ -78,7 +78,7 @@ def test_squared_l2():
 
 
 def test_cache_matches_numpy_reference_and_sees_only_the_past():
-    from knnlm_jax.cache import cache_target_log_prob
+    from knnlm_jax.evaluation.cache import cache_target_log_prob
 
     rng = np.random.default_rng(3)
     M, Q, D, size = 10, 4, 3, 5

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from knnlm_jax.model import KEY_TYPES, forward_states
-from knnlm_jax.pretrained import load_pretrained
+from knnlm_jax.models.transformer import KEY_TYPES, forward_states
+from knnlm_jax.models.convert.pretrained import load_pretrained
 from llama_fixture import VARIANTS, bfloat16_exact, tiny_weights, write_gguf, write_hf_dir
 
 T = 20  # positions: enough for the rotary angles to wrap

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from knnlm_jax.adaptive import band_capacities
+from knnlm_jax.models.adaptive import band_capacities
 from knnlm_jax.configs import apply_overrides, get_config
-from knnlm_jax.model import KEY_TYPES, ModelConfig, TransformerLM, count_params, forward_states, forward_with_keys
+from knnlm_jax.models.transformer import KEY_TYPES, ModelConfig, TransformerLM, count_params, forward_states, forward_with_keys
 
 CFG = ModelConfig(vocab_size=40, num_layers=2, d_model=16, num_heads=2, d_ff=32, cutoffs=(8, 20))
 

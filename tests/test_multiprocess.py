@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from knnlm_jax.index_shards import same_neighbours
+from knnlm_jax.retrieval.index_shards import same_neighbours
 from test_build_cli import manifest
 from test_datastore import make_run, write_corpus
 
@@ -95,9 +95,9 @@ def test_merged_sharded_and_monolithic_indexes_agree(project):
     dropping the pairs at each query's k-th distance (which of several equal-distance
     entries makes the cut is not defined by FAISS).
     """
-    from knnlm_jax.datastore import open_datastore
-    from knnlm_jax.index import read_index, search
-    from knnlm_jax.index_shards import merge_results
+    from knnlm_jax.datastore.format import open_datastore
+    from knnlm_jax.retrieval.index import read_index, search
+    from knnlm_jax.retrieval.index_shards import merge_results
 
     _, workdir = project
     store = open_datastore(os.path.join(workdir, "datastores", "duo"))
@@ -165,8 +165,8 @@ def test_a_missing_shard_is_named(project, tmp_path):
 
 def test_two_process_codes_only_build_merges_the_same_index(project):
     """``--keys none`` under 2 processes: sample shared, trained once, shards' codes merged on disk."""
-    from knnlm_jax.datastore import open_datastore
-    from knnlm_jax.index import read_index, search
+    from knnlm_jax.datastore.format import open_datastore
+    from knnlm_jax.retrieval.index import read_index, search
 
     root, workdir = project
     ok(launch("build.py", ["--workdir", workdir, "--datastore", "codes1", "--keys", "none", "--index", INDEX], 1,
@@ -193,7 +193,7 @@ def test_two_process_codes_only_build_merges_the_same_index(project):
 def test_resuming_with_another_process_count_is_refused(project):
     import shutil
 
-    from knnlm_jax.datastore import update_manifest
+    from knnlm_jax.datastore.format import update_manifest
 
     root, workdir = project
     half = os.path.join(workdir, "datastores", "half")

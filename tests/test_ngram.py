@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from knnlm_jax.ngram import KneserNey
+from knnlm_jax.evaluation.ngram import KneserNey
 
 
 def reference_kn(train, n, vocab_size):

@@ -31,9 +31,10 @@ def test_pyproject_dependencies_are_the_runtime_requirements():
     with open(os.path.join(ROOT, "requirements.txt")) as f:
         lines = [line.split("#")[0].strip() for line in f]
     runtime = [line for line in lines if line and line.split("=")[0].split(">")[0] not in
-               ("pytest", "pytest-xdist", "setuptools", "selenium")]
+               ("pytest", "pytest-xdist", "setuptools", "selenium", "import-linter")]
     assert sorted(project["dependencies"]) == sorted(runtime)
-    assert set(requirement_names(project["optional-dependencies"]["test"])) == {"pytest", "pytest-xdist", "selenium"}
+    assert set(requirement_names(project["optional-dependencies"]["test"])) == {"pytest", "pytest-xdist", "selenium",
+                                                                                 "import-linter"}
     assert set(project["scripts"]) == {"knnlm-train", "knnlm-build", "knnlm-evaluate", "knnlm-generate"}
 
 
@@ -62,7 +63,7 @@ def run(installed, cwd, *args, timeout=300):
 
 def test_the_installed_package_and_commands_run_the_demo_steps(installed, tmp_path, wikitext_dir):
     out = run(installed, tmp_path, sys.executable, "-c", "import knnlm_jax, os; print(knnlm_jax.__file__); "
-              "print(os.path.isfile(os.path.join(os.path.dirname(knnlm_jax.__file__), 'wt103_eval_titles.txt')))")
+              "print(os.path.isfile(os.path.join(os.path.dirname(knnlm_jax.__file__), 'data', 'wt103_eval_titles.txt')))")
     path, data = out.stdout.split()
     assert path.startswith(installed["site"]) and data == "True", out.stderr  # not the checkout; data shipped
     helps = {name: subprocess.Popen([f"knnlm-{name}", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

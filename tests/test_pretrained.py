@@ -17,8 +17,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from knnlm_jax.model import forward_with_keys
-from knnlm_jax.pretrained import PretrainedError, load_pretrained, peek, unpermute
+from knnlm_jax.models.transformer import forward_with_keys
+from knnlm_jax.models.convert.pretrained import PretrainedError, load_pretrained, peek, unpermute
 from llama_fixture import D, llama_cpp_permute, tiny_weights, write_gguf, write_hf_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,7 @@ def smollm2():
     (CI installs it, so a skip there would hide the only comparison with another implementation)."""
     from importlib.metadata import PackageNotFoundError, distribution
 
-    from knnlm_jax.pretrained import SMOLLM2_DIST, smollm2_path
+    from knnlm_jax.models.convert.pretrained import SMOLLM2_DIST, smollm2_path
 
     try:
         distribution(SMOLLM2_DIST)

@@ -61,8 +61,8 @@ def reference(corpus: str, split: str):
 
 def forward(path: str, ids):
     """Target log-probs and ``ffn_input_after_ln`` keys of one forward over ``"\\n" + ids[:-1]``."""
-    from knnlm_jax.model import forward_with_keys
-    from knnlm_jax.pretrained import load_pretrained
+    from knnlm_jax.models.transformer import forward_with_keys
+    from knnlm_jax.models.convert.pretrained import load_pretrained
 
     model, tok, _ = load_pretrained(path)
     newline = tok.encode("\n").ids[0]

@@ -75,7 +75,7 @@ def run_dir(tmp_path_factory):
 def test_a_second_build_is_refused_while_the_first_writes_and_readers_say_so(run_dir):
     """Two real build.py processes on one datastore: the second is refused naming the first's PID and
     host; a reader says a build is running; after kill -9 the lock is gone and the printed hint resumes."""
-    from knnlm_jax import locks
+    from knnlm_jax.core import locks
 
     root, workdir = run_dir
     directory = os.path.join(workdir, "datastores", "train")
@@ -106,7 +106,7 @@ def test_a_second_build_is_refused_while_the_first_writes_and_readers_say_so(run
 
 
 def test_a_second_writer_of_a_run_directory_or_an_evaluation_is_refused(tmp_path):
-    from knnlm_jax import locks
+    from knnlm_jax.core import locks
 
     workdir = str(tmp_path / "run")
     with locks.exclusive(locks.lock_path(workdir), f"run directory {workdir}"):
@@ -147,7 +147,7 @@ def test_an_interrupted_evaluation_leaves_the_last_complete_one_as_it_was(projec
     else:
         assert again.returncode == -signal.SIGKILL
     assert tree_hashes(out, skip=(".next",)) == before  # every earlier file, byte for byte
-    from knnlm_jax.commands.generate import tuned
+    from knnlm_jax.cli.generate import tuned
 
     with open(os.path.join(out, "results.json")) as f:
         knn = json.load(f)["knn"]
@@ -170,7 +170,7 @@ def test_a_failed_evaluation_keeps_the_earlier_results(project, tmp_path):
 
 
 def test_an_interrupted_commit_is_rolled_forward_and_read_meanwhile(tmp_path):
-    from knnlm_jax import eval_outputs
+    from knnlm_jax.evaluation import outputs as eval_outputs
 
     out = tmp_path / "eval"
     with eval_outputs.staging(str(out)) as stage:
@@ -214,9 +214,9 @@ def test_damaged_keys_are_caught_when_a_reader_opens_the_datastore(project, tmp_
 
 
 def test_the_sampled_check_finds_one_damaged_block_of_many(tmp_path):
-    from knnlm_jax.content_hash import HASH_BLOCK, LINKS, sample_content, verify_content
-    from knnlm_jax.datastore import DatastoreError, open_datastore
-    from knnlm_jax.datastore_writer import DatastoreWriter
+    from knnlm_jax.datastore.content_hash import HASH_BLOCK, LINKS, sample_content, verify_content
+    from knnlm_jax.datastore.format import DatastoreError, open_datastore
+    from knnlm_jax.datastore.writer import DatastoreWriter
 
     n, d = 3 * HASH_BLOCK + 5, 2
     header = dict(model_fingerprint="m", key_type="k", dim=d, vocab_fingerprint="v", vocab_size=9, corpus="c",
@@ -248,7 +248,7 @@ def test_the_sampled_check_finds_one_damaged_block_of_many(tmp_path):
 
 
 def test_an_unfinished_sharded_datastore_says_to_relaunch_its_processes(tmp_path):
-    from knnlm_jax.datastore import DatastoreError, open_datastore
+    from knnlm_jax.datastore.format import DatastoreError, open_datastore
 
     directory = tmp_path / "datastores" / "wiki"
     directory.mkdir(parents=True)
@@ -260,8 +260,8 @@ def test_an_unfinished_sharded_datastore_says_to_relaunch_its_processes(tmp_path
 
 def test_a_vocabulary_left_by_a_failed_first_run_is_rebuilt_for_another_corpus(tmp_path, capsys):
     from conftest import tiny_config
-    from knnlm_jax.run_data import prepare_data
-    from knnlm_jax.vocab import Vocab
+    from knnlm_jax.training.run_data import prepare_data
+    from knnlm_jax.data.vocab import Vocab
 
     first = write_corpus(tmp_path / "first", n_train=30)
     os.remove(os.path.join(first, "valid.txt"))  # the first run fails after making its vocabulary
@@ -291,7 +291,7 @@ def test_a_vocabulary_left_by_a_failed_first_run_is_rebuilt_for_another_corpus(t
 def test_generate_refuses_a_datastore_built_with_other_weights(project, tmp_path, capsys):
     import jax
 
-    from knnlm_jax.checkpoint import Checkpointer
+    from knnlm_jax.core.checkpoint import Checkpointer
     from generate import main
 
     workdir = str(tmp_path / "run")

@@ -6,9 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-from knnlm_jax.eval_settings import EvaluationError, Settings
-from knnlm_jax.mixing import knn_log_probs, mix
-from knnlm_jax.retrieval import Policy, _dedupe, exact_distances, fit_gate, nearest, retrieve_batch
+from knnlm_jax.evaluation.settings import EvaluationError, Settings
+from knnlm_jax.evaluation.mixing import knn_log_probs, mix
+from knnlm_jax.retrieval.policies import Policy, _dedupe, exact_distances, fit_gate, nearest, retrieve_batch
 from test_evaluation import ev, run_tokens  # noqa: F401  (module fixture)
 
 
@@ -160,7 +160,7 @@ def test_retomaton_pass_counts_searches(ev, tmp_path):
 
 def test_pointer_groups_of_batches_change_nothing_but_the_steps(ev, tmp_path, monkeypatch):
     """Windows retrieved side by side in groups of batches: the same files (cache included) as batch by batch."""
-    from knnlm_jax import eval_pass
+    from knnlm_jax.evaluation import streaming as eval_pass
 
     tokens = ev.splits["train"][1][:200]
     kw = dict(policy=Policy(min_pointers=2), drop_self=True, cache_thetas=(0.1,), cache_size=24)
@@ -185,7 +185,7 @@ def test_settings_refuse_bad_retrieval_options():
 
 
 def run_eval(ev, out, split="test", **kw):
-    from knnlm_jax import evaluation
+    from knnlm_jax.evaluation import evaluate as evaluation
 
     settings = Settings(**dict(dict(k=16, lmbda=None, temperature=None, max_tokens=150, batch_size=4, window=16,
                                     context=8), **kw))
@@ -195,7 +195,7 @@ def run_eval(ev, out, split="test", **kw):
 
 
 def test_run_fits_the_gate_on_valid_and_reports_saved_searches(ev, tmp_path):
-    from knnlm_jax.token_files import open_token_files
+    from knnlm_jax.evaluation.token_files import open_token_files
 
     r = run_eval(ev, tmp_path / "both", min_pointers=4, retrieve_fraction=0.5)
     ret = r["retrieval"]
@@ -217,8 +217,8 @@ def test_run_fits_the_gate_on_valid_and_reports_saved_searches(ev, tmp_path):
 @pytest.mark.parametrize("exact", [True, False])
 def test_device_search_gives_the_flat_index_perplexity(ev, tmp_path, exact):
     """``--search device`` on a Flat datastore: the same neighbours, the same perplexity (1e-6 relative)."""
-    from knnlm_jax import evaluation
-    from knnlm_jax.device_search import DeviceSearcher
+    from knnlm_jax.evaluation import evaluate as evaluation
+    from knnlm_jax.retrieval.device_search import DeviceSearcher
 
     assert ev.index.__class__.__name__ == "IndexFlatL2"
     settings = Settings(k=16, lmbda=0.3, temperature=2.0, max_tokens=150, batch_size=4, window=16, context=8,
@@ -244,7 +244,7 @@ def test_device_search_gives_the_flat_index_perplexity(ev, tmp_path, exact):
 def test_the_pass_follows_pointers_from_the_true_targets(ev, tmp_path):
     """The pass's RetoMaton against a reference: the pointer algorithm run window by window (windows never
     share pointers) on the pass's own query keys and the true next tokens."""
-    from knnlm_jax.windows import windows
+    from knnlm_jax.data.windows import windows
 
     tokens = np.asarray(ev.splits["train"][1][:192])  # the datastore's own text: long chains of pointers
     files = run_tokens(ev, tmp_path, tokens, name="reto", policy=Policy(min_pointers=1), drop_self=True)
@@ -265,7 +265,7 @@ def test_the_pass_follows_pointers_from_the_true_targets(ev, tmp_path):
 def test_the_fitted_gate_retrieves_where_retrieval_helps_on_held_out_text(ev, tmp_path):
     """End to end: on test, the tokens the gate (fitted on valid) lets retrieve gain more from the kNN-LM, at
     the gate's own λ and T, than the tokens it skips, and more than a random half does."""
-    from knnlm_jax.token_files import open_token_files
+    from knnlm_jax.evaluation.token_files import open_token_files
 
     gated = run_eval(ev, tmp_path / "adaptive", retrieve_fraction=0.5, max_tokens=400)
     gate = gated["retrieval"]["gate"]

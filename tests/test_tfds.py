@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SHARED_DATA
-from knnlm_jax import corpus, tfds_source, token_cache, wikitext
-from knnlm_jax.corpus_error import CorpusError
-from knnlm_jax.vocab import Vocab
+from knnlm_jax.data import corpus
+from knnlm_jax.data import tfds_source
+from knnlm_jax.data import token_cache
+from knnlm_jax.data import wikitext
+from knnlm_jax.data.corpus_error import CorpusError
+from knnlm_jax.data.vocab import Vocab
 from tfds_fixture import write_tfds_articles, write_tfds_wikitext
 
 ARTICLES = [  # (title, raw text) as in wikipedia/20230601.en
@@ -112,7 +115,7 @@ def test_reading_a_tfds_corpus_does_not_import_tensorflow(wikitext_tfds, tfds_di
     stub = tmp_path / "stub" / "tensorflow"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("__version__ = '2.99.0'  # a stub: importing it means TensorFlow was asked for\n")
-    code = ("import sys; from knnlm_jax import corpus; from knnlm_jax.vocab import Vocab; "
+    code = ("import sys; from knnlm_jax.data import corpus; from knnlm_jax.data.vocab import Vocab; "
             f"s = corpus.read_split({wikitext_tfds!r}, 'train', tfds_data_dir={tfds_dir!r}); "
             "v = Vocab.build(s.lines()); print(len(v), s.sha256[:8], 'tensorflow' in sys.modules)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stub.parent), ROOT]))

@@ -26,7 +26,9 @@ def test_tfds_corpus_builds_the_same_datastore_as_its_wikitext_directory(tmp_pat
         a, b = np.load(os.path.join(text, name)), np.load(os.path.join(catalog, name))
         assert a.shape == b.shape and a.tobytes() == b.tobytes()
     # the token ids the two builds encoded are the same array
-    from knnlm_jax import corpus, runs, token_cache
+    from knnlm_jax import runs
+    from knnlm_jax.data import corpus
+    from knnlm_jax.data import token_cache
 
     vocab = runs.load_vocab(workdir)
     ids_text = token_cache.load_tokens(str(tmp_path / "t1"), corpus.read_split(corpus_dir, "train"), vocab)

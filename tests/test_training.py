@@ -11,10 +11,10 @@ import optax
 import pytest
 
 from conftest import ROOT, tiny_config
-from knnlm_jax.adaptive import band_capacities, band_edges
-from knnlm_jax.model import ModelConfig
-from knnlm_jax.train_steps import init_model, make_train_step, unigram_perplexity
-from knnlm_jax.training import train
+from knnlm_jax.models.adaptive import band_capacities, band_edges
+from knnlm_jax.models.transformer import ModelConfig
+from knnlm_jax.models.steps import init_model, make_train_step, unigram_perplexity
+from knnlm_jax.training.loop import train
 
 QUIET = dict(progress=False, log=lambda *a: None)
 
@@ -97,7 +97,7 @@ import sys, json
 sys.path.insert(0, {root!r})
 import jax
 from conftest import tiny_config
-from knnlm_jax.training import train
+from knnlm_jax.training.loop import train
 config = tiny_config({data!r}, batch_size=4, eval_batch_size=4, max_steps=4, eval_every=4)
 result = train(config, {workdir!r}, progress=False, log=lambda *a: None)
 print(json.dumps(dict(devices=jax.device_count(), valid_ppl=result["valid_ppl"])))
@@ -122,7 +122,7 @@ def test_two_devices_give_the_same_loss_as_one(tmp_path, wikitext_dir):
 
 def test_wt103_is_the_papers_architecture():
     from knnlm_jax.configs import get_config
-    from knnlm_jax.model import count_params
+    from knnlm_jax.models.transformer import count_params
 
     c = get_config("wt103")
     assert (c.num_layers, c.d_model, c.num_heads, c.d_ff) == (16, 1024, 8, 4096)  # fairseq transformer_lm_wiki103
@@ -135,9 +135,9 @@ import json, sys
 sys.path.insert(0, {root!r})
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from knnlm_jax.adaptive import band_capacities, band_edges
-from knnlm_jax.model import ModelConfig
-from knnlm_jax.train_steps import init_model, make_train_step
+from knnlm_jax.models.adaptive import band_capacities, band_edges
+from knnlm_jax.models.transformer import ModelConfig
+from knnlm_jax.models.steps import init_model, make_train_step
 
 cfg = ModelConfig(vocab_size=40, num_layers=1, d_model=16, num_heads=2, d_ff=32, cutoffs=(8, 20))
 tx = optax.sgd(1.0)

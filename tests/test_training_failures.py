@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import ROOT, tiny_config
-from knnlm_jax.checkpoint import Checkpointer, abstract_like
+from knnlm_jax.core.checkpoint import Checkpointer, abstract_like
 from knnlm_jax.configs import get_config, validate
-from knnlm_jax.model import ModelConfig
-from knnlm_jax.optim import make_optimizer
-from knnlm_jax.train_steps import abstract_model
-from knnlm_jax.training import train
+from knnlm_jax.models.transformer import ModelConfig
+from knnlm_jax.training.optim import make_optimizer
+from knnlm_jax.models.steps import abstract_model
+from knnlm_jax.training.loop import train
 
 QUIET = dict(progress=False, log=lambda *a: None)
 
@@ -147,7 +147,7 @@ def test_an_unwritable_checkpoint_directory_is_one_line_then_resumable(tmp_path,
 FAILED_SAVE = r"""
 import os, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
-from knnlm_jax.checkpoint import Checkpointer
+from knnlm_jax.core.checkpoint import Checkpointer
 from knnlm_jax.cli import user_errors
 from test_checkpoint import make_state
 with user_errors("train.py"):
@@ -165,7 +165,7 @@ def test_a_write_failing_inside_orbax_is_one_line_and_does_not_hang(tmp_path):
 
 
 def test_tensorstore_write_errors_are_read_as_the_os_error_they_name():
-    from knnlm_jax.checkpoint import CheckpointError, _writing
+    from knnlm_jax.core.checkpoint import CheckpointError, _writing
 
     message = ('RESOURCE_EXHAUSTED: Error writing "params.x/0.0" in OCDBT database at local file "/d/best/20": '
                "Failed to write 512 bytes to file 15: No space left on device [os_error_code='28']")
@@ -180,7 +180,7 @@ def test_tensorstore_write_errors_are_read_as_the_os_error_they_name():
 FULL_DISK = r"""
 import os, subprocess, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
-from knnlm_jax.checkpoint import Checkpointer
+from knnlm_jax.core.checkpoint import Checkpointer
 from knnlm_jax.cli import user_errors
 from test_checkpoint import make_state
 with user_errors("train.py"):

@@ -20,11 +20,11 @@ from flax import nnx
 
 from conftest import ROOT
 from knnlm_jax import configs
-from knnlm_jax.adaptive import band_capacities, band_edges
+from knnlm_jax.models.adaptive import band_capacities, band_edges
 from knnlm_jax.configs import ConfigError, apply_overrides, get_config, validate
-from knnlm_jax.model import (ATTENTION_IMPLS, COMPUTE_DTYPES, KEY_TYPES, ModelConfig, TransformerLM, cudnn_supported,
+from knnlm_jax.models.transformer import (ATTENTION_IMPLS, COMPUTE_DTYPES, KEY_TYPES, ModelConfig, TransformerLM, cudnn_supported,
                              forward_states)
-from knnlm_jax.train_steps import init_model, make_train_step
+from knnlm_jax.models.steps import init_model, make_train_step
 
 CFG = ModelConfig(vocab_size=40, num_layers=2, d_model=16, num_heads=2, d_ff=32, cutoffs=(8, 20), dropout=0.1)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from knnlm_jax.vocab import SPECIALS, Vocab
+from knnlm_jax.data.vocab import SPECIALS, Vocab
 
 LINES = [" b a c a ", " ", " c a b d "]
 
@@ -54,7 +54,7 @@ def test_vocab_must_start_with_specials():
 
 def test_build_streams_a_generator_in_chunks_with_the_same_result(monkeypatch):
     lines = [f" w{i % 7} w{i % 3} x " for i in range(1000)]
-    import knnlm_jax.vocab as vocab_module
+    import knnlm_jax.data.vocab as vocab_module
 
     monkeypatch.setattr(vocab_module, "CHUNK_LINES", 64)
     expected = Vocab.build(lines)

@@ -1,0 +1,121 @@
+"""The command-line tools (``train``, ``build``, ``evaluate``, ``generate``) and their shared plumbing:
+config selection, overrides, user-error handling. The top layer: nothing in the package imports it;
+lazy imports keep ``--help`` and bad-flag refusals JAX-free."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+
+from knnlm_jax.configs import ConfigError, apply_overrides, get_config
+from knnlm_jax.core.hints import command, installed, program  # noqa: F401  (the tools' hints)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: reported as one line, no traceback."""
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = "tiny", model: bool = False) -> None:
+    parser.add_argument("--config", default=default, help="named config (tiny, wt2, wt103)")
+    if model:
+        parser.add_argument("--model", default=None, metavar="PATH",
+                            help="a pretrained Llama-family LM instead of a trained run: a .gguf file, a Hugging "
+                                 "Face directory (config.json, *.safetensors, tokenizer.json), or smollm2 (the "
+                                 "embedded SmolLM2-135M-Instruct); its run directory is --workdir, else "
+                                 "runs/<model name>, and remembers it")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable); unknown keys are an error")
+    parser.add_argument("--data_dir", "--data-dir", default=None,
+                        help="WikiText-format directory (train/valid/test.txt or wiki.*.tokens), or a corpus "
+                             "spec (tfds:NAME[/CONFIG][:SPLIT], wiki3b); default: the config's, else the embedded corpus")
+    parser.add_argument("--workdir", default=None, help="run directory (default: runs/<config>)")
+    parser.add_argument("--tfds-data-dir", "--tfds_data_dir", dest="tfds_data_dir", default=None, metavar="DIR",
+                        help="where prepared TFDS datasets are (default: env TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    parser.add_argument("--text-feature", "--text_feature", dest="text_feature", default=None, metavar="NAME",
+                        help="the text feature of tfds: corpora (default text, or what the run was trained "
+                             "with); split on newlines into lines")
+
+
+def corpus_options(args, recorded: dict | None = None) -> dict:
+    """Keyword options of :func:`corpus.read_split` / :func:`runs.split_tokens`: the flags given, else
+    ``recorded`` (what the run or datastore was made with), else the defaults."""
+    options = dict(tfds_data_dir=None, text_feature="text")
+    options.update({k: v for k, v in (recorded or {}).items() if k in options and v is not None})
+    options.update({k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
+    return options
+
+
+def check_data_dir(data_dir) -> None:
+    """``--data_dir``: an existing directory or a corpus spec (``tfds:...``, ``wiki3b``, ``wiki-offline``)."""
+    from knnlm_jax.data.corpus import is_spec
+    from knnlm_jax.data.embedded_corpus import EMBEDDED
+
+    if data_dir is not None and not (os.path.isdir(data_dir) or is_spec(data_dir) or data_dir == EMBEDDED):
+        raise UserError(f"--data_dir {data_dir}: no such directory")
+
+
+def load_config(args):
+    config = get_config(args.config)
+    apply_overrides(config, args.overrides)
+    if args.data_dir is not None:
+        from knnlm_jax.data.corpus import is_spec
+
+        if not (os.path.isdir(args.data_dir) or is_spec(args.data_dir)):
+            raise UserError(f"--data_dir {args.data_dir}: no such directory")
+        config.data_dir = args.data_dir
+    workdir = args.workdir or os.path.join("runs", config.name)
+    return config, workdir
+
+
+def load_run(args):
+    """``(config, workdir)`` of a trained run: ``--workdir``, else ``runs/<--config>``, else the latest run.
+
+    The config is the run's saved one with ``--set`` overrides (which may not change the model).
+    With ``--model`` it is that pretrained LM's run directory (made on first use).
+    """
+    from knnlm_jax import runs
+
+    model = getattr(args, "model", None)
+    if model:
+        check_data_dir(args.data_dir)
+        workdir = args.workdir or os.path.join(runs.RUNS_ROOT, runs.model_run_name(model))
+        runs.setup_pretrained(workdir, model, args.data_dir)
+        return runs.run_config(workdir, args.overrides, model=model), workdir
+    if args.workdir:
+        workdir = args.workdir
+    elif args.config:
+        workdir = os.path.join(runs.RUNS_ROOT, args.config)
+    else:
+        workdir = runs.latest_run()
+    return runs.run_config(workdir, args.overrides), workdir
+
+
+@contextmanager
+def user_errors(prog: str):
+    """Turn user errors into one line on stderr and exit status 2; Ctrl-C into one line and 130."""
+    from knnlm_jax.core import interrupts
+    from knnlm_jax.core.checkpoint import CheckpointError
+    from knnlm_jax.data.corpus_error import CorpusError
+
+    try:
+        with interrupts.handled(prog):
+            yield
+    except (UserError, ConfigError, CorpusError, CheckpointError, ValueError, FileNotFoundError) as err:
+        if getattr(err, "threads_stuck", False):  # a failed orbax write or read leaves threads that never end
+            sys.stdout.flush()
+            sys.stderr.flush()
+            own = getattr(err, "stderr_fd", None) or os.dup(2)  # fd 2 may already be silenced
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # their dying words would follow ours: silence them
+            os.write(own, f"{prog}: error: {err}\n".encode())
+            os._exit(2)
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # a read-only directory, a full disk, a file where a directory goes
+        what = f"{err.strerror} ({err.filename})" if err.strerror and err.filename else (err.strerror or str(err))
+        print(f"{prog}: error: cannot write or read: {what}; fix it and run the same command again "
+              "(finished work is kept)", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # everything below has cleaned up; a normal shutdown could crash mid-compile
+        interrupts.exit_interrupted(prog)

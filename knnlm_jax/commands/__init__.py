@@ -1,1 +1,0 @@
-"""The command-line tools: ``train``, ``build``, ``evaluate``, ``generate`` (``python train.py`` or ``knnlm-train``, ...)."""

@@ -1,0 +1,356 @@
+"""Building a datastore: one jitted forward per batch of windows, keys streamed to disk.
+
+The forward of batch ``i+1`` is dispatched before batch ``i`` is copied to the host and
+written, so device and disk overlap. Batches always have ``batch_size`` rows (the last is
+padded with masked rows) and one set of adaptive-softmax capacities (the largest any batch
+needs), so a build compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from knnlm_jax.retrieval import index as faiss_index
+from knnlm_jax.models.adaptive import band_edges
+from knnlm_jax.datastore.codes import SAMPLED, CodeIndex, load_sampled, sample_batches
+from knnlm_jax.core import distributed
+from knnlm_jax.core import locks
+from knnlm_jax.datastore.format import (INDEX, SHARDED, Datastore, DatastoreError, ModelSignature, read_manifest, shard_name,
+                                 signature_fields, write_manifest)
+from knnlm_jax.datastore.writer import DatastoreWriter, begin_sharded, finish_sharded, shard_ranges
+from knnlm_jax.datastore.indexing import TRAINED, merge_shards, share_trained
+from knnlm_jax.models.transformer import forward_states, forward_with_keys
+from knnlm_jax.data.windows import StreamView, window_batch, window_of, windows
+from knnlm_jax.core.distributed import Processes, local_mesh
+
+# stored keys are float16; a recomputed key must agree to within a few float16 steps
+KEY_RTOL, KEY_ATOL = 4e-3, 4e-3
+
+
+def window_sizes(config) -> tuple[int, int]:
+    """``(window, context)`` from ``build_window`` (0: ``tokens_per_sample``) and ``build_context`` (-1: half)."""
+    window = int(config.get("build_window", 0) or config.tokens_per_sample)
+    context = int(config.get("build_context", -1))
+    return window, (window // 2 if context < 0 else context)
+
+
+@functools.lru_cache(maxsize=4)
+def make_key_step(graphdef, key_type: str, score: bool = True):
+    """Jitted ``(params, inputs, targets, mask, capacities) -> (NLL sum over mask, float16 keys BxTxD)``.
+
+    ``score=False``: keys only, the NLL is 0 (no softmax: a fifth of a 49k-vocabulary LM's
+    forward). Cached, so that a build, its resume and its check in one process compile once.
+    """
+
+    def step(params, inputs_BxT, targets_BxT, mask_BxT, capacities):
+        model = nnx.merge(graphdef, params)
+        if not score:
+            _, keys = forward_states(model, inputs_BxT, key_type)
+            return jnp.zeros((), jnp.float32), keys[key_type].astype(jnp.float16)
+        logp_BxT, keys_BxTxD = forward_with_keys(model, inputs_BxT, targets_BxT, key_type, capacities)
+        return -jnp.sum(jnp.where(mask_BxT, logp_BxT, 0.0)), keys_BxTxD.astype(jnp.float16)
+
+    return jax.jit(step, static_argnums=4)
+
+
+def build_capacities(tokens_N: np.ndarray, windows_Wx3: np.ndarray, batch_size: int, edges, window: int,
+                     chunk: int = 1 << 22):
+    """Adaptive-softmax tail capacities that fit every batch of a build: one compiled shape.
+
+    Batch ``k`` holds windows ``[kB, (k+1)B)``, whose spans are one contiguous run of
+    entries, so a band's count per batch is a segment sum, taken over ``chunk`` tokens at a
+    time (memory does not grow with N). Rounded up as
+    :func:`knnlm_jax.models.adaptive.band_capacities` rounds (multiples of ``positions // 16``).
+    """
+    starts = windows_Wx3[::batch_size, 1]
+    positions = batch_size * window
+    granularity = max(8, positions // 16)
+    n_tails = len(edges) - 2
+    counts = np.zeros((n_tails, len(starts)), np.int64)
+    for a in range(0, len(tokens_N), chunk):
+        band_C = np.searchsorted(edges, np.asarray(tokens_N[a : a + chunk]), side="right") - 1  # 0: head
+        batch_C = np.searchsorted(starts, np.arange(a, a + len(band_C)), side="right") - 1
+        for b in range(n_tails):
+            counts[b] += np.bincount(batch_C[band_C == b + 1], minlength=len(starts))
+    return tuple(min(positions, -(-int(c.max(initial=0)) // granularity) * granularity) for c in counts)
+
+
+def check_batch_size(batch_size: int) -> jax.sharding.Mesh:
+    """The data mesh; the batch must split evenly over its devices."""
+    mesh = local_mesh()
+    if batch_size < 1 or batch_size % mesh.devices.size:
+        raise ValueError(f"batch size {batch_size} is not a positive multiple of the {mesh.devices.size} devices")
+    return mesh
+
+
+class KeyComputer:
+    """Runs batches of windows of one token stream through the model."""
+
+    def __init__(self, trained, key_type: str, tokens_N: np.ndarray, eos: int, window: int, batch_size: int,
+                 score: bool = True):
+        mesh = check_batch_size(batch_size)
+        self.params = trained.params
+        self.step = make_key_step(trained.graphdef, key_type, score)
+        self.edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
+        self.dim = int(trained.cfg.d_model)
+        self.sharding = NamedSharding(mesh, P("data", None))
+        self.stream, self.eos, self.window, self.batch_size = StreamView(tokens_N, eos), eos, window, batch_size
+
+    def dispatch(self, windows_Wx3: np.ndarray, capacities=None):
+        """Start the forward of up to ``batch_size`` windows: ``(nll, keys on device, targets, mask)``.
+
+        Without ``capacities`` only keys are wanted: targets become ``</s>`` (no tail band
+        is computed) and the NLL is meaningless.
+        """
+        inputs, targets, mask = window_batch(self.stream, windows_Wx3, self.window, self.eos, rows=self.batch_size)
+        scored = targets if capacities is not None else np.full_like(targets, self.eos)
+        caps = capacities if capacities is not None else (0,) * (len(self.edges) - 2)
+        nll, keys = self.step(self.params, *(jax.device_put(a, self.sharding) for a in (inputs, scored, mask)), caps)
+        return nll, keys, targets, mask
+
+
+def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N: np.ndarray, eos: int, *,
+                    corpus: str, corpus_sha256: str, split: str, window: int, context: int, batch_size: int,
+                    corpus_options: dict | None = None, keys: str = "fp16", index_factory: str | None = None,
+                    nprobe: int = faiss_index.DEFAULT_NPROBE, overwrite: bool = False, progress: bool = True,
+                    score_lm: bool = True, on_chunk=None, log=print, processes: Processes = Processes()) -> dict:
+    """Write (or resume) the datastore of ``tokens_N`` in ``directory``; returns the final manifest.
+
+    Under several processes each writes its shard (a contiguous run of the build's batches,
+    see :func:`knnlm_jax.datastore.writer.shard_ranges`) and process 0 the top manifest; every
+    process must call this. ``keys="none"`` stores no keys: the index (``index_factory``) is
+    trained first and filled as the keys are computed (:mod:`knnlm_jax.datastore.codes`).
+    ``score_lm=False`` skips the LM's NLL of the entries (keys only; the manifest says
+    ``lm_scored: false``). ``on_chunk(progress)`` is called after each chunk is committed (a test hook).
+    """
+    n = len(tokens_N)
+    check_batch_size(batch_size)  # before anything is written
+    header = dict(signature_fields(signature), corpus=corpus, corpus_sha256=corpus_sha256, split=split,
+                  num_entries=n, window=window, context=context, batch_size=batch_size, keys=keys,
+                  checkpoint=trained.source, corpus_options=dict(corpus_options or {}), lm_scored=bool(score_lm))
+    all_windows = windows(n, window, context)
+    if processes.multi:
+        batch_size = _begin_shards(directory, header, all_windows, batch_size, processes, overwrite)
+        w0, w1, lo, hi = shard_ranges(all_windows, batch_size, processes.count)[processes.index]
+        shard_dir = os.path.join(directory, shard_name(processes.index, processes.count))
+        header = dict(header, num_entries=hi - lo, entry_range=[lo, hi], shard=processes.index,
+                      num_shards=processes.count)
+    else:
+        w0, w1, lo, shard_dir = 0, len(all_windows), 0, directory
+        old = read_manifest(directory)
+        if old is not None and old.get("layout") == SHARDED:
+            if not overwrite:
+                begin_sharded(directory, header, [None], overwrite=False)  # refuses: another process count
+            shutil.rmtree(directory)
+    writer = DatastoreWriter(shard_dir, header, overwrite=overwrite and not processes.multi)
+    batch_size = int(writer.manifest["batch_size"])
+    windows_Wx3 = all_windows[w0:w1]
+    done = writer.progress
+    if done:
+        log(f"resuming datastore {os.path.basename(directory)}"
+            + (f" shard {processes.index}" if processes.multi else "") + f" at entry {lo + done} of {n}")
+    first = int(np.searchsorted(windows_Wx3[:, 1], lo + done))
+    if done < writer.n and windows_Wx3[first, 1] != lo + done:
+        raise DatastoreError(f"datastore {writer.name}: progress {done} is not a window boundary")
+    computer = KeyComputer(trained, signature.key_type, tokens_N, eos, window, batch_size,
+                           score=writer.manifest.get("lm_scored", True))
+    capacities = build_capacities(tokens_N, all_windows, batch_size, computer.edges, window)
+    factory = index_factory or faiss_index.auto_factory(n, signature.dim)
+    codes = None
+    if keys == "none":
+        trained_index = train_for_codes(directory, computer, all_windows, (w0, w1), batch_size, factory, processes,
+                                        progress=progress, log=log)
+        codes = CodeIndex(shard_dir, trained_index, first_id=lo, progress=done)
+    bar = tqdm(total=writer.n, initial=done, disable=not progress, unit="tok", unit_scale=True,
+               dynamic_ncols=True, desc=f"datastore {os.path.basename(directory)}"
+                                         + (f" [{processes.index}/{processes.count}]" if processes.multi else ""))
+
+    def commit(result):
+        nll, keys_BxTxD, targets, mask = result
+        keys_nxD = np.asarray(keys_BxTxD)[mask]
+        if not np.isfinite(keys_nxD).all():  # float16 tops out at 65,504: a residual-stream key may not fit
+            bad = lo + writer.written + int(np.flatnonzero(~np.isfinite(keys_nxD).all(axis=1))[0])
+            raise DatastoreError(f"the {signature.key_type} key of entry {bad} is not finite in float16 (a value "
+                                 "beyond 65,504 or NaN); use a normalised key type such as ffn_input_after_ln")
+        if codes is None:
+            writer.append(keys_nxD, targets[mask], float(nll))
+        else:
+            codes.add(keys_nxD, writer.written)
+            codes.keep_sample(keys_nxD, writer.written, writer.n)
+            writer.append(None, targets[mask], float(nll), sync=False)
+            if codes.due():
+                codes.save(writer.written)
+                writer.sync()
+                codes.drop_older()
+        bar.update(len(keys_nxD))
+        if on_chunk is not None:
+            on_chunk(writer.written)
+
+    pending = None
+    try:
+        for i in range(first, len(windows_Wx3), batch_size):
+            result = computer.dispatch(windows_Wx3[i : i + batch_size], capacities)
+            if pending is not None:
+                commit(pending)
+            pending = result
+        if pending is not None:
+            commit(pending)
+    finally:
+        bar.close()
+    if codes is not None:
+        codes.finish(nprobe)
+        writer.manifest["index"] = dict(file=INDEX, factory=factory, metric="l2", ntotal=int(codes.index.ntotal),
+                                        nprobe=int(nprobe), keys="none",
+                                        id_offset=0 if codes.with_ids else lo)
+    manifest = writer.finish()
+    if not processes.multi:
+        return manifest
+    distributed.barrier(f"built {directory}")
+    if processes.is_main:
+        top = finish_sharded(directory)
+        if codes is not None:  # one index over every shard's codes, merged on disk
+            count = processes.count
+            paths = [os.path.join(directory, shard_name(p, count), INDEX) for p in range(count)]
+            merged = merge_shards(directory, trained_index, paths, nprobe)
+            top["index"] = dict(file=INDEX, factory=factory, metric="l2", ntotal=n, nprobe=int(nprobe), keys="none",
+                                shards=count, merged=merged)
+            write_manifest(directory, top)
+    distributed.barrier(f"finished {directory}")
+    return read_manifest(directory)
+
+
+def writing(directory: str, processes: Processes = Processes()):
+    """A datastore's write locks, held for a ``with`` block: process 0 the datastore's, and under a
+    multi-process launch every process its own shard's; a second writer is refused in one line."""
+    name = os.path.basename(os.path.normpath(directory))
+    claims = [(locks.lock_path(directory), f"datastore {name}")] if processes.is_main else []
+    if processes.multi:
+        shard = shard_name(processes.index, processes.count)
+        claims.append((locks.lock_path(directory, shard), f"datastore {name} {shard}"))
+    return distributed.held_locks(claims)
+
+
+def _begin_shards(directory, header, windows_Wx3, batch_size, processes, overwrite) -> int:
+    """Process 0 writes (or keeps) the top manifest; every process learns the build's batch size."""
+    info, refusal = np.zeros(1, np.int64), None
+    if processes.is_main:
+        try:
+            ranges = [r[2:] for r in shard_ranges(windows_Wx3, batch_size, processes.count)]
+            info[0] = int(begin_sharded(directory, header, ranges, overwrite=overwrite)["batch_size"])
+        except DatastoreError as err:
+            refusal, info[0] = err, -1
+    batch_size = int(distributed.broadcast(info)[0])  # a resumed build keeps its batch composition
+    if batch_size < 0:
+        raise refusal or DatastoreError(f"process 0 refused to build datastore {os.path.basename(directory)} "
+                                        "(its message says why)")
+    return batch_size
+
+
+def train_for_codes(directory, computer, windows_Wx3, own, batch_size, factory, processes, *, progress=True,
+                    log=print, seed: int = 0):
+    """The trained, empty index of a ``--keys none`` build (``trained.faiss``, kept for a resume).
+
+    Its sample is every entry of evenly spread batches (about :func:`index.train_size`
+    entries); each process computes the sampled batches of its shard, process 0 trains.
+    """
+    path = os.path.join(directory, TRAINED)
+    have = distributed.broadcast(np.asarray([os.path.isfile(path)], np.int64))[0]
+    if have:
+        return faiss_index.read_index(path)
+    dim = computer.dim
+    candidate = faiss_index.make_index(factory, dim)
+    if candidate.is_trained:  # e.g. Flat: nothing to learn
+        if processes.is_main:
+            faiss_index.write_index(candidate, path)
+        distributed.barrier(f"trained {directory}")
+        return candidate
+    n = int(windows_Wx3[-1, 2])
+    n_batches = -(-len(windows_Wx3) // batch_size)
+    chosen = sample_batches(n_batches, n // n_batches, faiss_index.train_size(n, factory))
+    w0, w1 = own
+    rows = []
+    for b in chosen[(chosen * batch_size >= w0) & (chosen * batch_size < w1)]:
+        _, keys, _, mask = computer.dispatch(windows_Wx3[b * batch_size : (b + 1) * batch_size])
+        rows.append(np.asarray(keys)[mask])
+    local = np.concatenate(rows) if rows else np.zeros((0, dim), np.float16)
+    log(f"sampled {len(chosen)} of {n_batches} batches to train {factory}")
+    trained, _ = share_trained(local, factory, dim, processes, seed=seed, progress=progress)
+    if processes.is_main:
+        faiss_index.write_index(trained, path)
+    distributed.barrier(f"trained {directory}")
+    return trained
+
+
+def indexed_sample(store: Datastore):
+    """``(global ids, float16 keys)`` a ``--keys none`` build kept (all shards')."""
+    parts = [load_sampled(s.directory) for s in store.shards] if store.shards else [load_sampled(store.directory)]
+    if any(p is None for p in parts):
+        raise DatastoreError(f"datastore {store.name}: {SAMPLED} is missing (a --keys none build keeps it)")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def perplexity(manifest: dict) -> float | None:
+    """The LM's perplexity over the datastore's entries (each with its build context); None if not scored."""
+    if manifest.get("lm_scored") is False:
+        return None
+    return math.exp(manifest["lm_nll_sum"] / max(1, manifest["num_entries"]))
+
+
+def check_datastore(store: Datastore, trained, tokens_N: np.ndarray, eos: int, *, sample: int = 64,
+                    seed: int = 0, entry_range: tuple[int, int] | None = None) -> dict:
+    """Recompute a random sample of entries (plus the first and last) and compare with the stored ones.
+
+    Values must equal the corpus tokens exactly (all of them are compared); keys must agree
+    to float16 tolerance. ``entry_range`` limits the check to ``[lo, hi)`` (one process's
+    shard). Raises :class:`DatastoreError` on the first disagreement.
+    """
+    m = store.manifest
+    n = store.size
+    if len(tokens_N) != n:
+        raise DatastoreError(f"datastore {store.name} has {n} entries but its corpus now has {len(tokens_N)} tokens")
+    lo, hi = entry_range or (0, n)
+    for i in range(lo, hi, 1 << 22):
+        j = min(hi, i + (1 << 22))
+        bad = np.flatnonzero(np.asarray(store.vals[i:j]) != tokens_N[i:j])
+        if len(bad):
+            raise DatastoreError(f"datastore {store.name}: value of entry {i + bad[0]} is not the corpus token")
+    rng = np.random.default_rng(seed)
+    entries = np.unique(np.concatenate([[lo, hi - 1], lo + rng.choice(hi - lo, size=min(hi - lo, sample),
+                                                                         replace=False)]))
+    kept = None
+    if store.keys is None:  # --keys none: compare with the keys the build kept for this check
+        kept = indexed_sample(store)
+        inside = (kept[0] >= lo) & (kept[0] < hi)
+        kept = dict(zip(kept[0][inside].tolist(), kept[1][inside]))
+        entries = np.asarray(sorted(kept)[:max(sample, 2)], np.int64)
+        if not len(entries):
+            raise DatastoreError(f"datastore {store.name} keeps no sampled keys to check")
+    windows_Wx3 = windows(n, m["window"], m["context"])
+    owner = window_of(windows_Wx3, entries)
+    used = np.unique(owner)
+    batch_size = int(m["batch_size"])
+    computer = KeyComputer(trained, m["key_type"], tokens_N, eos, m["window"], batch_size)
+    worst = 0.0
+    for b in range(0, len(used), batch_size):
+        batch = used[b : b + batch_size]
+        _, keys, _, _ = computer.dispatch(windows_Wx3[batch])
+        keys = np.asarray(keys).astype(np.float32)
+        for e in entries[np.isin(owner, batch)]:
+            row = int(np.searchsorted(batch, window_of(windows_Wx3, e)))
+            fresh = keys[row, e - windows_Wx3[batch[row], 0]]
+            stored = np.asarray(store.keys[e] if kept is None else kept[int(e)], np.float32)
+            if not np.allclose(stored, fresh, rtol=KEY_RTOL, atol=KEY_ATOL):
+                raise DatastoreError(f"datastore {store.name}: key of entry {e} differs from the recomputed one "
+                                     f"(max difference {np.abs(stored - fresh).max():.3g})")
+            worst = max(worst, float(np.abs(stored - fresh).max()))
+    return dict(entries_checked=len(entries), values_checked=hi - lo, max_key_difference=worst)

@@ -1,0 +1,1 @@
+"""Weights from elsewhere: GGUF and Hugging Face directories (Llama family), fairseq checkpoints."""

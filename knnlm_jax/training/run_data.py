@@ -1,0 +1,144 @@
+"""The run directory's data and config: vocabulary, cached token arrays, ``config.json`` (no JAX).
+
+Under several processes process 0 builds and writes them; the others then read its files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from knnlm_jax.data import corpus
+from knnlm_jax.core import distributed
+from knnlm_jax.data import token_cache
+from knnlm_jax.data.vocab import Vocab
+
+
+@dataclass
+class RunData:
+    vocab: Vocab
+    train_ids: np.ndarray
+    valid_ids: np.ndarray | None  # None when prepared without valid
+    train_sha256: str
+    corpus: str
+    corpus_options: dict
+
+
+def prepare_data(config, workdir: str, *, need_valid: bool = True, corpus_options: dict | None = None) -> RunData:
+    """Vocabulary (built once from the train split, saved) and cached token arrays (memory-mapped).
+
+    ``config.data_dir`` is any corpus spec; ``corpus_options`` (``tfds_data_dir``, ``text_feature``)
+    apply to ``tfds:`` sources. The corpus is streamed, never held whole. Under several processes
+    process 0 builds and caches them first; the others then read its files.
+    """
+    processes = distributed.current()
+    if not processes.is_main:
+        distributed.barrier("training data")
+    data = _prepare_data(config, workdir, need_valid=need_valid, corpus_options=corpus_options)
+    if processes.is_main:
+        distributed.barrier("training data")
+    return data
+
+
+def _prepare_data(config, workdir: str, *, need_valid: bool, corpus_options: dict | None) -> RunData:
+    cache = os.path.join(workdir, "tokens")
+    options = dict(corpus_options or {}, cache_dir=cache)
+    train = corpus.read_split(config.data_dir, "train", **options)
+    vocab_path = os.path.join(workdir, VOCAB)
+    source = dict(corpus=train.corpus, train_sha256=train.sha256, max_size=int(config.vocab_size or 0))
+    if _vocab_is_ours(workdir, source):
+        vocab = Vocab.load(vocab_path)
+    else:
+        vocab = Vocab.build(train.lines(), max_size=config.vocab_size)
+        save_vocab(workdir, vocab, source)
+    train_ids = token_cache.load_tokens(cache, train, vocab)
+    valid_ids = (token_cache.load_tokens(cache, corpus.read_split(config.data_dir, "valid", **options), vocab)
+                 if need_valid else None)
+    return RunData(vocab, train_ids, valid_ids, train.sha256, train.corpus, dict(corpus_options or {}))
+
+
+VOCAB, VOCAB_SOURCE, CONFIG = "vocab.txt", "vocab-source.json", "config.json"
+
+
+def save_vocab(workdir: str, vocab: Vocab, source: dict) -> None:
+    """Save the run's vocabulary and what it was made from (``{"given": path}`` for ``--vocab``).
+
+    The record names the vocabulary's fingerprint too, and the old record goes first: a process
+    killed between the two writes leaves a vocabulary that no record vouches for.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, VOCAB_SOURCE)
+    if os.path.exists(path):
+        os.remove(path)
+    vocab.save(os.path.join(workdir, VOCAB))
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(source, vocab_fingerprint=vocab.fingerprint()), f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _vocab_is_ours(workdir: str, source: dict) -> bool:
+    """Whether ``vocab.txt`` in the run directory belongs to this run.
+
+    Once training has started (``config.json``), the saved config's corpus check decides. Before
+    that, a vocabulary left by a run that failed early is kept only if it was given (``--vocab``)
+    or made from this corpus; otherwise it is rebuilt, with a note, never silently reused.
+    """
+    vocab_path = os.path.join(workdir, VOCAB)
+    if not os.path.isfile(vocab_path):
+        return False
+    if os.path.isfile(os.path.join(workdir, CONFIG)):
+        return True
+    try:
+        with open(os.path.join(workdir, VOCAB_SOURCE)) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict):
+        made_from = {k: v for k, v in recorded.items() if k != "vocab_fingerprint"}
+        if (recorded.get("given") or made_from == source) and \
+                recorded.get("vocab_fingerprint") == Vocab.load(vocab_path).fingerprint():
+            return True
+    made = (f"from {recorded.get('corpus')} ({recorded.get('max_size') or 'all'} words)"
+            if isinstance(recorded, dict) else "by an unknown corpus")
+    print(f"note: {vocab_path} was made {made} by a run that never started training; rebuilding it from "
+          f"{source['corpus']}", file=sys.stderr)
+    return False
+
+
+def resolved_config(config, data: RunData) -> dict:
+    """The config as saved in the run directory, with what was derived from the data."""
+    resolved = config.to_dict()
+    resolved["cutoffs"] = list(resolved["cutoffs"])
+    resolved["derived"] = {"vocab_size": len(data.vocab), "corpus": data.corpus, "train_sha256": data.train_sha256}
+    if corpus.is_spec(data.corpus):  # a catalog corpus: where it was read from, for build and evaluate
+        resolved["derived"]["corpus_options"] = data.corpus_options
+    return resolved
+
+
+TRAINING_NEUTRAL = ("build_", "eval_")
+
+
+def check_run_config(workdir: str, resolved: dict, *, write: bool = True) -> None:
+    """Save ``config.json`` (unless ``write`` is false), or refuse to continue a run whose saved config differs."""
+    path = os.path.join(workdir, CONFIG)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        # fields added since the run started, and build/eval-time fields, do not change training
+        diff = sorted(k for k in saved if not k.startswith(TRAINING_NEUTRAL) and saved[k] != resolved.get(k))
+        if diff:
+            raise ValueError(
+                f"{workdir} holds a run with a different config ({', '.join(diff)}); "
+                "use another --workdir or --overwrite"
+            )
+        return
+    if not write:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(resolved, f, indent=2)
+    os.replace(path + ".tmp", path)
