@@ -35,7 +35,8 @@ def main() -> int:
     from flax import nnx
 
     from knnlm_jax import runs
-    from knnlm_jax.datastore.building import KeyComputer, build_capacities, build_datastore, window_sizes
+    from knnlm_jax.datastore.building import KeyComputer, build_datastore, window_sizes
+    from knnlm_jax.models.adaptive import build_capacities
     from knnlm_jax.data.windows import windows
     from knnlm_jax.core.report import write_json
 

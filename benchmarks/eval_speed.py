@@ -84,7 +84,7 @@ def run(args) -> int:
     from knnlm_jax import runs
     from knnlm_jax.retrieval import index as faiss_index
     from knnlm_jax.models.adaptive import band_edges
-    from knnlm_jax.datastore.building import build_capacities
+    from knnlm_jax.models.adaptive import build_capacities
     from knnlm_jax.datastore.format import datastore_dir, open_datastore
     from knnlm_jax.evaluation.streaming import evaluate_tokens
     from knnlm_jax.evaluation.settings import eval_window_sizes

@@ -122,7 +122,7 @@ def test_windows_give_every_target_exactly_one_entry_with_its_context():
 
 def test_build_capacities_fit_every_batch_as_band_capacities_would():
     from knnlm_jax.models.adaptive import band_capacities
-    from knnlm_jax.datastore.building import build_capacities
+    from knnlm_jax.models.adaptive import build_capacities
 
     rng = np.random.default_rng(3)
     edges = (0, 8, 20, 40)

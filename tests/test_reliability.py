@@ -147,11 +147,11 @@ def test_an_interrupted_evaluation_leaves_the_last_complete_one_as_it_was(projec
     else:
         assert again.returncode == -signal.SIGKILL
     assert tree_hashes(out, skip=(".next",)) == before  # every earlier file, byte for byte
-    from knnlm_jax.cli.generate import tuned
+    from knnlm_jax.evaluation.outputs import tuned
 
     with open(os.path.join(out, "results.json")) as f:
         knn = json.load(f)["knn"]
-    assert tuned(str(tmp_path), "train") == {"lmbda": knn["lmbda"], "temperature": knn["temperature"]}
+    assert tuned(out) == {"lmbda": knn["lmbda"], "temperature": knn["temperature"]}
     redo = tool("evaluate", *_evaluate_args(project, out), "--lmbda", "0.5", cwd=project.root)
     assert redo.returncode == 0, redo.stderr
     assert not os.path.exists(os.path.join(out, ".next"))

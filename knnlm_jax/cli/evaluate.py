@@ -122,28 +122,10 @@ def settings_from(args, config):
     return settings
 
 
-def find_datastore(workdir: str, name: str) -> str:
-    from knnlm_jax.cli import command
-    from knnlm_jax.datastore.format import DatastoreError, datastore_dir
-    from knnlm_jax.data.tfds_source import WIKI3B, WIKI3B_DATASET, prepare_command
-
-    directory = datastore_dir(workdir, name)
-    if not os.path.isdir(directory):
-        root = os.path.dirname(directory)
-        have = sorted(os.listdir(root)) if os.path.isdir(root) else []
-        hint = f"{command('build')} --workdir {workdir} --datastore {name}"
-        if name == WIKI3B:
-            hint += (" --tfds-data-dir DIR (first prepare TFDS wikipedia/20230601.en in DIR, about 45 GiB of disk: "
-                     f"pip install apache-beam mwparserfromhell && {prepare_command(WIKI3B_DATASET, 'DIR')})")
-        raise DatastoreError(f"no datastore {name} in {root} (" + (f"have: {', '.join(have)}" if have else "none yet")
-                             + f"); build it with: {hint}")
-    return directory
-
-
 def evaluate(args) -> int:
     from knnlm_jax import runs
     from knnlm_jax.cli import check_data_dir, command, load_run
-    from knnlm_jax.datastore.format import DatastoreError, open_datastore
+    from knnlm_jax.datastore.format import DatastoreError, find_datastore, open_datastore
 
     from knnlm_jax.core.distributed import check_process_args, initialize_from
     from knnlm_jax.evaluation.settings import EvaluationError

@@ -13,7 +13,6 @@ per token, p_LM, p_kNN and the mixture, and its nearest neighbours' values.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -43,19 +42,6 @@ def main(argv=None) -> int:
 
     with user_errors(program("generate")):
         return generate_main(args)
-
-
-def tuned(workdir: str, name: str) -> dict:
-    """λ and T tuned on valid by the last evaluation of datastore ``name`` ({} if none)."""
-    from knnlm_jax.evaluation.outputs import results_path
-
-    path = results_path(os.path.join(workdir, "eval", name))
-    try:
-        with open(path) as f:
-            knn = json.load(f).get("knn") or {}
-    except (OSError, ValueError):
-        return {}
-    return {key: knn[key] for key in ("lmbda", "temperature") if isinstance(knn.get(key), (int, float))}
 
 
 def check_mixing(lmbda: float, knn_temperature: float) -> None:
@@ -93,8 +79,8 @@ def generate_main(args) -> int:
                         f"{args.max_new_tokens} exceed the model's context of {limit} tokens: shorten one")
     search_fn, vals, lmbda, knn_temperature = None, None, 0.0, 1.0
     if args.datastore:
-        from knnlm_jax.cli.evaluate import find_datastore
-        from knnlm_jax.datastore.format import open_datastore
+        from knnlm_jax.datastore.format import find_datastore, open_datastore
+        from knnlm_jax.evaluation.outputs import tuned
         from knnlm_jax.retrieval.policies import exact_distances, nearest
         from knnlm_jax.datastore.search import open_searcher, search
 
@@ -105,7 +91,7 @@ def generate_main(args) -> int:
             raise UserError(f"datastore {store.name} has no FAISS index; index it with: "
                             f"{build_command(store.directory, '--index-only')}")
         k = min(args.k, store.size)
-        found = tuned(workdir, store.name)
+        found = tuned(os.path.join(workdir, "eval", store.name))
         lmbda = args.lmbda if args.lmbda is not None else found.get("lmbda", 0.25)
         knn_temperature = args.knn_temperature if args.knn_temperature is not None else found.get("temperature", 1.0)
         check_mixing(lmbda, knn_temperature)  # before the model loads

@@ -16,7 +16,7 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from knnlm_jax.cli import UserError, add_config_args, corpus_options, load_config, program, user_errors
+    from knnlm_jax.cli import add_config_args, corpus_options, load_config, program, user_errors
     from knnlm_jax.configs import validate
     from knnlm_jax.core.distributed import add_process_args, check_process_args
 

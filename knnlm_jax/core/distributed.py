@@ -187,3 +187,11 @@ def held_locks(claims: list[tuple[str, str]]):
         if refusal is not None:
             raise refusal
         yield
+
+
+def check_batch_size(batch_size: int):
+    """The data mesh (a ``jax.sharding.Mesh``); the batch must split evenly over its devices."""
+    mesh = local_mesh()
+    if batch_size < 1 or batch_size % mesh.devices.size:
+        raise ValueError(f"batch size {batch_size} is not a positive multiple of the {mesh.devices.size} devices")
+    return mesh

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from knnlm_jax.retrieval import index as faiss_index
-from knnlm_jax.models.adaptive import band_edges
+from knnlm_jax.models.adaptive import band_edges, build_capacities
 from knnlm_jax.datastore.codes import SAMPLED, CodeIndex, load_sampled, sample_batches
 from knnlm_jax.core import distributed
 from knnlm_jax.core import locks
@@ -31,7 +31,7 @@ from knnlm_jax.datastore.writer import DatastoreWriter, begin_sharded, finish_sh
 from knnlm_jax.datastore.indexing import TRAINED, merge_shards, share_trained
 from knnlm_jax.models.transformer import forward_states, forward_with_keys
 from knnlm_jax.data.windows import StreamView, window_batch, window_of, windows
-from knnlm_jax.core.distributed import Processes, local_mesh
+from knnlm_jax.core.distributed import Processes, check_batch_size
 
 # stored keys are float16; a recomputed key must agree to within a few float16 steps
 KEY_RTOL, KEY_ATOL = 4e-3, 4e-3
@@ -61,36 +61,6 @@ def make_key_step(graphdef, key_type: str, score: bool = True):
         return -jnp.sum(jnp.where(mask_BxT, logp_BxT, 0.0)), keys_BxTxD.astype(jnp.float16)
 
     return jax.jit(step, static_argnums=4)
-
-
-def build_capacities(tokens_N: np.ndarray, windows_Wx3: np.ndarray, batch_size: int, edges, window: int,
-                     chunk: int = 1 << 22):
-    """Adaptive-softmax tail capacities that fit every batch of a build: one compiled shape.
-
-    Batch ``k`` holds windows ``[kB, (k+1)B)``, whose spans are one contiguous run of
-    entries, so a band's count per batch is a segment sum, taken over ``chunk`` tokens at a
-    time (memory does not grow with N). Rounded up as
-    :func:`knnlm_jax.models.adaptive.band_capacities` rounds (multiples of ``positions // 16``).
-    """
-    starts = windows_Wx3[::batch_size, 1]
-    positions = batch_size * window
-    granularity = max(8, positions // 16)
-    n_tails = len(edges) - 2
-    counts = np.zeros((n_tails, len(starts)), np.int64)
-    for a in range(0, len(tokens_N), chunk):
-        band_C = np.searchsorted(edges, np.asarray(tokens_N[a : a + chunk]), side="right") - 1  # 0: head
-        batch_C = np.searchsorted(starts, np.arange(a, a + len(band_C)), side="right") - 1
-        for b in range(n_tails):
-            counts[b] += np.bincount(batch_C[band_C == b + 1], minlength=len(starts))
-    return tuple(min(positions, -(-int(c.max(initial=0)) // granularity) * granularity) for c in counts)
-
-
-def check_batch_size(batch_size: int) -> jax.sharding.Mesh:
-    """The data mesh; the batch must split evenly over its devices."""
-    mesh = local_mesh()
-    if batch_size < 1 or batch_size % mesh.devices.size:
-        raise ValueError(f"batch size {batch_size} is not a positive multiple of the {mesh.devices.size} devices")
-    return mesh
 
 
 class KeyComputer:

@@ -64,6 +64,23 @@ def datastore_dir(workdir: str, name: str) -> str:
     return os.path.join(workdir, "datastores", name)
 
 
+def find_datastore(workdir: str, name: str) -> str:
+    """``<workdir>/datastores/<name>``, or an error listing what there is and the command that builds it."""
+    from knnlm_jax.data.tfds_source import WIKI3B, WIKI3B_DATASET, prepare_command
+
+    directory = datastore_dir(workdir, name)
+    if not os.path.isdir(directory):
+        root = os.path.dirname(directory)
+        have = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        hint = f"{command('build')} --workdir {workdir} --datastore {name}"
+        if name == WIKI3B:
+            hint += (" --tfds-data-dir DIR (first prepare TFDS wikipedia/20230601.en in DIR, about 45 GiB of disk: "
+                     f"pip install apache-beam mwparserfromhell && {prepare_command(WIKI3B_DATASET, 'DIR')})")
+        raise DatastoreError(f"no datastore {name} in {root} (" + (f"have: {', '.join(have)}" if have else "none yet")
+                             + f"); build it with: {hint}")
+    return directory
+
+
 def read_manifest(directory: str) -> dict | None:
     """The manifest, or ``None`` when there is none."""
     path = os.path.join(directory, MANIFEST)

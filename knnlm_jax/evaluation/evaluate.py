@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 
 from knnlm_jax.evaluation import outputs as eval_outputs
 from knnlm_jax.retrieval import index as faiss_index
-from knnlm_jax.models.adaptive import band_edges
-from knnlm_jax.datastore.building import build_capacities
+from knnlm_jax.models.adaptive import band_edges, build_capacities
 from knnlm_jax.evaluation.streaming import evaluate_tokens
 from knnlm_jax.evaluation.report import helped_most, json_safe
 from knnlm_jax.evaluation.outputs import Staging

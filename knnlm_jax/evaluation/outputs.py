@@ -106,6 +106,16 @@ def results_path(out_dir: str) -> str:
     return os.path.join(out_dir, RESULTS)
 
 
+def tuned(out_dir: str) -> dict:
+    """λ and T tuned on valid by the last complete evaluation in ``out_dir`` ({} if none)."""
+    try:
+        with open(results_path(out_dir)) as f:
+            knn = json.load(f).get("knn") or {}
+    except (OSError, ValueError):
+        return {}
+    return {key: knn[key] for key in ("lmbda", "temperature") if isinstance(knn.get(key), (int, float))}
+
+
 @contextmanager
 def staging(out_dir: str):
     """One writer's new evaluation of ``out_dir``: lock, clear stale staging, yield a :class:`Staging`.

@@ -30,8 +30,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from knnlm_jax.models.adaptive import band_edges
-from knnlm_jax.datastore.building import build_capacities, check_batch_size
+from knnlm_jax.core.distributed import check_batch_size
+from knnlm_jax.models.adaptive import band_edges, build_capacities
 from knnlm_jax.evaluation.cache import cache_target_log_prob
 from knnlm_jax.models.transformer import forward_states
 from knnlm_jax.retrieval.policies import Policy, exact_distances, nearest, retrieve_batch

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
@@ -248,3 +249,25 @@ def capacities_for_batches(counts_NBxH, batches_SxB, positions: int, granularity
         return ()
     worst_H = counts_NBxH[np.asarray(batches_SxB)].sum(axis=1).max(axis=0)
     return tuple(int(min(positions, -(-int(c) // g) * g)) for c in worst_H)
+
+
+def build_capacities(tokens_N: np.ndarray, windows_Wx3: np.ndarray, batch_size: int, edges, window: int,
+                     chunk: int = 1 << 22):
+    """Adaptive-softmax tail capacities that fit every batch of a build: one compiled shape.
+
+    Batch ``k`` holds windows ``[kB, (k+1)B)``, whose spans are one contiguous run of
+    entries, so a band's count per batch is a segment sum, taken over ``chunk`` tokens at a
+    time (memory does not grow with N). Rounded up as
+    :func:`knnlm_jax.models.adaptive.band_capacities` rounds (multiples of ``positions // 16``).
+    """
+    starts = windows_Wx3[::batch_size, 1]
+    positions = batch_size * window
+    granularity = max(8, positions // 16)
+    n_tails = len(edges) - 2
+    counts = np.zeros((n_tails, len(starts)), np.int64)
+    for a in range(0, len(tokens_N), chunk):
+        band_C = np.searchsorted(edges, np.asarray(tokens_N[a : a + chunk]), side="right") - 1  # 0: head
+        batch_C = np.searchsorted(starts, np.arange(a, a + len(band_C)), side="right") - 1
+        for b in range(n_tails):
+            counts[b] += np.bincount(batch_C[band_C == b + 1], minlength=len(starts))
+    return tuple(min(positions, -(-int(c.max(initial=0)) // granularity) * granularity) for c in counts)

@@ -12,7 +12,6 @@ searched apart) uses :func:`train_index`, :func:`add_keys` and ``index_shards``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 import re
