@@ -23,6 +23,7 @@ from flax import nnx
 
 from knnlm_jax.retrieval.knn import interpolate, knn_full_log_probs
 from knnlm_jax.models.transformer import sinusoidal_positions
+from knnlm_jax.core.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +37,11 @@ class Sampling:
 
     def check(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"sampling temperature {self.temperature}: must be >= 0 (0: greedy)")
+            raise InputError(f"sampling temperature {self.temperature}: must be >= 0 (0: greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top-k {self.top_k}: must be >= 0 (0: off)")
+            raise InputError(f"top-k {self.top_k}: must be >= 0 (0: off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top-p {self.top_p}: must be in (0, 1]")
+            raise InputError(f"top-p {self.top_p}: must be in (0, 1]")
 
 
 @dataclasses.dataclass
@@ -144,12 +145,12 @@ def generate(trained, context, new_tokens: int, *, key_type: str, retrieve=None,
     """
     sampling.check()
     if not 0.0 <= lmbda <= 1.0:
-        raise ValueError(f"lambda {lmbda}: must be in [0, 1]")
+        raise InputError(f"lambda {lmbda}: must be in [0, 1]")
     if lmbda > 0 and retrieve is None:
-        raise ValueError("lambda > 0 needs a datastore to retrieve from")
+        raise InputError("lambda > 0 needs a datastore to retrieve from")
     context = [int(t) for t in context]
     if not context:
-        raise ValueError("generation needs at least one context token")
+        raise InputError("generation needs at least one context token")
     max_len = len(context) + new_tokens
     step = make_decode_step(trained.graphdef, key_type, max_len)
     cache = empty_cache(trained, 1, max_len)

@@ -18,6 +18,7 @@ from knnlm_jax.data.corpus import is_spec, read_split
 from knnlm_jax.datastore.format import ModelSignature
 from knnlm_jax.data.embedded_corpus import EMBEDDED
 from knnlm_jax.data.vocab import Vocab
+from knnlm_jax.core.errors import KnnlmError
 
 RUNS_ROOT = "runs"
 # config fields a trained model fixes (ModelConfig's, spelled out to keep this module JAX-free)
@@ -25,7 +26,7 @@ MODEL_FIELDS = ("num_layers", "d_model", "num_heads", "d_ff", "cutoffs", "adapti
                 "tie_adaptive_proj", "final_norm", "scale_embedding", "vocab_size", "position_offset", "layer_norm_eps")
 
 
-class RunError(ValueError):
+class RunError(KnnlmError, ValueError):
     """A run directory that is missing or unusable."""
 
 

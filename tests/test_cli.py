@@ -92,3 +92,22 @@ def test_the_import_layers_hold():
         pytest.skip("import-linter is not installed here")
     out = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "0 broken" in out.stdout, out.stdout[-3000:]
+
+
+def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback(capsys):
+    """Every user error derives from ``KnnlmError`` and is one line, exit 2; a plain ``ValueError`` is a bug."""
+    from knnlm_jax.cli import UserError, user_errors
+    from knnlm_jax.configs import ConfigError
+    from knnlm_jax.core.errors import InputError, KnnlmError
+    from knnlm_jax.data.corpus_error import CorpusError
+    from knnlm_jax.datastore.format import DatastoreError
+    from knnlm_jax.evaluation.settings import EvaluationError
+
+    for error in (UserError, ConfigError, CorpusError, DatastoreError, EvaluationError, InputError):
+        assert issubclass(error, KnnlmError)
+        with pytest.raises(SystemExit) as exit_info, user_errors("tool.py"):
+            raise error("bad input")
+        assert exit_info.value.code == 2 and capsys.readouterr().err == "tool.py: error: bad input\n"
+    with pytest.raises(ValueError, match="an internal invariant"), user_errors("tool.py"):
+        raise ValueError("an internal invariant broke")
+    assert capsys.readouterr().err == ""

@@ -9,11 +9,12 @@ import os
 import sys
 from contextlib import contextmanager
 
-from knnlm_jax.configs import ConfigError, apply_overrides, get_config
+from knnlm_jax.configs import apply_overrides, get_config
 from knnlm_jax.core.hints import command, installed, program  # noqa: F401  (the tools' hints)
+from knnlm_jax.core.errors import KnnlmError
 
 
-class UserError(Exception):
+class UserError(KnnlmError):
     """An error caused by the user's input: reported as one line, no traceback."""
 
 
@@ -94,15 +95,14 @@ def load_run(args):
 
 @contextmanager
 def user_errors(prog: str):
-    """Turn user errors into one line on stderr and exit status 2; Ctrl-C into one line and 130."""
+    """Turn user errors (:class:`~knnlm_jax.core.errors.KnnlmError`, a missing file) into one line on stderr
+    and exit status 2, a failed read or write into one line too, Ctrl-C into one line and 130."""
     from knnlm_jax.core import interrupts
-    from knnlm_jax.core.checkpoint import CheckpointError
-    from knnlm_jax.data.corpus_error import CorpusError
 
     try:
         with interrupts.handled(prog):
             yield
-    except (UserError, ConfigError, CorpusError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (KnnlmError, FileNotFoundError) as err:  # anything else is a bug: its traceback stays
         if getattr(err, "threads_stuck", False):  # a failed orbax write or read leaves threads that never end
             sys.stdout.flush()
             sys.stderr.flush()

@@ -5,10 +5,12 @@ import math
 
 from ml_collections import ConfigDict
 
+from knnlm_jax.core.errors import KnnlmError, InputError
+
 NAMES = ("tiny", "wt2", "wt103")
 
 
-class ConfigError(ValueError):
+class ConfigError(KnnlmError, ValueError):
     """A user error in choosing or overriding a config."""
 
 
@@ -28,7 +30,7 @@ def _parse_value(text: str, current):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"expected a boolean, got {text!r}")
+        raise InputError(f"expected a boolean, got {text!r}")
     if isinstance(current, int):
         return int(text)
     if isinstance(current, float):

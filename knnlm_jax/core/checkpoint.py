@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from knnlm_jax.core.errors import KnnlmError
+
 CHECKSUMS = "_leaf_crc32"  # metadata key, removed from the metadata restore() returns
 
 
@@ -55,14 +57,14 @@ def _stderr_silenced():
     threading.excepthook = hook
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(KnnlmError, RuntimeError):
     """A checkpoint that cannot be read or written."""
 
     # True after a failed orbax write: its (non-daemon) threads stay blocked, so a CLI must exit with os._exit
     threads_stuck = False
 
 
-class NonFiniteState(ValueError):
+class NonFiniteState(KnnlmError, ValueError):
     """A tree with a NaN or an infinity, refused by :meth:`Checkpointer.save`."""
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from knnlm_jax.core import locks
+from knnlm_jax.core.errors import InputError, KnnlmError
 
 
-class ProcessError(ValueError):
+class ProcessError(KnnlmError, ValueError):
     """Process flags that do not fit together (a user error)."""
 
 
@@ -193,5 +194,5 @@ def check_batch_size(batch_size: int):
     """The data mesh (a ``jax.sharding.Mesh``); the batch must split evenly over its devices."""
     mesh = local_mesh()
     if batch_size < 1 or batch_size % mesh.devices.size:
-        raise ValueError(f"batch size {batch_size} is not a positive multiple of the {mesh.devices.size} devices")
+        raise InputError(f"batch size {batch_size} is not a positive multiple of the {mesh.devices.size} devices")
     return mesh

@@ -18,8 +18,10 @@ import sys
 import time
 from contextlib import contextmanager
 
+from knnlm_jax.core.errors import KnnlmError
 
-class LockedError(ValueError):
+
+class LockedError(KnnlmError, ValueError):
     """Another process is writing what this one wants to write."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from knnlm_jax.core.errors import InputError
+
 
 def lm_blocks(tokens_N: np.ndarray, length: int, eos: int, *, pad_last: bool):
     """``(inputs NBxL, targets NBxL, mask NBxL)``; ``pad_last`` keeps the final partial block."""
@@ -28,7 +30,7 @@ class BatchOrder:
 
     def __init__(self, n_blocks: int, blocks_per_update: int, seed: int):
         if n_blocks < blocks_per_update:
-            raise ValueError(
+            raise InputError(
                 f"the training split has {n_blocks} blocks, fewer than one update needs ({blocks_per_update}); "
                 "lower batch_size, update_freq or tokens_per_sample"
             )

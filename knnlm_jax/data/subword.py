@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from knnlm_jax.data.vocab import CHUNK_LINES, CHUNK_TOKENS
+from knnlm_jax.core.errors import InputError
 
 LINE_END = "\n"
 
@@ -30,7 +31,7 @@ class SubwordVocab:
         self.size = int(size or tokenizer.get_vocab_size(with_added_tokens=True))
         ids = tokenizer.encode(LINE_END, add_special_tokens=False).ids
         if len(ids) != 1:
-            raise ValueError(f"the tokenizer encodes a line end as {len(ids)} tokens, not one")
+            raise InputError(f"the tokenizer encodes a line end as {len(ids)} tokens, not one")
         self.eos = ids[0]
         self._words: tuple[str, ...] | None = None
 

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from knnlm_jax.core.errors import InputError
+
 BOS, PAD, EOS, UNK = "<s>", "<pad>", "</s>", "<unk>"
 SPECIALS = (BOS, PAD, EOS, UNK)
 CHUNK_LINES = 65536  # lines per chunk when counting or encoding a stream
@@ -33,12 +35,12 @@ class Vocab:
 
     def __init__(self, words: Sequence[str], counts: Sequence[int] | None = None):
         if tuple(words[: len(SPECIALS)]) != SPECIALS:
-            raise ValueError(f"a vocabulary starts with the special symbols {SPECIALS}")
+            raise InputError(f"a vocabulary starts with the special symbols {SPECIALS}")
         self.words = tuple(words)
         self.counts = tuple(counts) if counts is not None else (0,) * len(words)
         self.index = {w: i for i, w in enumerate(self.words)}
         if len(self.index) != len(self.words):
-            raise ValueError("a vocabulary has a repeated word")
+            raise InputError("a vocabulary has a repeated word")
         self.bos, self.pad, self.eos, self.unk = (self.index[s] for s in SPECIALS)
 
     def __len__(self) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from knnlm_jax.core.errors import InputError
+
 
 def windows(n_tokens: int, length: int, context: int) -> np.ndarray:
     """``W x 3`` int64 rows ``(input_start, span_start, span_end)`` covering entries ``[0, n_tokens)``.
@@ -21,7 +23,7 @@ def windows(n_tokens: int, length: int, context: int) -> np.ndarray:
     ``[0, n_tokens)`` exactly: one entry per target token.
     """
     if length < 1 or not 0 <= context < length:
-        raise ValueError(f"need 0 <= context < window, got window {length} and context {context}")
+        raise InputError(f"need 0 <= context < window, got window {length} and context {context}")
     if n_tokens <= 0:
         return np.zeros((0, 3), np.int64)
     stride = length - context

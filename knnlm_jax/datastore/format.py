@@ -23,6 +23,7 @@ import numpy as np
 
 from knnlm_jax.core.hints import command
 from knnlm_jax.core.locks import holder, lock_path
+from knnlm_jax.core.errors import KnnlmError
 
 FORMAT_VERSION = 1
 KEYS, VALS, MANIFEST, INDEX = "keys.npy", "vals.npy", "manifest.json", "index.faiss"
@@ -33,7 +34,7 @@ BUILD_IDENTITY = ("model_fingerprint", "key_type", "dim", "vocab_fingerprint", "
                   "num_entries", "window", "context", "batch_size")
 
 
-class DatastoreError(ValueError):
+class DatastoreError(KnnlmError, ValueError):
     """A datastore that is missing, damaged, unfinished or built for another model."""
 
 

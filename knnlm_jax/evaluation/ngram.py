@@ -15,6 +15,8 @@ import dataclasses
 
 import numpy as np
 
+from knnlm_jax.core.errors import InputError
+
 
 def _rows(ids_N: np.ndarray, n: int) -> np.ndarray:
     """``(N - n + 1) x n`` sliding n-grams as one fixed-size byte string each (comparable, sortable)."""
@@ -72,7 +74,7 @@ class KneserNey:
     @classmethod
     def fit(cls, ids_N: np.ndarray, n: int, vocab_size: int) -> "KneserNey":
         if n < 1:
-            raise ValueError(f"n-gram order {n}: must be at least 1")
+            raise InputError(f"n-gram order {n}: must be at least 1")
         raw = {k: np.unique(_rows(ids_N, k), return_counts=True) for k in range(1, n + 1)}
         orders = []
         for k in range(2, n + 1):

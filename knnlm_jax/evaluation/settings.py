@@ -10,12 +10,14 @@ import dataclasses
 
 import numpy as np
 
+from knnlm_jax.core.errors import KnnlmError
+
 LAMBDAS = tuple(round(0.01 * i, 2) for i in range(101))  # λ and λc grid: 0.00 .. 1.00
 TEMPERATURES = tuple(0.25 * 2 ** (i / 2) for i in range(21))  # 0.25 .. 256, steps of sqrt(2)
 CACHE_THETAS = tuple(float(x) for x in np.geomspace(1e-4, 1.0, 25))  # θ grid, 10^-4 .. 1, steps of 10^(1/6)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(KnnlmError, ValueError):
     """A user error in what to evaluate or how."""
 
 

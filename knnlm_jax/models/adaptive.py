@@ -18,6 +18,8 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
+from knnlm_jax.core.errors import InputError
+
 
 def band_edges(vocab_size: int, cutoffs: Sequence[int]) -> tuple[int, ...]:
     """``(0, c1, ..., ck, V)``, keeping only cutoffs strictly inside ``(0, V)``."""
@@ -99,7 +101,7 @@ class AdaptiveSoftmax(nnx.Module):
 
         if self.tied:
             if adaptive_input.edges != self.edges or adaptive_input.dims != self.dims:
-                raise ValueError("tied adaptive softmax needs the adaptive input's cutoffs and factor")
+                raise InputError("tied adaptive softmax needs the adaptive input's cutoffs and factor")
             self.head_words = None
             self.head_classes = linear(d_model, n_tails) if n_tails else None
             # the head's word vectors are the band-0 embeddings; project first when their dim differs

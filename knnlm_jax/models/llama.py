@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from knnlm_jax.models.transformer import _key_types
+from knnlm_jax.core.errors import InputError
 
 # Parity with a float32 reference needs true float32 products: GPUs would otherwise multiply in
 # TF32 (10-bit mantissas) or bfloat16 passes; CPUs ignore the setting.
@@ -61,7 +62,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"{self.num_heads} attention heads do not group over {self.num_kv_heads} key/value heads")
+            raise InputError(f"{self.num_heads} attention heads do not group over {self.num_kv_heads} key/value heads")
 
 
 class RMSNorm(nnx.Module):
@@ -236,11 +237,11 @@ def assign(model: LlamaLM, weights: dict) -> None:
     names = {hf_name(path): path for path in params}
     missing = sorted(set(names) - set(weights))
     if missing:
-        raise ValueError(f"the weights lack {len(missing)} tensors, e.g. {missing[0]}")
+        raise InputError(f"the weights lack {len(missing)} tensors, e.g. {missing[0]}")
     for name, path in names.items():
         want = params[path].get_value().shape
         if tuple(weights[name].shape) != tuple(want):
-            raise ValueError(f"{name}: shape {tuple(weights[name].shape)}, the model expects {tuple(want)}")
+            raise InputError(f"{name}: shape {tuple(weights[name].shape)}, the model expects {tuple(want)}")
         params[path].set_value(jnp.asarray(weights[name], jnp.float32))
     nnx.update(model, nnx.from_flat_state(params))
 

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from knnlm_jax.models.adaptive import AdaptiveInput, AdaptiveSoftmax
+from knnlm_jax.core.errors import InputError
 
 ATTENTION_IMPLS = ("explicit", "xla", "cudnn", "auto")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -87,13 +88,13 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+            raise InputError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         if self.vocab_size < 5:
-            raise ValueError(f"vocab_size {self.vocab_size} is too small")
+            raise InputError(f"vocab_size {self.vocab_size} is too small")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {self.attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+            raise InputError(f"attention_impl {self.attention_impl!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype {self.compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+            raise InputError(f"compute_dtype {self.compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
 
     @property
     def dtype(self):
@@ -305,7 +306,7 @@ def _key_types(key_type) -> tuple[str, ...]:
     names = () if key_type is None else (key_type,) if isinstance(key_type, str) else tuple(key_type)
     for name in names:
         if name not in KEY_TYPES:
-            raise ValueError(f"unknown key type {name!r}; choose one of {KEY_TYPES}")
+            raise InputError(f"unknown key type {name!r}; choose one of {KEY_TYPES}")
     return tuple(dict.fromkeys(names))
 
 

@@ -37,6 +37,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from knnlm_jax.core.errors import InputError
+
 AXIS = "keys"
 MISSING = np.finfo(np.float32).max  # FAISS's distance for a missing (-1) neighbour
 HIGHEST = lax.Precision.HIGHEST
@@ -224,7 +226,7 @@ class DeviceSearcher:
         self.mesh = Mesh(np.asarray(devices), (AXIS,))
         self.rows, self.block = shard_rows(self.ntotal, len(devices), block)
         if self.rows >= 2 ** 31:
-            raise ValueError(f"{self.rows} keys per device: more than int32 ids can number; use more devices")
+            raise InputError(f"{self.rows} keys per device: more than int32 ids can number; use more devices")
         self.approx, self.precision, self.max_queries = approx, precision, query_bucket(max_queries)
         dtype = np.dtype(dtype)
         chunk_rows = chunk_rows or max(1, (64 << 20) // max(1, self.d * dtype.itemsize))

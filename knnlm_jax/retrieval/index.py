@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from knnlm_jax.retrieval import faiss_gpu
+from knnlm_jax.core.errors import InputError
 
 FLAT_MAX = 200_000  # below this many keys the exact index is the default
 MAX_CENTROIDS = 4096  # the paper's list count; more only past MAX_PER_LIST keys per list
@@ -93,7 +94,7 @@ def make_index(factory: str, dim: int) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
     except RuntimeError as err:
-        raise ValueError(f"FAISS cannot make index {factory!r} for {dim}-dim keys: {_faiss_message(err)}") from None
+        raise InputError(f"FAISS cannot make index {factory!r} for {dim}-dim keys: {_faiss_message(err)}") from None
     _skip_polysemous_training(index)
     return index
 
@@ -108,7 +109,7 @@ def _train(index: faiss.Index, sample_SxD: np.ndarray, factory: str) -> None:
     try:
         index.train(np.ascontiguousarray(sample_SxD, dtype=np.float32))
     except RuntimeError as err:
-        raise ValueError(f"FAISS cannot train {factory!r} on {len(sample_SxD)} keys: {_faiss_message(err)}") from None
+        raise InputError(f"FAISS cannot train {factory!r} on {len(sample_SxD)} keys: {_faiss_message(err)}") from None
 
 
 def _set_kmeans_seed(index: faiss.Index, seed: int) -> None:
@@ -280,13 +281,13 @@ def read_index(path: str, nprobe: int | None = None, mmap: bool = False) -> fais
             index = faiss.read_index(path, flags)
     except RuntimeError as err:
         if "OnDiskInvertedLists" in str(err):
-            raise ValueError(f"{path}: its on-disk inverted lists are unreadable ({_faiss_message(err)})") from None
-        raise ValueError(f"{path}: unreadable FAISS index ({_faiss_message(err)})") from None
+            raise InputError(f"{path}: its on-disk inverted lists are unreadable ({_faiss_message(err)})") from None
+        raise InputError(f"{path}: unreadable FAISS index ({_faiss_message(err)})") from None
     lists = ondisk_lists(index)
     if lists is not None and mmap:  # IO_FLAG_MMAP over on-disk lists crashes FAISS at search: they map themselves
         return read_index(path, nprobe, mmap=False)
     if lists is not None and os.path.getsize(lists.filename) < lists.totsize:
-        raise ValueError(f"{path}: its inverted lists {lists.filename} have {os.path.getsize(lists.filename)} bytes, "
+        raise InputError(f"{path}: its inverted lists {lists.filename} have {os.path.getsize(lists.filename)} bytes, "
                          f"{lists.totsize} expected (truncated, or from another merge)")
     if nprobe is not None:
         set_nprobe(index, nprobe)

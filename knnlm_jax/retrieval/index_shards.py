@@ -18,6 +18,7 @@ import numpy as np
 
 from knnlm_jax.retrieval import index as faiss_index
 from knnlm_jax.retrieval.index import _faiss_message, _stdout_to_stderr
+from knnlm_jax.core.errors import InputError
 
 MISSING = np.finfo(np.float32).max  # FAISS's distance for a missing (-1) neighbour
 
@@ -33,13 +34,13 @@ def _read_shard(path: str, ivf_ref) -> faiss.Index:
         with _stdout_to_stderr():
             shard = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError as err:
-        raise ValueError(f"{path}: unreadable FAISS index ({_faiss_message(err)})") from None
+        raise InputError(f"{path}: unreadable FAISS index ({_faiss_message(err)})") from None
     ivf = faiss.try_extract_index_ivf(shard)
     if ivf is None:
-        raise ValueError(f"{path}: not an IVF index; only IVF shards merge into one index")
+        raise InputError(f"{path}: not an IVF index; only IVF shards merge into one index")
     if (ivf.d, ivf.nlist, ivf.code_size) != (ivf_ref.d, ivf_ref.nlist, ivf_ref.code_size) or not np.array_equal(
             _centroids(ivf), _centroids(ivf_ref)):
-        raise ValueError(f"{path}: shard was not built from this trained index "
+        raise InputError(f"{path}: shard was not built from this trained index "
                          "(dimension, lists, codes or centroids differ)")
     return shard
 
@@ -58,15 +59,15 @@ def merge_on_disk(trained_index: faiss.Index, shard_index_paths: list[str], inde
     merge never leaves a complete-looking index. Returns what a manifest records.
     """
     if os.path.dirname(os.path.abspath(index_path)) != os.path.dirname(os.path.abspath(ivfdata_path)):
-        raise ValueError(f"{ivfdata_path} must be in the directory of {index_path}")
+        raise InputError(f"{ivfdata_path} must be in the directory of {index_path}")
     ivf_ref = faiss.try_extract_index_ivf(trained_index)
     if ivf_ref is None or not trained_index.is_trained or trained_index.ntotal != 0:
-        raise ValueError("merge_on_disk needs the trained, empty IVF index the shards were copied from")
+        raise InputError("merge_on_disk needs the trained, empty IVF index the shards were copied from")
     if isinstance(faiss.downcast_index(ivf_ref), faiss.IndexIVFFastScan):
-        raise ValueError("FastScan indexes (…x4fs) keep their lists in blocks that do not merge on disk: "
+        raise InputError("FastScan indexes (…x4fs) keep their lists in blocks that do not merge on disk: "
                          "search the shards apart")
     if not shard_index_paths:
-        raise ValueError("merge_on_disk needs at least one shard index")
+        raise InputError("merge_on_disk needs at least one shard index")
     t0 = time.time()
     shards = [_read_shard(path, ivf_ref) for path in shard_index_paths]
     merged = faiss.deserialize_index(faiss.serialize_index(trained_index))

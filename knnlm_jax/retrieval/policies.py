@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from knnlm_jax.retrieval.index import as_float32
+from knnlm_jax.core.errors import InputError
 
 EXACT_CHUNK = 16384  # candidate keys gathered per chunk of exact distances (8 MiB of float16 at D = 256)
 FEATURES = ("head_entropy", "head_max_logp", "tail_cluster_logp", "query_key")  # per tail band; D values
@@ -96,11 +97,11 @@ def fit_gate(features_NxF, gain_N, fraction: float, l2: float = 1e-2) -> Gate:
     retrieve.
     """
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"retrieve fraction {fraction}: must be in (0, 1]")
+        raise InputError(f"retrieve fraction {fraction}: must be in (0, 1]")
     x = np.asarray(features_NxF, np.float64)
     y = np.asarray(gain_N, np.float64)
     if len(x) == 0:
-        raise ValueError("no tokens to fit the adaptive-retrieval gate on")
+        raise InputError("no tokens to fit the adaptive-retrieval gate on")
     mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 0, scale, 1.0)
     z = np.concatenate([(x - mean) / scale, np.ones((len(x), 1))], axis=1)
@@ -203,7 +204,7 @@ def retrieve_batch(policy: Policy, queries_RxD, targets_R, spans_W, *, search, k
     need the keys.
     """
     if policy.min_pointers > 0 and keys_NxD is None:
-        raise ValueError("RetoMaton pointers need the stored keys (exact distances)")
+        raise InputError("RetoMaton pointers need the stored keys (exact distances)")
     r = len(targets_R)
     n_entries = len(vals_N)
     dists_RxK = np.full((r, k), np.inf, np.float32)

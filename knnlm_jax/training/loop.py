@@ -32,6 +32,7 @@ from knnlm_jax.training.optim import lr_schedule, make_optimizer
 from knnlm_jax.training.run_data import check_run_config, prepare_data, resolved_config
 from knnlm_jax.models.steps import (count_params_of, evaluate, global_array, init_model, make_eval_step,
                                    make_train_step, unigram_perplexity)
+from knnlm_jax.core.errors import KnnlmError, InputError
 
 
 def _append_jsonl(path: str, record: dict) -> None:
@@ -73,7 +74,7 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     mesh = distributed.make_mesh()
     n_dev = mesh.devices.size
     if config.batch_size % n_dev or config.eval_batch_size % n_dev:
-        raise ValueError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
+        raise InputError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
 
     L = config.tokens_per_sample
     train_in, train_tgt, _ = lm_blocks(data.train_ids, L, data.vocab.eos, pad_last=False)
@@ -219,7 +220,7 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     return result
 
 
-class Diverged(ValueError):
+class Diverged(KnnlmError, ValueError):
     """The loss, valid perplexity or training state stopped being finite (a user error: lr, clipping)."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from knnlm_jax.core.errors import InputError
+
 
 def lr_schedule(config) -> optax.Schedule:
     """Linear warm-up from ``warmup_init_lr`` to ``lr``, then one cosine period down to ``min_lr``.
@@ -31,4 +33,4 @@ def make_optimizer(config) -> optax.GradientTransformation:
             *clip,
             optax.adamw(schedule, b1=config.beta1, b2=config.beta2, weight_decay=config.weight_decay),
         )
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose nag or adamw")
+    raise InputError(f"unknown optimizer {config.optimizer!r}; choose nag or adamw")

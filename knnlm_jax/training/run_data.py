@@ -16,6 +16,7 @@ from knnlm_jax.data import corpus
 from knnlm_jax.core import distributed
 from knnlm_jax.data import token_cache
 from knnlm_jax.data.vocab import Vocab
+from knnlm_jax.core.errors import InputError
 
 
 @dataclass
@@ -131,7 +132,7 @@ def check_run_config(workdir: str, resolved: dict, *, write: bool = True) -> Non
         # fields added since the run started, and build/eval-time fields, do not change training
         diff = sorted(k for k in saved if not k.startswith(TRAINING_NEUTRAL) and saved[k] != resolved.get(k))
         if diff:
-            raise ValueError(
+            raise InputError(
                 f"{workdir} holds a run with a different config ({', '.join(diff)}); "
                 "use another --workdir or --overwrite"
             )

