@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Key-extraction throughput of a datastore build against the plain forward pass (issue 3).
+"""Key-extraction throughput of a datastore build against the plain forward pass.
 
 Both run the same model over the same windows with the same batch size and compiled
 shapes; the build path is the real one (``building.build_datastore``: forward with sown

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory of vocabulary + tokenization on a 2M- and a 20M-token corpus (issue 9).
+"""Peak memory of vocabulary + tokenization on a 2M- and a 20M-token corpus.
 
 Corpora (written to a temp dir): ``small`` is WikiText-2 train as is (2.09M tokens with the
 ``</s>`` per line); ``large`` is it 10 times, where in repetition r = 1..9 every word whose

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The kNN-LM with the embedded pretrained SmolLM2-135M-Instruct (issue 13 acceptance).
+# The kNN-LM with the embedded pretrained SmolLM2-135M-Instruct.
 #   wt2:          datastore on WikiText-2 train; lambda and T (and the cache's) tuned on the first 100,000 of
 #                 valid's 273,868 tokens (--tune-tokens: a third of the CPU time), reported on all of test per
 #                 token and per word, beside the wt2 model's results/eval_wt2.json

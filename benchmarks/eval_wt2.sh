@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The kNN-LM on WikiText-2 (issue 4 acceptance): the wt2 model with its training-set datastore,
+# The kNN-LM on WikiText-2: the wt2 model with its training-set datastore,
 # lambda and T (and the cache's lambda_c and theta) tuned on valid, reported on test; exact
 # re-ranking and FAISS's approximate distances, each tuned on its own. Needs runs/wt2 with an
 # indexed datastore "train" (python build.py --workdir runs/wt2 --data_dir ../shared/data/wikitext-2).

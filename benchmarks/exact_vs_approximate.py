@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Exact re-ranking against FAISS's approximate distances at a given PQ precision (issue 4; paper §5).
+"""Exact re-ranking against FAISS's approximate distances at a given PQ precision (paper §5).
 
 The paper quantizes 1024-dim keys to 64 bytes (16 dimensions per byte) and finds that
 re-ranking with full-precision L2 helps (WikiText-103 16.5 -> 16.06). This builds an

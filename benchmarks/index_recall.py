@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Recall@k of a datastore's approximate (IVF-PQ) index against exact search (issue 3).
+"""Recall@k of a datastore's approximate (IVF-PQ) index against exact search.
 
 Also checks that exact search finds a sample of stored keys themselves at distance 0.
 Queries are keys of held-out text (the valid split, computed by the same model the way

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kill -9 a shortened wt2 run mid-way, rerun the same command, and compare with an
-# uninterrupted run of the same config (issue 2 acceptance). Writes results/kill_resume_wt2.json.
+# uninterrupted run of the same config. Writes results/kill_resume_wt2.json.
 # Usage: bash benchmarks/kill_resume.sh [kill-after-seconds]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kill -9 the WikiText-2 train datastore build mid-way, rerun the same command, and compare the
-# sha256 of keys.npy / vals.npy with an uninterrupted build (issue 3 acceptance).
+# sha256 of keys.npy / vals.npy with an uninterrupted build.
 # Needs a trained runs/wt2 and its uninterrupted datastore "train" (python build.py --workdir runs/wt2 --no-index).
 # Writes results/build_kill_resume_wt2.json.  Usage: bash benchmarks/kill_resume_build.sh [kill-after-seconds]
 set -euo pipefail

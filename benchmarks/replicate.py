@@ -1,4 +1,4 @@
-"""The paper's checkable claims at small scale, by one command: ``make replicate`` (issue 12).
+"""The paper's checkable claims at small scale, by one command: ``make replicate``.
 
   python benchmarks/replicate.py             # run or resume the suite, then write docs/RESULTS.md
   python benchmarks/replicate.py --list      # the steps, and which are done

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Multi-process builds on WikiText-2 (issue 9): 2 processes on localhost against 1, kill -9 and resume.
+"""Multi-process builds on WikiText-2: 2 processes on localhost against 1, kill -9 and resume.
 
 1. ``build.py`` with 1 process -> datastore ``one`` (keys/values only);
 2. the same with 2 processes (jax.distributed over localhost, gloo) -> ``two``: concatenated

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-entry costs at the paper's key size (d = 1024) and what WikiText-103 and wiki3b need (issue 9).
+"""Per-entry costs at the paper's key size (d = 1024) and what WikiText-103 and wiki3b need.
 
 Measured here (this CPU, synthetic clustered 1024-dim keys, FAISS as the build uses it):
 k-means + PQ training of IVF{nlist},PQ64, the index add rate, and IVF-PQ search speed

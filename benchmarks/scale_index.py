@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""FAISS at scale (issue 9): train once, add per shard, merge on disk, search memory-mapped.
+"""FAISS at scale: train once, add per shard, merge on disk, search memory-mapped.
 
 Synthetic keys: a seeded Gaussian mixture (clusters of unequal weight and spread, so IVF
 lists are unbalanced as with real keys), generated in blocks of 100k rows, each from its

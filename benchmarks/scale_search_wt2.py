@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Three ways to search one WikiText-2 datastore give one answer (issue 9).
+"""Three ways to search one WikiText-2 datastore give one answer.
 
 With the same trained IVF-PQ (``trained.faiss`` of the 2-process datastore ``two``, built by
 ``benchmarks/scale_build_wt2.py``):
