@@ -101,6 +101,11 @@ def test_window_context_self_retrieval_searcher_and_key_type_each_force_a_new_pa
         assert run(ev, out)[1], name
         assert not run(ev, out, **change)[1], f"{name} changed but the saved files were reused"
         assert run(ev, out, **change)[1], f"{name}: the very same evaluation reuses its files"
+    # the continuous cache: its size and its thetas change the cache's per-token columns
+    cache = dict(cache=True, cache_size=8, cache_thetas=(0.1,), cache_lambda=0.2)
+    assert not run(ev, out, **cache)[1] and run(ev, out, **cache)[1]
+    assert not run(ev, out, **dict(cache, cache_size=16))[1], "cache_size changed but the saved files were reused"
+    assert not run(ev, out, **dict(cache, cache_thetas=(0.1, 0.3)))[1], "cache thetas changed but files were reused"
     # self-retrieval: dropped by default on the datastore's own text, kept with drop_self="no"
     assert not run(ev, out, split="train")[1] and run(ev, out, split="train")[1]
     assert not run(ev, out, split="train", drop_self="no")[1], "drop_self changed but the saved files were reused"

@@ -50,13 +50,16 @@ def _prepare_data(config, workdir: str, *, need_valid: bool, corpus_options: dic
     options = dict(corpus_options or {}, cache_dir=cache)
     train = corpus.read_split(config.data_dir, "train", **options)
     vocab_path = os.path.join(workdir, VOCAB)
-    source = dict(corpus=train.corpus, train_sha256=train.sha256, max_size=int(config.vocab_size or 0))
-    if _vocab_is_ours(workdir, source):
-        vocab = Vocab.load(vocab_path)
-    else:
+    max_size = int(config.vocab_size or 0)
+    fresh = not _vocab_is_ours(workdir, train, max_size)
+    if fresh:
         vocab = Vocab.build(train.lines(), max_size=config.vocab_size)
-        save_vocab(workdir, vocab, source)
-    train_ids = token_cache.load_tokens(cache, train, vocab)
+        save_vocab(workdir, vocab)
+    else:
+        vocab = Vocab.load(vocab_path)
+    train_ids = token_cache.load_tokens(cache, train, vocab)  # hashes the split as it encodes it
+    if fresh:
+        write_vocab_source(workdir, vocab, _made_from(train, max_size))
     valid_ids = (token_cache.load_tokens(cache, corpus.read_split(config.data_dir, "valid", **options), vocab)
                  if need_valid else None)
     return RunData(vocab, train_ids, valid_ids, train.sha256, train.corpus, dict(corpus_options or {}))
@@ -65,23 +68,34 @@ def _prepare_data(config, workdir: str, *, need_valid: bool, corpus_options: dic
 VOCAB, VOCAB_SOURCE, CONFIG = "vocab.txt", "vocab-source.json", "config.json"
 
 
-def save_vocab(workdir: str, vocab: Vocab, source: dict) -> None:
-    """Save the run's vocabulary and what it was made from (``{"given": path}`` for ``--vocab``).
+def save_vocab(workdir: str, vocab: Vocab, source: dict | None = None) -> None:
+    """Save the run's vocabulary, with what it was made from when known (``{"given": path}`` for ``--vocab``).
 
-    The record names the vocabulary's fingerprint too, and the old record goes first: a process
-    killed between the two writes leaves a vocabulary that no record vouches for.
+    The old record goes first: a process killed before the new one is written leaves a vocabulary
+    that no record vouches for.
     """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, VOCAB_SOURCE)
     if os.path.exists(path):
         os.remove(path)
     vocab.save(os.path.join(workdir, VOCAB))
+    if source is not None:
+        write_vocab_source(workdir, vocab, source)
+
+
+def write_vocab_source(workdir: str, vocab: Vocab, source: dict) -> None:
+    """Record what the saved vocabulary was made from, naming its fingerprint."""
+    path = os.path.join(workdir, VOCAB_SOURCE)
     with open(path + ".tmp", "w") as f:
         json.dump(dict(source, vocab_fingerprint=vocab.fingerprint()), f, indent=2)
     os.replace(path + ".tmp", path)
 
 
-def _vocab_is_ours(workdir: str, source: dict) -> bool:
+def _made_from(train, max_size: int) -> dict:
+    return dict(corpus=train.corpus, train_sha256=train.sha256, max_size=max_size)
+
+
+def _vocab_is_ours(workdir: str, train, max_size: int) -> bool:
     """Whether ``vocab.txt`` in the run directory belongs to this run.
 
     Once training has started (``config.json``), the saved config's corpus check decides. Before
@@ -98,15 +112,14 @@ def _vocab_is_ours(workdir: str, source: dict) -> bool:
             recorded = json.load(f)
     except (OSError, ValueError):
         recorded = None
-    if isinstance(recorded, dict):
+    if isinstance(recorded, dict) and recorded.get("vocab_fingerprint") == Vocab.load(vocab_path).fingerprint():
         made_from = {k: v for k, v in recorded.items() if k != "vocab_fingerprint"}
-        if (recorded.get("given") or made_from == source) and \
-                recorded.get("vocab_fingerprint") == Vocab.load(vocab_path).fingerprint():
+        if recorded.get("given") or made_from == _made_from(train, max_size):  # hashes the split if not yet known
             return True
     made = (f"from {recorded.get('corpus')} ({recorded.get('max_size') or 'all'} words)"
             if isinstance(recorded, dict) else "by an unknown corpus")
     print(f"note: {vocab_path} was made {made} by a run that never started training; rebuilding it from "
-          f"{source['corpus']}", file=sys.stderr)
+          f"{train.corpus}", file=sys.stderr)
     return False
 
 
