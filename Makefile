@@ -27,6 +27,7 @@ demo: $(STAMP)
 replicate: $(STAMP)
 	$(BIN)/python benchmarks/replicate.py
 
+# a quick run without the long files: $(BIN)/python -m pytest -q -n 2 -m 'not slow' tests
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 

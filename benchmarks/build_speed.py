@@ -35,9 +35,9 @@ def main() -> int:
     from flax import nnx
 
     from knnlm_jax import runs
-    from knnlm_jax.datastore.building import KeyComputer, build_datastore, window_sizes
+    from knnlm_jax.datastore.building import BuildSpec, CorpusInfo, KeyComputer, build_datastore, window_sizes
     from knnlm_jax.models.adaptive import build_capacities
-    from knnlm_jax.data.windows import windows
+    from knnlm_jax.data.windows import WindowSpec, windows
     from knnlm_jax.core.report import write_json
 
     config = runs.run_config(args.workdir)
@@ -76,10 +76,10 @@ def main() -> int:
     def run_build() -> float:
         shutil.rmtree(os.path.join(tmp, "ds"), ignore_errors=True)
         t = time.perf_counter()
+        spec = BuildSpec(CorpusInfo(data.corpus, data.sha256, "train"), WindowSpec(window, context), batch,
+                         progress=False)
         build_datastore(os.path.join(tmp, "ds"), trained, runs.signature(config, vocab, trained.fingerprint,
-                        trained.step), tokens, vocab.eos, corpus=data.corpus, corpus_sha256=data.sha256,
-                        split="train", window=window, context=context, batch_size=batch, progress=False,
-                        log=lambda *a: None)
+                        trained.step), tokens, vocab.eos, spec, log=lambda *a: None)
         return time.perf_counter() - t
 
     run_plain(), run_build()  # compile both

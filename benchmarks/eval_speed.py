@@ -86,7 +86,9 @@ def run(args) -> int:
     from knnlm_jax.models.adaptive import band_edges
     from knnlm_jax.models.adaptive import build_capacities
     from knnlm_jax.datastore.format import datastore_dir, open_datastore
-    from knnlm_jax.evaluation.streaming import evaluate_tokens
+    from knnlm_jax.data.windows import WindowSpec
+    from knnlm_jax.datastore.retriever import Retriever
+    from knnlm_jax.evaluation.streaming import Scorer, StreamSpec, evaluate_tokens
     from knnlm_jax.evaluation.settings import eval_window_sizes
     from knnlm_jax.data.windows import windows
     from knnlm_jax.core.report import write_json
@@ -124,13 +126,11 @@ def run(args) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         def once(search: bool, on_queries=None, overlap: bool = True, policy=Policy(), variant: bool = False) -> dict:
-            files = evaluate_tokens(os.path.join(tmp, "tokens"), trained, tokens, vocab.eos, key_type=config.key_type,
-                                    window=window, context=context, batch_size=batch_size,
-                                    index=(vindex if variant else index) if search else None,
-                                    store=vstore if variant else store, k=args.k,
-                                    exact=variant_exact(args, policy) if variant else exact,
-                                    nprobe=nprobe, capacities=caps, progress=False, on_queries=on_queries,
-                                    overlap=overlap, policy=policy)
+            retriever = Retriever(vstore if variant else store, vindex if variant else index, args.k,
+                                  variant_exact(args, policy) if variant else exact, nprobe) if search else None
+            spec = StreamSpec(WindowSpec(window, context), batch_size, policy=policy, progress=False, overlap=overlap)
+            files = evaluate_tokens(os.path.join(tmp, "tokens"), Scorer(trained, config.key_type, vocab.eos), tokens,
+                                    spec, retriever, capacities=caps, on_queries=on_queries)
             return files.meta
 
         once(False)  # warm-up: compile both kinds of pass
@@ -218,7 +218,9 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
 
     from knnlm_jax import runs
     from knnlm_jax.evaluation import evaluate as evaluation
-    from knnlm_jax.evaluation.streaming import evaluate_tokens
+    from knnlm_jax.data.windows import WindowSpec
+    from knnlm_jax.datastore.retriever import Retriever
+    from knnlm_jax.evaluation.streaming import Scorer, StreamSpec, evaluate_tokens
     from knnlm_jax.evaluation.settings import Settings, eval_window_sizes
     from knnlm_jax.evaluation.mixing import tune_knn
     from knnlm_jax.retrieval.policies import Gate, Policy
@@ -246,9 +248,8 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
         settings = Settings(lmbda=None, temperature=None, **base, **options,
                             exact=exact if where is today else variant_exact(args, policy))
         store, index = where
-        return evaluation.run(os.path.join(out_dir, name), split="test", splits=splits, settings=settings,
-                              trained=trained, key_type=config.key_type, store=store, index=index, vocab=vocab,
-                              log=log)
+        job = evaluation.EvalJob(Scorer(trained, config.key_type, vocab.eos), store, index, vocab, settings)
+        return evaluation.run(os.path.join(out_dir, name), job, "test", splits, log=log)
 
     def valid_prefix(name: str):
         files = open_token_files(os.path.join(out_dir, name, "tokens-valid"))
@@ -267,10 +268,10 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
     valid_tokens = splits["valid"][1][:n]
     with tempfile.TemporaryDirectory() as tmp:
         for tau in (int(t) for t in args.retomaton_grid.split(",")):
-            files = evaluate_tokens(os.path.join(tmp, "reto"), trained, valid_tokens, vocab.eos,
-                                    key_type=config.key_type, window=window, context=context,
-                                    batch_size=base["batch_size"], index=fast[1], store=fast[0], k=args.k,
-                                    exact=True, nprobe=nprobe, progress=False, policy=Policy(min_pointers=tau))
+            spec = StreamSpec(WindowSpec(window, context), base["batch_size"], policy=Policy(min_pointers=tau),
+                              progress=False)
+            files = evaluate_tokens(os.path.join(tmp, "reto"), Scorer(trained, config.key_type, vocab.eos),
+                                    valid_tokens, spec, Retriever(fast[0], fast[1], args.k, True, nprobe))
             choice["retomaton"].append(dict(min_pointers=tau, valid_ppl=tune_knn(files)["ppl"],
                                             foss=files.meta["foss"]))
             log(f"retomaton {tau}: {choice['retomaton'][-1]}")

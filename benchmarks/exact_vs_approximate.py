@@ -34,7 +34,9 @@ def main(argv=None) -> int:
     from knnlm_jax import runs
     from knnlm_jax.retrieval import index as faiss_index
     from knnlm_jax.datastore.format import datastore_dir, open_datastore
-    from knnlm_jax.evaluation.streaming import evaluate_tokens
+    from knnlm_jax.data.windows import WindowSpec
+    from knnlm_jax.datastore.retriever import Retriever
+    from knnlm_jax.evaluation.streaming import Scorer, StreamSpec, evaluate_tokens
     from knnlm_jax.evaluation.settings import eval_window_sizes
     from knnlm_jax.evaluation.mixing import knn_log_probs, mix, tune_knn
     from knnlm_jax.evaluation.settings import perplexity
@@ -53,10 +55,10 @@ def main(argv=None) -> int:
                   tokens={s: len(t) for s, t in tokens.items()}, datastore_entries=store.size, dim=store.dim)
     with tempfile.TemporaryDirectory() as tmp:
         for mode, exact in (("exact", True), ("approximate", False)):
-            files = {s: evaluate_tokens(os.path.join(tmp, f"{mode}-{s}"), trained, t, vocab.eos,
-                                        key_type=config.key_type, window=window, context=context,
-                                        batch_size=config.eval_batch_size, index=index, store=store, k=args.k,
-                                        exact=exact, nprobe=args.nprobe, desc=f"{mode} {s}")
+            retriever = Retriever(store, index, args.k, exact, args.nprobe)
+            files = {s: evaluate_tokens(os.path.join(tmp, f"{mode}-{s}"), Scorer(trained, config.key_type, vocab.eos),
+                                        t, StreamSpec(WindowSpec(window, context), config.eval_batch_size,
+                                                      desc=f"{mode} {s}"), retriever)
                      for s, t in tokens.items()}
             best = tune_knn(files["valid"])
             test = files["test"]

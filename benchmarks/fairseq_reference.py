@@ -27,7 +27,7 @@ What runs is what a fairseq user types, in fairseq's own code:
    scored log-probs (``positional_scores``) and the full distribution
    (``get_normalized_probs(..., log_probs=True)``).
 
-Writes ``tests/data/fairseq_tiny/``: ``checkpoint.pt``, ``dict.txt``, ``reference.npz`` and
+Writes ``tests/fixtures/fairseq_tiny/``: ``checkpoint.pt``, ``dict.txt``, ``reference.npz`` and
 ``reference.json`` (the command, fairseq commit, versions, fairseq's command lines, sha256s).
 """
 
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fairseq-src", required=True, help="a checkout of facebookresearch/fairseq (not installed)")
     parser.add_argument("--fairseq-commit", help="its commit, where the checkout is not a git repository")
-    parser.add_argument("--out", default=os.path.join(ROOT, "tests", "data", "fairseq_tiny"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "fairseq_tiny"))
     args = parser.parse_args(argv)
 
     results, arrays, commands = make_reference(args.fairseq_src, args.out)

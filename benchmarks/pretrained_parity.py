@@ -11,7 +11,7 @@ transformers dequantises the same file). Both score the same token ids: the firs
 gives the same ids is recorded. The ``transformers`` model is then saved with its own
 ``save_pretrained`` (safetensors) and that directory loaded here: the safetensors path
 checked the same way. Writes ``results/pretrained_parity.json`` (``max_abs_diff`` for each
-path, versions) and the CI reference ``tests/data/smollm2_parity.npz`` (the first
+path, versions) and the CI reference ``tests/fixtures/smollm2_parity.npz`` (the first
 ``--reference-tokens`` ids and transformers' log-probs for them).
 """
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--reference-tokens", type=int, default=128)
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "pretrained_parity.json"))
-    parser.add_argument("--reference", default=os.path.join(ROOT, "tests", "data", "smollm2_parity.npz"))
+    parser.add_argument("--reference", default=os.path.join(ROOT, "tests", "fixtures", "smollm2_parity.npz"))
     args = parser.parse_args(argv)
 
     import importlib.metadata as md

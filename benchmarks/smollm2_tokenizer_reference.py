@@ -10,7 +10,7 @@ file's tokenizer metadata read with the ``gguf`` package, as ``transformers``' r
 and encodes each text without special tokens added. The texts: the start of WikiText-2 test,
 line by line as ``benchmarks/pretrained_parity.py`` builds it, until it holds the parity
 reference's tokens; and a sample of digits, contractions, runs of spaces, tabs and newlines,
-non-ASCII text and the chat control tokens. Writes ``tests/data/smollm2_tokenizer.json``.
+non-ASCII text and the chat control tokens. Writes ``tests/fixtures/smollm2_tokenizer.json``.
 """
 
 import argparse
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-python", required=True, help="an interpreter with transformers and gguf")
     parser.add_argument("--corpus", default=os.path.join(ROOT, "..", "shared", "data", "wikitext-2"))
-    parser.add_argument("--parity", default=os.path.join(ROOT, "tests", "data", "smollm2_parity.npz"))
-    parser.add_argument("--out", default=os.path.join(ROOT, "tests", "data", "smollm2_tokenizer.json"))
+    parser.add_argument("--parity", default=os.path.join(ROOT, "tests", "fixtures", "smollm2_parity.npz"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "smollm2_tokenizer.json"))
     args = parser.parse_args(argv)
 
     import numpy as np

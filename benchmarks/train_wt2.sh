@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data/wikitext-2}
 $PY train.py --config wt2 --data_dir "$DATA" --workdir runs/wt2 --no-progress
-$PY -m knnlm_jax.core.report runs/wt2 --out results/train_wt2.json --command "bash benchmarks/train_wt2.sh"
+$PY -m knnlm_jax.cli.summary runs/wt2 --out results/train_wt2.json --command "bash benchmarks/train_wt2.sh"

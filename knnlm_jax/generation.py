@@ -1,8 +1,8 @@
 """Text generation with the LM or the kNN-LM: a KV cache, one datastore search per new token.
 
 Each step runs the model on one position against its cached attention keys and values
-(:func:`make_decode_step`, jitted; the same layers and numerics as the full forward's
-explicit attention) and returns the full next-token log-distribution ``p_LM`` and the query
+(:func:`make_decode_step`, jitted; the model's own ``decode_step``, with the same layers and
+numerics as its full forward) and returns the full next-token log-distribution ``p_LM`` and the query
 key (the run's key type). With a datastore, the query's ``k`` nearest entries (host FAISS,
 optionally re-ranked exactly) give ``p_kNN`` over the whole vocabulary by scatter-add
 (:func:`~knnlm_jax.retrieval.knn.knn_full_log_probs`); the next token is drawn from
@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 
 from knnlm_jax.retrieval.knn import interpolate, knn_full_log_probs
-from knnlm_jax.models.transformer import sinusoidal_positions
 from knnlm_jax.core.errors import InputError
 
 
@@ -59,59 +58,20 @@ class Step:
 def make_decode_step(graphdef, key_type: str, max_len: int):
     """Jitted ``(params, cache, token_B, pos) -> (logp BxV, query BxD, cache)`` for one position.
 
-    ``cache``: per layer ``(keys, values)``, each ``B x max_len x H x hd``; position ``pos``'s
-    are written, positions after it are masked out.
+    The model decodes itself (its ``decode_step``, see :mod:`knnlm_jax.models.protocol`); ``cache``
+    is its :func:`empty_cache` of ``max_len`` positions.
     """
     def step(params, cache, token_B, pos):
         model = nnx.merge(graphdef, params)
-        if hasattr(model, "decode_step"):  # a pretrained LM (knnlm_jax.models.llama) decodes itself
-            x, states, new_cache = model.decode_step(token_B, cache, pos)
-            return model.full_log_probs(x)[:, 0], states[key_type][:, 0].astype(jnp.float32), new_cache
-        cfg = model.cfg
-        positions_LxD = jnp.asarray(sinusoidal_positions(max_len, cfg.d_model, cfg.position_offset))
-        x = model.embed_scale * model.embed(token_B[:, None]) + positions_LxD[pos]
-        if cfg.dtype is not None:
-            x = x.astype(cfg.dtype)
-        b, d = x.shape[0], x.shape[-1]
-        new_cache, states = [], {}
-        for i, block in enumerate(model.blocks):
-            attn = block.attn
-            h, hd = attn.num_heads, d // attn.num_heads
-            q, k, v = jnp.split(attn.qkv(block.ln1(x)).reshape(b, 1, 3 * h, hd), 3, axis=2)
-            keys_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(cache[i][0], k.astype(cache[i][0].dtype), pos, 1)
-            vals_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(cache[i][1], v.astype(cache[i][1].dtype), pos, 1)
-            new_cache.append((keys_BxLxHxK, vals_BxLxHxK))
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys_BxLxHxK, preferred_element_type=jnp.float32,
-                                precision=attn.precision) * hd**-0.5
-            scores = jnp.where(jnp.arange(max_len) <= pos, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            attn_out = attn.out(jnp.einsum("bhqk,bkhd->bqhd", probs, vals_BxLxHxK, precision=attn.precision)
-                                .reshape(b, 1, d))
-            x = x + attn_out
-            ffn_in = block.ln2(x)
-            if i == len(model.blocks) - 1:
-                states.update(attn_output=attn_out, ffn_input_before_ln=x, ffn_input_after_ln=ffn_in)
-            x = x + block.fc2(jax.nn.relu(block.fc1(ffn_in)))
-        states["block_output"] = x
-        if model.final_ln is not None:
-            x = model.final_ln(x)
-        x = x.astype(jnp.float32)
-        states["final_output"] = x
-        logp_BxV = model.full_log_probs(x)[:, 0]
-        return logp_BxV, states[key_type][:, 0].astype(jnp.float32), tuple(new_cache)
+        x, states, new_cache = model.decode_step(token_B, cache, pos)
+        return model.full_log_probs(x)[:, 0], states[key_type][:, 0].astype(jnp.float32), new_cache
 
     return jax.jit(step)
 
 
 def empty_cache(trained, batch: int, max_len: int):
-    model = trained.model()
-    if hasattr(model, "empty_cache"):  # a pretrained LM (knnlm_jax.models.llama) sizes its own, as it decodes itself
-        return model.empty_cache(batch, max_len)
-    cfg = trained.cfg
-    hd = cfg.d_model // cfg.num_heads
-    dtype = jnp.float32 if cfg.dtype is None else cfg.dtype
-    zeros = jnp.zeros((batch, max_len, cfg.num_heads, hd), dtype)
-    return tuple((zeros, zeros) for _ in range(cfg.num_layers))
+    """The model's own attention cache for ``batch`` sequences of ``max_len`` positions."""
+    return trained.model().empty_cache(batch, max_len)
 
 
 def choose(logp_V: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
@@ -135,18 +95,31 @@ def choose(logp_V: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
     return int(rng.choice(len(p), p=p))
 
 
-def generate(trained, context, new_tokens: int, *, key_type: str, retrieve=None, vals_N=None, lmbda: float = 0.0,
-             knn_temperature: float = 1.0, sampling: Sampling = Sampling(), stop=None, explain: int = 3):
+@dataclasses.dataclass(frozen=True)
+class Mixing:
+    """How ``p_kNN`` joins ``p_LM``: weight ``lmbda`` (0: the LM alone, no search), softmax ``temperature``."""
+
+    lmbda: float = 0.0
+    temperature: float = 1.0
+
+    def check(self) -> None:
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise InputError(f"lambda {self.lmbda}: must be in [0, 1]")
+        if not self.temperature > 0:
+            raise InputError(f"kNN temperature {self.temperature}: must be positive")
+
+
+def generate(trained, context, new_tokens: int, *, key_type: str, retriever=None, mixing: Mixing = Mixing(),
+             sampling: Sampling = Sampling(), stop=None, explain: int = 3):
     """Continue ``context`` (token ids, starting with ``</s>`` as a line does) by ``new_tokens`` tokens.
 
-    ``retrieve(query_1xD) -> (dists 1xK, ids 1xK)``: the datastore's nearest entries (ids -1
-    where none), with ``vals_N`` their next tokens; searched only when ``lmbda > 0``. ``stop``:
+    ``retriever``: a :class:`~knnlm_jax.datastore.retriever.Retriever` (anything with
+    ``nearest(queries_1xD) -> Neighbours``), searched only when ``mixing.lmbda > 0``. ``stop``:
     a token id that ends generation early. Returns the list of :class:`Step`.
     """
     sampling.check()
-    if not 0.0 <= lmbda <= 1.0:
-        raise InputError(f"lambda {lmbda}: must be in [0, 1]")
-    if lmbda > 0 and retrieve is None:
+    mixing.check()
+    if mixing.lmbda > 0 and retriever is None:
         raise InputError("lambda > 0 needs a datastore to retrieve from")
     context = [int(t) for t in context]
     if not context:
@@ -160,17 +133,10 @@ def generate(trained, context, new_tokens: int, *, key_type: str, retrieve=None,
     steps = []
     for pos in range(len(context), max_len):
         logp_V = np.asarray(logp[0])
-        logp_knn_V, neighbours = None, []
-        mixed_V = logp_V
-        if lmbda > 0:
-            dists, ids = retrieve(np.asarray(query, np.float32))
-            valid = ids >= 0
-            vals = np.asarray(vals_N[np.where(valid, ids, 0).reshape(-1)]).reshape(ids.shape)
-            logp_knn_V = np.asarray(knn_full_log_probs(jnp.asarray(dists), jnp.asarray(vals), jnp.asarray(valid),
-                                                       len(logp_V), knn_temperature)[0])
-            mixed_V = np.asarray(interpolate(jnp.asarray(logp_V), jnp.asarray(logp_knn_V), lmbda))
-            neighbours = [(int(i), int(v), float(d)) for i, v, d, ok in zip(ids[0], vals[0], dists[0], valid[0])
-                          if ok][:explain]
+        logp_knn_V, mixed_V, neighbours = None, logp_V, []
+        if mixing.lmbda > 0:
+            logp_knn_V, mixed_V, neighbours = knn_mixture(logp_V, retriever.nearest(np.asarray(query, np.float32)),
+                                                          mixing, explain)
         token = choose(mixed_V, sampling, rng)
         steps.append(Step(token, float(logp_V[token]), None if logp_knn_V is None else float(logp_knn_V[token]),
                           float(mixed_V[token]), neighbours))
@@ -178,3 +144,13 @@ def generate(trained, context, new_tokens: int, *, key_type: str, retrieve=None,
             break
         logp, query, cache = step(trained.params, cache, jnp.asarray([token], jnp.int32), pos)
     return steps
+
+
+def knn_mixture(logp_V: np.ndarray, found, mixing: Mixing, explain: int):
+    """``(log p_kNN V, log of the mixture V, the ``explain`` nearest (id, value, distance))`` of one query."""
+    dists, ids, vals, valid = found.dists_QxK, found.ids_QxK, found.vals_QxK, found.found_QxK
+    logp_knn_V = np.asarray(knn_full_log_probs(jnp.asarray(dists), jnp.asarray(vals), jnp.asarray(valid),
+                                               len(logp_V), mixing.temperature)[0])
+    mixed_V = np.asarray(interpolate(jnp.asarray(logp_V), jnp.asarray(logp_knn_V), mixing.lmbda))
+    neighbours = [(int(i), int(v), float(d)) for i, v, d, ok in zip(ids[0], vals[0], dists[0], valid[0]) if ok]
+    return logp_knn_V, mixed_V, neighbours[:explain]

@@ -30,8 +30,18 @@ class RunError(KnnlmError, ValueError):
     """A run directory that is missing or unusable."""
 
 
+def is_corpus_spec(data_dir: str) -> bool:
+    """A corpus named rather than a directory: ``tfds:...``, ``wiki3b``, ``wiki-offline``, the embedded one."""
+    return is_spec(data_dir) or data_dir == EMBEDDED
+
+
 def has_checkpoint(directory: str) -> bool:
     return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def is_run_dir(workdir: str) -> bool:
+    """Whether ``workdir`` is a run directory: a trained run's (config and checkpoint) or a pretrained LM's."""
+    return _is_run(workdir)
 
 
 def _is_run(workdir: str) -> bool:
@@ -234,6 +244,20 @@ class TrainedModel:
         from flax import nnx
 
         return nnx.merge(self.graphdef, self.params)
+
+
+def trained_from_module(model, step: int = 0, source: str = "module") -> TrainedModel:
+    """A model object (e.g. a user's own, :mod:`knnlm_jax.models.protocol`) as a :class:`TrainedModel`,
+    its parameters replicated over this process's devices."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from knnlm_jax.core.distributed import local_mesh
+
+    graphdef, params = nnx.split(model)
+    params = jax.device_put(params, NamedSharding(local_mesh(), P()))
+    return TrainedModel(model.cfg, graphdef, params, step, source, params_fingerprint(params))
 
 
 def params_fingerprint(params) -> str:

@@ -42,18 +42,16 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = "tiny
 def corpus_options(args, recorded: dict | None = None) -> dict:
     """Keyword options of :func:`corpus.read_split` / :func:`runs.split_tokens`: the flags given, else
     ``recorded`` (what the run or datastore was made with), else the defaults."""
-    options = dict(tfds_data_dir=None, text_feature="text")
-    options.update({k: v for k, v in (recorded or {}).items() if k in options and v is not None})
-    options.update({k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
-    return options
+    from knnlm_jax.datastores import corpus_options as options
+
+    return options(args, recorded)
 
 
 def check_data_dir(data_dir) -> None:
     """``--data_dir``: an existing directory or a corpus spec (``tfds:...``, ``wiki3b``, ``wiki-offline``)."""
-    from knnlm_jax.data.corpus import is_spec
-    from knnlm_jax.data.embedded_corpus import EMBEDDED
+    from knnlm_jax.runs import is_corpus_spec
 
-    if data_dir is not None and not (os.path.isdir(data_dir) or is_spec(data_dir) or data_dir == EMBEDDED):
+    if data_dir is not None and not (os.path.isdir(data_dir) or is_corpus_spec(data_dir)):
         raise UserError(f"--data_dir {data_dir}: no such directory")
 
 
@@ -61,13 +59,18 @@ def load_config(args):
     config = get_config(args.config)
     apply_overrides(config, args.overrides)
     if args.data_dir is not None:
-        from knnlm_jax.data.corpus import is_spec
-
-        if not (os.path.isdir(args.data_dir) or is_spec(args.data_dir)):
-            raise UserError(f"--data_dir {args.data_dir}: no such directory")
+        check_data_dir(args.data_dir)
         config.data_dir = args.data_dir
     workdir = args.workdir or os.path.join("runs", config.name)
     return config, workdir
+
+
+def run_choice(args):
+    """The :class:`~knnlm_jax.api.RunChoice` of a tool's ``--workdir``, ``--config``, ``--model``, ``--set`` and
+    ``--data_dir``."""
+    from knnlm_jax.api import RunChoice
+
+    return RunChoice(args.workdir, args.config, getattr(args, "model", None), tuple(args.overrides), args.data_dir)
 
 
 def load_run(args):
@@ -76,21 +79,7 @@ def load_run(args):
     The config is the run's saved one with ``--set`` overrides (which may not change the model).
     With ``--model`` it is that pretrained LM's run directory (made on first use).
     """
-    from knnlm_jax import runs
-
-    model = getattr(args, "model", None)
-    if model:
-        check_data_dir(args.data_dir)
-        workdir = args.workdir or os.path.join(runs.RUNS_ROOT, runs.model_run_name(model))
-        runs.setup_pretrained(workdir, model, args.data_dir)
-        return runs.run_config(workdir, args.overrides, model=model), workdir
-    if args.workdir:
-        workdir = args.workdir
-    elif args.config:
-        workdir = os.path.join(runs.RUNS_ROOT, args.config)
-    else:
-        workdir = runs.latest_run()
-    return runs.run_config(workdir, args.overrides), workdir
+    return run_choice(args).resolve()
 
 
 @contextmanager

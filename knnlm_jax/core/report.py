@@ -1,13 +1,12 @@
 """Reports: run summaries and result JSON files (with the command and config that made them).
 
-``python -m knnlm_jax.core.report RUN_DIR --out results/X.json --command "..."`` summarises a
-training run: its config, the curve (step, tokens/s, loss, valid perplexity) and the final
-metrics.
+:func:`summarize_training` summarises a training run (``knnlm-summary RUN_DIR --out X.json``,
+:mod:`knnlm_jax.cli.summary`): its config, the curve (step, tokens/s, loss, valid perplexity) and
+the final metrics.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -60,24 +59,3 @@ def write_json(path: str, payload: dict, command: str | None = None) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=2, default=float)
     os.replace(path + ".tmp", path)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Summarise a training run as JSON.")
-    parser.add_argument("workdir")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--command", default=None, help="the command that produced the run")
-    parser.add_argument("--note", default=None)
-    args = parser.parse_args(argv)
-    summary = summarize_training(args.workdir)
-    if args.note:
-        summary["note"] = args.note
-    write_json(args.out, summary, args.command)
-    for point in summary["curve"]:
-        print(f"step {point['step']:>6}  valid ppl {point['valid_ppl']:8.2f}  "
-              f"tokens/s {point['tokens_per_s'] or 0:8.0f}  minutes {point['minutes'] or 0:6.1f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,9 +7,41 @@ the build and the evaluation score every target exactly once.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from knnlm_jax.core.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSpec:
+    """Windows of ``length`` tokens, each kept entry seeing at least ``context`` earlier ones.
+
+    One spec for the build and the evaluation, validated once, here.
+    """
+
+    length: int
+    context: int
+
+    def __post_init__(self):
+        if self.length < 1 or not 0 <= self.context < self.length:
+            raise InputError(f"need 0 <= context < window, got window {self.length} and context {self.context}")
+
+    @classmethod
+    def from_config(cls, config, stage: str) -> "WindowSpec":
+        """``stage`` ``build`` or ``eval``: ``<stage>_window`` (0: ``tokens_per_sample``) and
+        ``<stage>_context`` (-1: half the window)."""
+        length = int(config.get(f"{stage}_window", 0) or config.tokens_per_sample)
+        context = int(config.get(f"{stage}_context", -1))
+        context = length // 2 if context < 0 else context
+        if not 0 <= context < length:
+            raise InputError(f"{stage}_context {context} must be below {stage}_window {length}")
+        return cls(length, context)
+
+    def windows(self, n_tokens: int) -> np.ndarray:
+        """The ``W x 3`` windows over ``n_tokens`` targets (:func:`windows`)."""
+        return windows(n_tokens, self.length, self.context)
 
 
 def windows(n_tokens: int, length: int, context: int) -> np.ndarray:

@@ -8,6 +8,7 @@ needs), so a build compiles once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -30,7 +31,7 @@ from knnlm_jax.datastore.format import (INDEX, SHARDED, Datastore, DatastoreErro
 from knnlm_jax.datastore.writer import DatastoreWriter, begin_sharded, finish_sharded, shard_ranges
 from knnlm_jax.datastore.indexing import TRAINED, merge_shards, share_trained
 from knnlm_jax.models.transformer import forward_states, forward_with_keys
-from knnlm_jax.data.windows import StreamView, window_batch, window_of, windows
+from knnlm_jax.data.windows import StreamView, WindowSpec, window_batch, window_of, windows
 from knnlm_jax.core.distributed import Processes, check_batch_size
 
 # stored keys are float16; a recomputed key must agree to within a few float16 steps
@@ -38,10 +39,9 @@ KEY_RTOL, KEY_ATOL = 4e-3, 4e-3
 
 
 def window_sizes(config) -> tuple[int, int]:
-    """``(window, context)`` from ``build_window`` (0: ``tokens_per_sample``) and ``build_context`` (-1: half)."""
-    window = int(config.get("build_window", 0) or config.tokens_per_sample)
-    context = int(config.get("build_context", -1))
-    return window, (window // 2 if context < 0 else context)
+    """``(window, context)`` of the build (:meth:`~knnlm_jax.data.windows.WindowSpec.from_config`)."""
+    spec = WindowSpec.from_config(config, "build")
+    return spec.length, spec.context
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,68 +89,143 @@ class KeyComputer:
         return nll, keys, targets, mask
 
 
-def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N: np.ndarray, eos: int, *,
-                    corpus: str, corpus_sha256: str, split: str, window: int, context: int, batch_size: int,
-                    corpus_options: dict | None = None, keys: str = "fp16", index_factory: str | None = None,
-                    nprobe: int = faiss_index.DEFAULT_NPROBE, overwrite: bool = False, progress: bool = True,
-                    score_lm: bool = True, on_chunk=None, log=print, processes: Processes = Processes()) -> dict:
+@dataclasses.dataclass(frozen=True)
+class CorpusInfo:
+    """The text a datastore's entries come from, as its manifest records it."""
+
+    corpus: str
+    sha256: str
+    split: str
+    options: dict = dataclasses.field(default_factory=dict)  # tfds_data_dir, text_feature
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSpec:
+    """How keys are kept: ``keys="fp16"`` stores them (indexed afterwards); ``keys="none"`` stores
+    only the codes of the index ``factory`` (None: :func:`index.auto_factory`), trained first and
+    filled as the keys are computed (:mod:`knnlm_jax.datastore.codes`)."""
+
+    keys: str = "fp16"
+    factory: str | None = None
+    nprobe: int = faiss_index.DEFAULT_NPROBE
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSpec:
+    """What a build writes and how: ``batch_size`` windows per forward; ``score_lm=False`` skips the
+    LM's NLL of the entries (keys only; the manifest says ``lm_scored: false``); ``overwrite``
+    replaces a datastore rather than resuming it; ``progress`` shows a progress bar."""
+
+    corpus: CorpusInfo
+    windows: WindowSpec
+    batch_size: int
+    index: IndexSpec = IndexSpec()
+    score_lm: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """This process's part of a build: the whole datastore, or its shard under several processes."""
+
+    directory: str  # where its entries are written
+    span: tuple[int, int]  # its windows [w0, w1) among the build's
+    first_entry: int  # the global id of its first entry
+    header: dict  # its manifest's fields
+
+
+def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N: np.ndarray, eos: int,
+                    spec: BuildSpec, *, on_chunk=None, log=print, processes: Processes = Processes()) -> dict:
     """Write (or resume) the datastore of ``tokens_N`` in ``directory``; returns the final manifest.
 
     Under several processes each writes its shard (a contiguous run of the build's batches,
     see :func:`knnlm_jax.datastore.writer.shard_ranges`) and process 0 the top manifest; every
-    process must call this. ``keys="none"`` stores no keys: the index (``index_factory``) is
-    trained first and filled as the keys are computed (:mod:`knnlm_jax.datastore.codes`).
-    ``score_lm=False`` skips the LM's NLL of the entries (keys only; the manifest says
-    ``lm_scored: false``). ``on_chunk(progress)`` is called after each chunk is committed (a test hook).
+    process must call this. ``on_chunk(progress)`` is called after each chunk is committed (a test hook).
     """
     n = len(tokens_N)
-    check_batch_size(batch_size)  # before anything is written
-    header = dict(signature_fields(signature), corpus=corpus, corpus_sha256=corpus_sha256, split=split,
-                  num_entries=n, window=window, context=context, batch_size=batch_size, keys=keys,
-                  checkpoint=trained.source, corpus_options=dict(corpus_options or {}), lm_scored=bool(score_lm))
-    all_windows = windows(n, window, context)
+    check_batch_size(spec.batch_size)  # before anything is written
+    all_windows = windows(n, spec.windows.length, spec.windows.context)
+    part = _claim_part(directory, _header(spec, trained, signature, n), all_windows, spec, processes)
+    writer = DatastoreWriter(part.directory, part.header, overwrite=spec.overwrite and not processes.multi)
+    batch_size = int(writer.manifest["batch_size"])
+    windows_Wx3 = all_windows[part.span[0] : part.span[1]]
+    first = _resume_point(writer, part, windows_Wx3, n, directory, processes, log)
+    computer = KeyComputer(trained, signature.key_type, tokens_N, eos, spec.windows.length, batch_size,
+                           score=writer.manifest.get("lm_scored", True))
+    capacities = build_capacities(tokens_N, all_windows, batch_size, computer.edges, spec.windows.length)
+    factory = spec.index.factory or faiss_index.auto_factory(n, signature.dim)
+    trained_index = codes = None
+    if spec.index.keys == "none":
+        trained_index = train_for_codes(directory, computer, all_windows, part.span, factory, processes,
+                                        progress=spec.progress, log=log)
+        codes = CodeIndex(part.directory, trained_index, first_id=part.first_entry, progress=writer.progress)
+    bar = tqdm(total=writer.n, initial=writer.progress, disable=not spec.progress, unit="tok", unit_scale=True,
+               dynamic_ncols=True, desc=f"datastore {os.path.basename(directory)}"
+                                         + (f" [{processes.index}/{processes.count}]" if processes.multi else ""))
+    commit = _committer(writer, codes, part.first_entry, signature.key_type, bar, on_chunk)
+    try:
+        _compute_batches(computer, windows_Wx3, first, capacities, commit)
+    finally:
+        bar.close()
+    if codes is not None:
+        codes.finish(spec.index.nprobe)
+        writer.manifest["index"] = dict(file=INDEX, factory=factory, metric="l2", ntotal=int(codes.index.ntotal),
+                                        nprobe=int(spec.index.nprobe), keys="none",
+                                        id_offset=0 if codes.with_ids else part.first_entry)
+    manifest = writer.finish()
+    if not processes.multi:
+        return manifest
+    return _finish_shards(directory, n, trained_index, factory, spec.index.nprobe, processes)
+
+
+def _header(spec: BuildSpec, trained, signature: ModelSignature, n: int) -> dict:
+    """The manifest fields of a build of ``n`` entries."""
+    return dict(signature_fields(signature), corpus=spec.corpus.corpus, corpus_sha256=spec.corpus.sha256,
+                split=spec.corpus.split, num_entries=n, window=spec.windows.length, context=spec.windows.context,
+                batch_size=spec.batch_size, keys=spec.index.keys, checkpoint=trained.source,
+                corpus_options=dict(spec.corpus.options or {}), lm_scored=bool(spec.score_lm))
+
+
+def _claim_part(directory, header, all_windows_Wx3, spec: BuildSpec, processes) -> _Part:
+    """This process's part; under several processes process 0 first writes (or keeps) the top
+    manifest. One process replaces a sharded datastore only with ``overwrite``."""
     if processes.multi:
-        batch_size = _begin_shards(directory, header, all_windows, batch_size, processes, overwrite)
-        w0, w1, lo, hi = shard_ranges(all_windows, batch_size, processes.count)[processes.index]
-        shard_dir = os.path.join(directory, shard_name(processes.index, processes.count))
+        batch_size = _begin_shards(directory, header, all_windows_Wx3, spec.batch_size, processes,
+                                   spec.overwrite)
+        w0, w1, lo, hi = shard_ranges(all_windows_Wx3, batch_size, processes.count)[processes.index]
         header = dict(header, num_entries=hi - lo, entry_range=[lo, hi], shard=processes.index,
                       num_shards=processes.count)
-    else:
-        w0, w1, lo, shard_dir = 0, len(all_windows), 0, directory
-        old = read_manifest(directory)
-        if old is not None and old.get("layout") == SHARDED:
-            if not overwrite:
-                begin_sharded(directory, header, [None], overwrite=False)  # refuses: another process count
-            shutil.rmtree(directory)
-    writer = DatastoreWriter(shard_dir, header, overwrite=overwrite and not processes.multi)
-    batch_size = int(writer.manifest["batch_size"])
-    windows_Wx3 = all_windows[w0:w1]
-    done = writer.progress
+        return _Part(os.path.join(directory, shard_name(processes.index, processes.count)), (w0, w1), lo, header)
+    old = read_manifest(directory)
+    if old is not None and old.get("layout") == SHARDED:
+        if not spec.overwrite:
+            begin_sharded(directory, header, [None], overwrite=False)  # refuses: another process count
+        shutil.rmtree(directory)
+    return _Part(directory, (0, len(all_windows_Wx3)), 0, header)
+
+
+def _resume_point(writer, part: _Part, windows_Wx3, n: int, directory, processes, log) -> int:
+    """The first of the part's windows still to compute (0 unless resuming)."""
+    lo, done = part.first_entry, writer.progress
     if done:
         log(f"resuming datastore {os.path.basename(directory)}"
             + (f" shard {processes.index}" if processes.multi else "") + f" at entry {lo + done} of {n}")
     first = int(np.searchsorted(windows_Wx3[:, 1], lo + done))
     if done < writer.n and windows_Wx3[first, 1] != lo + done:
         raise DatastoreError(f"datastore {writer.name}: progress {done} is not a window boundary")
-    computer = KeyComputer(trained, signature.key_type, tokens_N, eos, window, batch_size,
-                           score=writer.manifest.get("lm_scored", True))
-    capacities = build_capacities(tokens_N, all_windows, batch_size, computer.edges, window)
-    factory = index_factory or faiss_index.auto_factory(n, signature.dim)
-    codes = None
-    if keys == "none":
-        trained_index = train_for_codes(directory, computer, all_windows, (w0, w1), batch_size, factory, processes,
-                                        progress=progress, log=log)
-        codes = CodeIndex(shard_dir, trained_index, first_id=lo, progress=done)
-    bar = tqdm(total=writer.n, initial=done, disable=not progress, unit="tok", unit_scale=True,
-               dynamic_ncols=True, desc=f"datastore {os.path.basename(directory)}"
-                                         + (f" [{processes.index}/{processes.count}]" if processes.multi else ""))
+    return first
+
+
+def _committer(writer, codes, first_entry: int, key_type: str, bar, on_chunk):
+    """``commit(result)``: a dispatched batch's entries to the writer (and, ``--keys none``, its codes)."""
 
     def commit(result):
         nll, keys_BxTxD, targets, mask = result
         keys_nxD = np.asarray(keys_BxTxD)[mask]
         if not np.isfinite(keys_nxD).all():  # float16 tops out at 65,504: a residual-stream key may not fit
-            bad = lo + writer.written + int(np.flatnonzero(~np.isfinite(keys_nxD).all(axis=1))[0])
-            raise DatastoreError(f"the {signature.key_type} key of entry {bad} is not finite in float16 (a value "
+            bad = first_entry + writer.written + int(np.flatnonzero(~np.isfinite(keys_nxD).all(axis=1))[0])
+            raise DatastoreError(f"the {key_type} key of entry {bad} is not finite in float16 (a value "
                                  "beyond 65,504 or NaN); use a normalised key type such as ffn_input_after_ln")
         if codes is None:
             writer.append(keys_nxD, targets[mask], float(nll))
@@ -166,29 +241,28 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
         if on_chunk is not None:
             on_chunk(writer.written)
 
+    return commit
+
+
+def _compute_batches(computer: KeyComputer, windows_Wx3, first: int, capacities, commit) -> None:
+    """Batches of windows from ``first`` on; batch ``i+1`` is dispatched before batch ``i`` is committed."""
     pending = None
-    try:
-        for i in range(first, len(windows_Wx3), batch_size):
-            result = computer.dispatch(windows_Wx3[i : i + batch_size], capacities)
-            if pending is not None:
-                commit(pending)
-            pending = result
+    for i in range(first, len(windows_Wx3), computer.batch_size):
+        result = computer.dispatch(windows_Wx3[i : i + computer.batch_size], capacities)
         if pending is not None:
             commit(pending)
-    finally:
-        bar.close()
-    if codes is not None:
-        codes.finish(nprobe)
-        writer.manifest["index"] = dict(file=INDEX, factory=factory, metric="l2", ntotal=int(codes.index.ntotal),
-                                        nprobe=int(nprobe), keys="none",
-                                        id_offset=0 if codes.with_ids else lo)
-    manifest = writer.finish()
-    if not processes.multi:
-        return manifest
+        pending = result
+    if pending is not None:
+        commit(pending)
+
+
+def _finish_shards(directory, n: int, trained_index, factory: str, nprobe: int, processes) -> dict:
+    """After every shard is written: process 0 writes the top manifest (and, ``--keys none``, merges the
+    shards' codes into one index on disk); returns the top manifest."""
     distributed.barrier(f"built {directory}")
     if processes.is_main:
         top = finish_sharded(directory)
-        if codes is not None:  # one index over every shard's codes, merged on disk
+        if trained_index is not None:
             count = processes.count
             paths = [os.path.join(directory, shard_name(p, count), INDEX) for p in range(count)]
             merged = merge_shards(directory, trained_index, paths, nprobe)
@@ -226,13 +300,15 @@ def _begin_shards(directory, header, windows_Wx3, batch_size, processes, overwri
     return batch_size
 
 
-def train_for_codes(directory, computer, windows_Wx3, own, batch_size, factory, processes, *, progress=True,
-                    log=print, seed: int = 0):
+def train_for_codes(directory, computer: KeyComputer, windows_Wx3, own: tuple[int, int], factory: str, processes,
+                    *, progress=True, log=print, seed: int = 0):
     """The trained, empty index of a ``--keys none`` build (``trained.faiss``, kept for a resume).
 
     Its sample is every entry of evenly spread batches (about :func:`index.train_size`
-    entries); each process computes the sampled batches of its shard, process 0 trains.
+    entries); each process computes the sampled batches among its windows ``own`` (``[w0, w1)``),
+    process 0 trains.
     """
+    batch_size = computer.batch_size
     path = os.path.join(directory, TRAINED)
     have = distributed.broadcast(np.asarray([os.path.isfile(path)], np.int64))[0]
     if have:
@@ -289,27 +365,46 @@ def check_datastore(store: Datastore, trained, tokens_N: np.ndarray, eos: int, *
     if len(tokens_N) != n:
         raise DatastoreError(f"datastore {store.name} has {n} entries but its corpus now has {len(tokens_N)} tokens")
     lo, hi = entry_range or (0, n)
+    _check_values(store, tokens_N, lo, hi)
+    entries, kept = _entries_to_check(store, lo, hi, sample, seed)
+    windows_Wx3 = windows(n, m["window"], m["context"])
+    computer = KeyComputer(trained, m["key_type"], tokens_N, eos, m["window"], int(m["batch_size"]))
+    worst = _compare_keys(store, computer, windows_Wx3, entries, kept)
+    return dict(entries_checked=len(entries), values_checked=hi - lo, max_key_difference=worst)
+
+
+def _check_values(store: Datastore, tokens_N: np.ndarray, lo: int, hi: int) -> None:
+    """Every stored value in ``[lo, hi)`` is its corpus token (compared in slices of 4M)."""
     for i in range(lo, hi, 1 << 22):
         j = min(hi, i + (1 << 22))
         bad = np.flatnonzero(np.asarray(store.vals[i:j]) != tokens_N[i:j])
         if len(bad):
             raise DatastoreError(f"datastore {store.name}: value of entry {i + bad[0]} is not the corpus token")
+
+
+def _entries_to_check(store: Datastore, lo: int, hi: int, sample: int, seed: int):
+    """``(sorted entry ids, kept keys by id or None)``: ``lo``, ``hi - 1`` and a random sample; a
+    ``--keys none`` store compares instead with the keys its build kept for this check."""
     rng = np.random.default_rng(seed)
     entries = np.unique(np.concatenate([[lo, hi - 1], lo + rng.choice(hi - lo, size=min(hi - lo, sample),
                                                                          replace=False)]))
-    kept = None
-    if store.keys is None:  # --keys none: compare with the keys the build kept for this check
-        kept = indexed_sample(store)
-        inside = (kept[0] >= lo) & (kept[0] < hi)
-        kept = dict(zip(kept[0][inside].tolist(), kept[1][inside]))
-        entries = np.asarray(sorted(kept)[:max(sample, 2)], np.int64)
-        if not len(entries):
-            raise DatastoreError(f"datastore {store.name} keeps no sampled keys to check")
-    windows_Wx3 = windows(n, m["window"], m["context"])
+    if store.keys is not None:
+        return entries, None
+    ids, keys = indexed_sample(store)
+    inside = (ids >= lo) & (ids < hi)
+    kept = dict(zip(ids[inside].tolist(), keys[inside]))
+    entries = np.asarray(sorted(kept)[:max(sample, 2)], np.int64)
+    if not len(entries):
+        raise DatastoreError(f"datastore {store.name} keeps no sampled keys to check")
+    return entries, kept
+
+
+def _compare_keys(store: Datastore, computer: KeyComputer, windows_Wx3, entries, kept) -> float:
+    """Recompute the keys of ``entries`` (batched by window) against the stored (or ``kept``) ones;
+    returns the largest difference."""
     owner = window_of(windows_Wx3, entries)
     used = np.unique(owner)
-    batch_size = int(m["batch_size"])
-    computer = KeyComputer(trained, m["key_type"], tokens_N, eos, m["window"], batch_size)
+    batch_size = computer.batch_size
     worst = 0.0
     for b in range(0, len(used), batch_size):
         batch = used[b : b + batch_size]
@@ -323,4 +418,4 @@ def check_datastore(store: Datastore, trained, tokens_N: np.ndarray, eos: int, *
                 raise DatastoreError(f"datastore {store.name}: key of entry {e} differs from the recomputed one "
                                      f"(max difference {np.abs(stored - fresh).max():.3g})")
             worst = max(worst, float(np.abs(stored - fresh).max()))
-    return dict(entries_checked=len(entries), values_checked=hi - lo, max_key_difference=worst)
+    return worst

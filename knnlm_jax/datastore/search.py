@@ -17,6 +17,7 @@ from knnlm_jax.core import distributed
 from knnlm_jax.retrieval import faiss_gpu
 from knnlm_jax.retrieval import index_shards
 from knnlm_jax.retrieval import index as faiss_index
+from knnlm_jax.retrieval.searcher import as_searcher, index_lists
 from knnlm_jax.datastore.format import INDEX, Datastore, DatastoreError, build_command, shard_name
 from knnlm_jax.core.distributed import Processes
 
@@ -25,46 +26,33 @@ _STOP, _SEARCH = 0, 1
 
 def has_lists(index) -> bool:
     """Whether ``index`` probes inverted lists (so ``nprobe`` means something)."""
-    if _on_device(index):
-        return False
-    if isinstance(index, ShardSearcher):
-        return index.lists
-    return faiss_index.faiss.try_extract_index_ivf(getattr(index, "host", index)) is not None
+    return as_searcher(index).lists > 0
 
 
 def inverted_lists(index) -> int:
     """How many inverted lists ``index`` (or each shard's) probes; 0 for an exact index."""
-    if _on_device(index):
-        return 0
-    shards = [ix for ix, _ in index.shards] if isinstance(index, ShardSearcher) else [getattr(index, "host", index)]
-    ivf = faiss_index.faiss.try_extract_index_ivf(shards[0])
-    return int(ivf.nlist) if ivf is not None else 0
+    return as_searcher(index).lists
 
 
 def search(index, queries_BxD: np.ndarray, k: int, nprobe: int | None = None):
-    """``(dists BxK, ids BxK)`` from a FAISS index, a :class:`ShardSearcher` or a device searcher."""
-    if _on_device(index):
-        return index.search(queries_BxD, k)
-    if isinstance(index, (ShardSearcher, faiss_gpu.OnGpus)):
-        return index.search(queries_BxD, k, nprobe)
-    return faiss_index.search(index, queries_BxD, k, nprobe)
-
-
-def _on_device(index) -> bool:
-    return type(index).__name__ == "DeviceSearcher"  # no JAX import for FAISS-only callers
+    """``(dists BxK, ids BxK)`` from any searcher (:class:`~knnlm_jax.retrieval.searcher.Searcher`) or FAISS index."""
+    return as_searcher(index).search(queries_BxD, k, nprobe)
 
 
 def searcher_kind(index) -> str:
     """``device`` (exact search of the keys in JAX) or ``faiss`` (an index, merged or in shards)."""
-    return "device" if _on_device(index) else "faiss"
+    return as_searcher(index).kind
 
 
 class ShardSearcher:
-    """Top-k over a sharded datastore's shard indexes; see the module docstring."""
+    """Top-k over a sharded datastore's shard indexes; see the module docstring. A searcher
+    (:class:`~knnlm_jax.retrieval.searcher.Searcher`)."""
+
+    kind = "faiss"
 
     def __init__(self, shards: list[tuple[object, int]], dim: int, ntotal: int, processes: Processes):
         self.shards, self.dim, self.ntotal, self.processes = shards, dim, ntotal, processes
-        self.lists = any(faiss_index.faiss.try_extract_index_ivf(ix) is not None for ix, _ in shards)
+        self.lists = max((index_lists(ix) for ix, _ in shards), default=0)
         self.searches = 0
 
     def _local(self, queries_BxD: np.ndarray, k: int, nprobe: int | None):
@@ -142,7 +130,7 @@ def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode:
                                  f"{build_command(store.directory, '--index-only')}")
         index = faiss_index.read_index(path, nprobe, mmap=True)  # lists mapped, not read into RAM
         _check_index(store, index)
-        return faiss_gpu.for_search(index)  # a GPU copy when FAISS has GPUs
+        return as_searcher(faiss_gpu.for_search(index))  # a GPU copy when FAISS has GPUs
     if not sharded:
         raise DatastoreError(f"datastore {store.name} is not sharded: it has one index")
     count = len(store.shards)

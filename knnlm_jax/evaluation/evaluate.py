@@ -15,52 +15,80 @@ import json
 
 import numpy as np
 
-from knnlm_jax.evaluation import outputs as eval_outputs
-from knnlm_jax.retrieval import index as faiss_index
-from knnlm_jax.models.adaptive import band_edges, build_capacities
-from knnlm_jax.evaluation.streaming import evaluate_tokens
-from knnlm_jax.evaluation.report import helped_most, json_safe
-from knnlm_jax.evaluation.outputs import Staging
-from knnlm_jax.evaluation.settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
 from knnlm_jax.core.report import write_json
+from knnlm_jax.data.windows import WindowSpec
+from knnlm_jax.datastore.format import Datastore
+from knnlm_jax.datastore.retriever import Retriever
+from knnlm_jax.evaluation import outputs as eval_outputs
 from knnlm_jax.evaluation.mixing import knn_log_probs, mix, tune_cache, tune_knn
-from knnlm_jax.datastore.search import has_lists, searcher_kind
+from knnlm_jax.evaluation.outputs import Staging
+from knnlm_jax.evaluation.report import helped_most, json_safe
+from knnlm_jax.evaluation.settings import LAMBDAS, TEMPERATURES, EvaluationError, Settings, drop_self_for, perplexity
+from knnlm_jax.evaluation.streaming import CacheSpec, Scorer, StreamSpec, evaluate_tokens
 from knnlm_jax.evaluation.sweeps import plot_sweep, sweep_k, sweep_lambda
-from knnlm_jax.retrieval.policies import Gate, Policy, fit_gate
 from knnlm_jax.evaluation.token_files import TokenFiles, files_match, open_token_files
-from knnlm_jax.data.windows import windows
+from knnlm_jax.models.adaptive import band_edges, build_capacities
+from knnlm_jax.retrieval.policies import Gate, Policy, fit_gate
 
 
-def split_files(stage: Staging, split: str, data, tokens_N, *, settings: Settings, trained, key_type: str, store, index,
-                eos: int, nprobe, requested: bool, capacities=None, progress=True, log=print,
+@dataclasses.dataclass(frozen=True)
+class EvalJob:
+    """What an evaluation works with: the LM side, the datastore and its searcher, the vocabulary, the settings."""
+
+    scorer: Scorer
+    store: Datastore
+    searcher: object  # a :class:`~knnlm_jax.retrieval.searcher.Searcher` or a FAISS index
+    vocab: object
+    settings: Settings
+
+    def retriever(self) -> Retriever:
+        """The datastore's retriever at the settings' ``k`` and mode; ``nprobe`` the settings', else the index's."""
+        settings = self.settings
+        return Retriever.for_store(self.store, self.searcher, settings.k, settings.exact, settings.nprobe)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitRun:
+    """One evaluation's splits and where it writes: ``splits`` maps names to ``(Split, tokens)``."""
+
+    stage: Staging
+    split: str
+    splits: dict
+    capacities: tuple
+    progress: bool = True
+    log: object = print
+
+
+def split_files(job: EvalJob, retriever: Retriever, where: SplitRun, split: str,
                 policy: Policy = Policy()) -> TokenFiles:
     """The per-token files of one split under ``policy``: reused when saved ones match, else computed.
 
     The full kNN-LM's files are ``tokens-SPLIT``, another policy's ``tokens-SPLIT-POLICY``.
     """
-    m = store.manifest
-    n_full = len(tokens_N)
+    settings, store, m = job.settings, job.store, job.store.manifest
+    data, tokens_N = where.splits[split]
+    requested = split == where.split
     tokens = settings.head(tokens_N, tuning_only=not requested)
-    drop = drop_self_for(settings, m, data, n_full, requested)
-    identity = dict(model_fingerprint=trained.fingerprint, key_type=key_type, datastore=store.name,
-                    datastore_created=m.get("created"), datastore_entries=store.size, index=m.get("index"),
-                    corpus=data.corpus, split=data.split, corpus_sha256=data.sha256, targets=len(tokens),
-                    window=settings.window, context=settings.context, k=settings.k, exact=settings.exact,
-                    nprobe=nprobe, drop_self=drop, searcher=searcher_kind(index),
+    drop = drop_self_for(settings, m, data, len(tokens_N), requested)
+    identity = dict(model_fingerprint=job.scorer.trained.fingerprint, key_type=job.scorer.key_type,
+                    datastore=store.name, datastore_created=m.get("created"), datastore_entries=store.size,
+                    index=m.get("index"), corpus=data.corpus, split=data.split, corpus_sha256=data.sha256,
+                    targets=len(tokens), window=settings.window, context=settings.context, k=settings.k,
+                    exact=settings.exact, nprobe=retriever.nprobe, drop_self=drop,
+                    searcher=retriever.searcher.kind,
                     cache_thetas=list(settings.cache_thetas) if settings.cache else None,
                     cache_size=settings.cache_size if settings.cache else None, **policy.identity())
     name = f"tokens-{split}" + ("" if policy.full else f"-{policy.name}")
-    for directory in () if settings.recompute else stage.saved(name):
+    for directory in () if settings.recompute else where.stage.saved(name):
         saved = open_token_files(directory)
         if files_match(saved, identity):
-            log(f"{split}: reusing the per-token files in {stage.final(directory)}")
+            where.log(f"{split}: reusing the per-token files in {where.stage.final(directory)}")
             return saved
-    return evaluate_tokens(stage.path(name), trained, tokens, eos, key_type=key_type, window=settings.window,
-                           context=settings.context, batch_size=settings.batch_size, index=index, store=store,
-                           k=settings.k, exact=settings.exact, nprobe=nprobe, drop_self=drop,
-                           cache_thetas=settings.cache_thetas if settings.cache else (),
-                           cache_size=settings.cache_size, identity=identity, capacities=capacities,
-                           progress=progress, desc=f"{split} {store.name}", policy=policy)
+    spec = StreamSpec(WindowSpec(settings.window, settings.context), settings.batch_size,
+                      cache=CacheSpec(tuple(settings.cache_thetas), settings.cache_size) if settings.cache else None,
+                      drop_self=drop, policy=policy, identity=identity, progress=where.progress,
+                      desc=f"{split} {store.name}")
+    return evaluate_tokens(where.stage.path(name), job.scorer, tokens, spec, retriever, capacities=where.capacities)
 
 
 def saved_fraction(files: TokenFiles) -> float:
@@ -74,10 +102,9 @@ def union_capacities(trained, settings: Settings, token_arrays) -> tuple:
     """Adaptive-softmax capacities that fit every split evaluated in one run (the tokens each
     evaluates, :meth:`Settings.head`): one compiled shape."""
     edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
-    caps = []
-    for tokens in token_arrays:
-        w = windows(len(tokens), settings.window, settings.context)
-        caps.append(build_capacities(tokens, w, settings.batch_size, edges, settings.window))
+    spec = WindowSpec(settings.window, settings.context)
+    caps = [build_capacities(tokens, spec.windows(len(tokens)), settings.batch_size, edges, settings.window)
+            for tokens in token_arrays]
     return tuple(int(c) for c in np.max(caps, axis=0)) if caps and caps[0] else ()
 
 
@@ -120,8 +147,8 @@ def _rows(base: float, named: list[tuple[str, float]]) -> list[dict]:
     return rows
 
 
-def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, key_type: str, store, index, vocab,
-        progress: bool = True, log=print, record: dict | None = None) -> dict:
+def run(out_dir: str, job: EvalJob, split: str, splits: dict, *, progress: bool = True, log=print,
+        record: dict | None = None) -> dict:
     """Evaluate ``split`` with the datastore; tune ``auto`` parameters on ``splits['valid']``.
 
     ``splits`` maps split names to ``(Split, tokens)``. Writes the per-token files, the
@@ -130,157 +157,79 @@ def run(out_dir: str, *, split: str, splits: dict, settings: Settings, trained, 
     the last complete evaluation there only once this one is complete
     (:mod:`~knnlm_jax.evaluation.outputs`); returns the results.
     """
-    settings.check()
+    job.settings.check()
     with eval_outputs.staging(out_dir) as stage:
-        results = _run(stage, split=split, splits=splits, settings=settings, trained=trained, key_type=key_type,
-                       store=store, index=index, vocab=vocab, progress=progress, log=log)
+        results = _run(job, stage, split, splits, progress, log)
         results.update(record or {})
         write_json(stage.path(eval_outputs.RESULTS), json_safe(results))
         stage.commit()
     return results
 
 
-def _run(stage: Staging, *, split: str, splits: dict, settings: Settings, trained, key_type: str, store, index, vocab,
-         progress: bool, log) -> dict:
-    m = store.manifest
-    index_info = m.get("index") or {}
-    nprobe = settings.nprobe or index_info.get("nprobe") or faiss_index.DEFAULT_NPROBE
-    if not has_lists(index):
-        nprobe = None  # no inverted lists: nothing to probe
-    data, tokens = splits[split]
-    evaluated = [split]
+def evaluated_splits(settings: Settings, split: str, splits: dict) -> list[str]:
+    """The splits one evaluation scores: ``split``, after valid when anything is tuned or gated there."""
     adaptive = settings.retrieve_fraction < 1
     if adaptive and split == "valid":
         raise EvaluationError("adaptive retrieval's gate is fitted on valid: report it on another split "
                               "(--split test)")
-    if (settings.tunes or adaptive) and split != "valid":
-        if "valid" not in splits:
-            raise EvaluationError("auto parameters are tuned on valid, but there is no valid split")
-        if splits["valid"][0].sha256 == data.sha256:
-            raise EvaluationError(f"the valid split is the same text as {split} (a single-file corpus?): "
-                                  + ("adaptive retrieval's gate needs held-out valid text" if adaptive else
-                                     "give --lmbda, --temperature (and the cache's) as numbers instead of auto"))
-        evaluated = ["valid", split]
-    caps = union_capacities(trained, settings,
-                            [settings.head(splits[s][1], tuning_only=s != split) for s in evaluated])
+    if not (settings.tunes or adaptive) or split == "valid":
+        return [split]
+    if "valid" not in splits:
+        raise EvaluationError("auto parameters are tuned on valid, but there is no valid split")
+    if splits["valid"][0].sha256 == splits[split][0].sha256:
+        raise EvaluationError(f"the valid split is the same text as {split} (a single-file corpus?): "
+                              + ("adaptive retrieval's gate needs held-out valid text" if adaptive else
+                                 "give --lmbda, --temperature (and the cache's) as numbers instead of auto"))
+    return ["valid", split]
 
-    def files_for(s: str, policy: Policy) -> TokenFiles:
-        return split_files(stage, s, *splits[s], settings=settings, trained=trained, key_type=key_type, store=store,
-                           index=index, eos=vocab.eos, nprobe=nprobe, requested=s == split, capacities=caps,
-                           progress=progress, log=log, policy=policy)
 
+def all_files(job: EvalJob, retriever: Retriever, where: SplitRun, evaluated: list[str]):
+    """``(files per split, policy, gate report)``: the adaptive gate is fitted on valid's first half
+    from the full kNN-LM's files; then every split's files under the run's policy."""
+    settings = job.settings
     policy, gate_report, files = Policy(settings.min_pointers), None, {}
-    if adaptive:  # the gate: fitted on valid's first half, from the full kNN-LM's files
-        valid_full = files_for("valid", Policy())
+    if settings.retrieve_fraction < 1:
+        valid_full = split_files(job, retriever, where, "valid", Policy())
         gate, gate_report = fit_adaptive_gate(valid_full, settings)
         policy = Policy(settings.min_pointers, gate)
         if not settings.min_pointers:  # the same neighbours where the gate retrieves: no second pass
             files["valid"] = dataclasses.replace(valid_full, retrieved=gate.retrieve(valid_full.features))
     for s in evaluated:
         if s not in files:
-            files[s] = files_for(s, policy)
-    tuning = files["valid"] if settings.tunes else None
+            files[s] = split_files(job, retriever, where, s, policy)
+    return files, policy, gate_report
 
-    # kNN-LM: λ and T
-    knn = dict(k=settings.k, exact=settings.exact, nprobe=nprobe)
-    valid_report = {}
-    tuned = "tuned on valid" + (f" (its first {tuning.n} tokens)"
-                                if tuning is not None and settings.tune_tokens == tuning.n else "")
-    if tuning is not None and (settings.lmbda is None or settings.temperature is None):
-        best = tune_knn(tuning, LAMBDAS if settings.lmbda is None else (settings.lmbda,),
-                        TEMPERATURES if settings.temperature is None else (settings.temperature,))
-        knn.update(lmbda=best["lmbda"], temperature=best["temperature"],
-                   lmbda_source=tuned if settings.lmbda is None else "given",
-                   temperature_source=tuned if settings.temperature is None else "given")
-        valid_report["knn"] = dict(ppl=best["ppl"], grid=best["grid"], fine_grid=best.get("fine_grid"))
-    else:
-        knn.update(lmbda=settings.lmbda, temperature=settings.temperature, lmbda_source="given",
-                   temperature_source="given")
-    target = files[split]
-    logp_knn = knn_log_probs(target, [knn["temperature"]])[0]
-    logp_mixed = mix(target.logp_lm, logp_knn, knn["lmbda"])
-    base = perplexity(target.logp_lm)
-    named = [("+kNN-LM", perplexity(logp_mixed))]
-    per_token = dict(targets=np.asarray(target.targets), lm=np.asarray(target.logp_lm), knn=logp_knn,
-                     mixed=logp_mixed)
 
-    # continuous cache: alone, and on top of the kNN-LM
-    cache = None
-    if settings.cache:
-        thetas = tuple(settings.cache_thetas)
-        lambdas = LAMBDAS if settings.cache_lambda is None else (settings.cache_lambda,)
-        tune_here = tuning is not None and (settings.cache_lambda is None or len(thetas) > 1)
-        valid_mixed = None
-        if tune_here:
-            valid_mixed = logp_mixed if tuning is target else mix(
-                tuning.logp_lm, knn_log_probs(tuning, [knn["temperature"]])[0], knn["lmbda"])
-        cache = {}
-        for name, label, on_target, on_valid in (
-                ("cache", "+cache", target.logp_lm, tuning.logp_lm if tune_here else None),
-                ("knn_cache", "+kNN-LM+cache", logp_mixed, valid_mixed)):
-            if tune_here:
-                best = tune_cache(on_valid, tuning.cache, thetas, lambdas)
-                chosen = dict(lmbda=best["lmbda"], theta=best["theta"],
-                              lmbda_source=tuned if settings.cache_lambda is None else "given",
-                              theta_source=tuned if len(thetas) > 1 else "given")
-                valid_report[name] = dict(ppl=best["ppl"], grid=best["grid"])
-            else:
-                chosen = dict(lmbda=settings.cache_lambda, theta=thetas[0], lmbda_source="given",
-                              theta_source="given")
-            chosen["size"] = settings.cache_size
-            cache[name] = chosen
-            logp_cache = np.asarray(target.cache[:, thetas.index(chosen["theta"])])
-            mixed = mix(on_target, logp_cache, chosen["lmbda"])
-            per_token[name] = mixed
-            per_token[f"{name}_p_cache"] = logp_cache
-            named.append((label, perplexity(mixed)))
-
-    rows = _rows(base, named)
-    words = count_words(vocab, target)
-    if words:
-        for row in rows:
-            row["word_ppl"] = per_word(row["ppl"], target.n, words)
+def _run(job: EvalJob, stage: Staging, split: str, splits: dict, progress: bool, log) -> dict:
+    settings = job.settings
+    retriever = job.retriever()
+    evaluated = evaluated_splits(settings, split, splits)
+    caps = union_capacities(job.scorer.trained, settings,
+                            [settings.head(splits[s][1], tuning_only=s != split) for s in evaluated])
+    where = SplitRun(stage, split, splits, caps, progress, log)
+    files, policy, gate_report = all_files(job, retriever, where, evaluated)
+    target, tuning = files[split], files["valid"] if settings.tunes else None
+    mixed = mix_knn(settings, target, tuning, retriever.nprobe)
+    named = [("+kNN-LM", perplexity(mixed.logp_mixed))]
+    cache = mix_caches(settings, target, tuning, mixed, named) if settings.cache else None
+    rows, words = word_rows(job.vocab, target, _rows(perplexity(target.logp_lm), named))
     if tuning is not None:
-        valid_report["base_ppl"] = perplexity(tuning.logp_lm)
-        valid_report["tokens"] = tuning.n
-        valid_words = count_words(vocab, tuning)
-        if valid_words:
-            valid_report["words"] = valid_words
-            valid_report["word_ppl"] = {k: per_word(v["ppl"], tuning.n, valid_words)
-                                        for k, v in valid_report.items() if isinstance(v, dict) and "ppl" in v}
-            valid_report["word_ppl"]["base"] = per_word(valid_report["base_ppl"], tuning.n, valid_words)
-
-    # sweeps on valid, as the paper's Figures 4 and 5 (never on test)
-    on_valid = tuning if tuning is not None else (target if split == "valid" else None)
-    sweeps = None
-    if on_valid is None:
-        log("sweeps are drawn on valid: none this time (evaluate --split valid, or leave a parameter auto)")
-    else:
-        valid_knn = logp_knn if on_valid is target else knn_log_probs(on_valid, [knn["temperature"]])[0]
-        sweeps = dict(k=sweep_k(on_valid, knn["temperature"], knn["lmbda"]),
-                      lmbda=sweep_lambda(on_valid, valid_knn, knn["temperature"]))
-        for name, sweep, x, xlabel, log2x in (("k", sweeps["k"], "k", "k (number of neighbours)", True),
-                                              ("lambda", sweeps["lmbda"], "lmbda", "interpolation parameter λ",
-                                               False)):
-            with open(stage.path(f"sweep_{name}.json"), "w") as f:
-                json.dump(json_safe(dict(sweep, split="valid", datastore=store.name)), f, indent=2)
-            plot_sweep(stage.path(f"sweep_{name}.png"), sweep[x], sweep["ppl"], sweep["base_ppl"],
-                       xlabel=xlabel, title=f"valid, datastore {store.name}", log2x=log2x)
+        mixed.valid_report.update(valid_summary(job.vocab, tuning, mixed.valid_report))
+    sweeps = write_sweeps(stage, job.store.name, split, target, tuning, mixed, log)
     npz = f"logprobs-{split}.npz"
-    np.savez(stage.path(npz), **per_token)
-
+    np.savez(stage.path(npz), **mixed.per_token)
     examples = []
     if settings.show:
-        examples = helped_most(target, logp_knn, logp_mixed, np.asarray(target.targets), vocab, store.vals,
-                               settings.show, knn["temperature"], skip=settings.show_skip)
-    meta = target.meta
+        examples = helped_most(target, mixed.logp_knn, mixed.logp_mixed, np.asarray(target.targets), job.vocab,
+                               job.store.vals, settings.show, mixed.knn["temperature"], skip=settings.show_skip)
     return dict(
-        split=split, corpus_name=data.corpus, datastore=store.name, datastore_entries=store.size,
-        index="exact on device (JAX)" if searcher_kind(index) == "device" else index_info.get("factory"),
+        split=split, corpus_name=splits[split][0].corpus, datastore=job.store.name, datastore_entries=job.store.size,
+        index="exact on device (JAX)" if retriever.searcher.kind == "device"
+        else (job.store.manifest.get("index") or {}).get("factory"),
         tokens=target.n, unit="word" if not words else "token", words=words or None, window=settings.window,
-        context=settings.context, rows=rows, knn=knn, cache=cache, tuned_on_valid=bool(settings.tunes),
-        valid=valid_report or None, drop_self=meta.get("drop_self"),
-        self_dropped=meta.get("self_dropped", 0), not_found=meta.get("not_found", 0),
+        context=settings.context, rows=rows, knn=mixed.knn, cache=cache, tuned_on_valid=bool(settings.tunes),
+        valid=mixed.valid_report or None, drop_self=target.meta.get("drop_self"),
+        self_dropped=target.meta.get("self_dropped", 0), not_found=target.meta.get("not_found", 0),
         sweeps=sweeps, examples=examples,
         speed={s: dict(seconds=f.meta.get("seconds"), tokens_per_s=f.meta.get("tokens_per_s"),
                        timings=f.meta.get("timings")) for s, f in files.items()},
@@ -291,3 +240,114 @@ def _run(stage: Staging, *, split: str, splits: dict, settings: Settings, traine
                    sweeps=[stage.final(f"sweep_{x}.{e}") for x in ("k", "lambda") for e in ("json", "png")]
                    if sweeps else []),
     )
+
+
+@dataclasses.dataclass
+class KnnMixture:
+    """The kNN-LM on the reported split: λ and T (given or tuned), the per-token log-probs, valid's grids."""
+
+    knn: dict
+    logp_knn: np.ndarray
+    logp_mixed: np.ndarray
+    tuning: TokenFiles | None
+    valid_report: dict
+    per_token: dict
+
+
+def tuned_label(settings: Settings, tuning: TokenFiles | None) -> str:
+    return "tuned on valid" + (f" (its first {tuning.n} tokens)"
+                               if tuning is not None and settings.tune_tokens == tuning.n else "")
+
+
+def mix_knn(settings: Settings, target: TokenFiles, tuning: TokenFiles | None, nprobe: int | None) -> KnnMixture:
+    """λ and T (tuned on ``tuning`` where ``auto``) and the kNN-LM's log-probs on ``target``."""
+    knn = dict(k=settings.k, exact=settings.exact, nprobe=nprobe)
+    valid_report, tuned = {}, tuned_label(settings, tuning)
+    if tuning is not None and (settings.lmbda is None or settings.temperature is None):
+        best = tune_knn(tuning, LAMBDAS if settings.lmbda is None else (settings.lmbda,),
+                        TEMPERATURES if settings.temperature is None else (settings.temperature,))
+        knn.update(lmbda=best["lmbda"], temperature=best["temperature"],
+                   lmbda_source=tuned if settings.lmbda is None else "given",
+                   temperature_source=tuned if settings.temperature is None else "given")
+        valid_report["knn"] = dict(ppl=best["ppl"], grid=best["grid"], fine_grid=best.get("fine_grid"))
+    else:
+        knn.update(lmbda=settings.lmbda, temperature=settings.temperature, lmbda_source="given",
+                   temperature_source="given")
+    logp_knn = knn_log_probs(target, [knn["temperature"]])[0]
+    logp_mixed = mix(target.logp_lm, logp_knn, knn["lmbda"])
+    per_token = dict(targets=np.asarray(target.targets), lm=np.asarray(target.logp_lm), knn=logp_knn,
+                     mixed=logp_mixed)
+    return KnnMixture(knn, logp_knn, logp_mixed, tuning, valid_report, per_token)
+
+
+def mix_caches(settings: Settings, target: TokenFiles, tuning: TokenFiles | None, mixed: KnnMixture,
+               named: list) -> dict:
+    """The continuous cache alone and on top of the kNN-LM: its λc and θ per row (tuned where
+    ``auto``); adds their rows to ``named`` and their log-probs to ``mixed.per_token``."""
+    thetas = tuple(settings.cache_thetas)
+    lambdas = LAMBDAS if settings.cache_lambda is None else (settings.cache_lambda,)
+    tune_here = tuning is not None and (settings.cache_lambda is None or len(thetas) > 1)
+    valid_mixed = None
+    if tune_here:
+        valid_mixed = mixed.logp_mixed if tuning is target else mix(
+            tuning.logp_lm, knn_log_probs(tuning, [mixed.knn["temperature"]])[0], mixed.knn["lmbda"])
+    cache, tuned = {}, tuned_label(settings, tuning)
+    for name, label, on_target, on_valid in (
+            ("cache", "+cache", target.logp_lm, tuning.logp_lm if tune_here else None),
+            ("knn_cache", "+kNN-LM+cache", mixed.logp_mixed, valid_mixed)):
+        if tune_here:
+            best = tune_cache(on_valid, tuning.cache, thetas, lambdas)
+            chosen = dict(lmbda=best["lmbda"], theta=best["theta"],
+                          lmbda_source=tuned if settings.cache_lambda is None else "given",
+                          theta_source=tuned if len(thetas) > 1 else "given")
+            mixed.valid_report[name] = dict(ppl=best["ppl"], grid=best["grid"])
+        else:
+            chosen = dict(lmbda=settings.cache_lambda, theta=thetas[0], lmbda_source="given", theta_source="given")
+        chosen["size"] = settings.cache_size
+        cache[name] = chosen
+        logp_cache = np.asarray(target.cache[:, thetas.index(chosen["theta"])])
+        logp = mix(on_target, logp_cache, chosen["lmbda"])
+        mixed.per_token[name] = logp
+        mixed.per_token[f"{name}_p_cache"] = logp_cache
+        named.append((label, perplexity(logp)))
+    return cache
+
+
+def word_rows(vocab, target: TokenFiles, rows: list[dict]) -> tuple[list[dict], int]:
+    """The rows with their per-word perplexity where the vocabulary is subword; ``(rows, words)``."""
+    words = count_words(vocab, target)
+    if words:
+        for row in rows:
+            row["word_ppl"] = per_word(row["ppl"], target.n, words)
+    return rows, words
+
+
+def valid_summary(vocab, tuning: TokenFiles, report: dict) -> dict:
+    """Valid's base perplexity and token count, and per word where the vocabulary is subword."""
+    out = dict(base_ppl=perplexity(tuning.logp_lm), tokens=tuning.n)
+    words = count_words(vocab, tuning)
+    if words:
+        out["words"] = words
+        out["word_ppl"] = {k: per_word(v["ppl"], tuning.n, words) for k, v in report.items()
+                           if isinstance(v, dict) and "ppl" in v}
+        out["word_ppl"]["base"] = per_word(out["base_ppl"], tuning.n, words)
+    return out
+
+
+def write_sweeps(stage: Staging, store_name: str, split: str, target: TokenFiles, tuning: TokenFiles | None,
+                 mixed: KnnMixture, log) -> dict | None:
+    """The k and λ sweeps on valid, as the paper's Figures 4 and 5 (never on test): JSON and PNG."""
+    on_valid = tuning if tuning is not None else (target if split == "valid" else None)
+    if on_valid is None:
+        log("sweeps are drawn on valid: none this time (evaluate --split valid, or leave a parameter auto)")
+        return None
+    temperature, lmbda = mixed.knn["temperature"], mixed.knn["lmbda"]
+    valid_knn = mixed.logp_knn if on_valid is target else knn_log_probs(on_valid, [temperature])[0]
+    sweeps = dict(k=sweep_k(on_valid, temperature, lmbda), lmbda=sweep_lambda(on_valid, valid_knn, temperature))
+    for name, sweep, x, xlabel, log2x in (("k", sweeps["k"], "k", "k (number of neighbours)", True),
+                                          ("lambda", sweeps["lmbda"], "lmbda", "interpolation parameter λ", False)):
+        with open(stage.path(f"sweep_{name}.json"), "w") as f:
+            json.dump(json_safe(dict(sweep, split="valid", datastore=store_name)), f, indent=2)
+        plot_sweep(stage.path(f"sweep_{name}.png"), sweep[x], sweep["ppl"], sweep["base_ppl"],
+                   xlabel=xlabel, title=f"valid, datastore {store_name}", log2x=log2x)
+    return sweeps

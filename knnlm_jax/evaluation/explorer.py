@@ -127,3 +127,18 @@ def write_html(path: str, *, title: str, records: list[dict], rows: list[dict], 
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(page)
     os.replace(path + ".tmp", path)
+
+
+def write_from_results(path: str, n: int, results: dict, vocab, vals_N) -> None:
+    """The explorer of an evaluation's first ``n`` tokens, from its results and saved files."""
+    from knnlm_jax.evaluation.token_files import open_token_files
+
+    split = results["split"]
+    files = open_token_files(results["files"]["tokens"][split])
+    logprobs = np.load(results["files"]["logprobs"])
+    knn = results["knn"]
+    records = token_records(files, logprobs["knn"], logprobs["mixed"], vocab, vals_N, knn["temperature"], n)
+    write_html(path, title=f"kNN-LM on {split} ({len(records)} tokens), datastore {results['datastore']}",
+               records=records, rows=results["rows"], lmbda=knn["lmbda"], temperature=knn["temperature"],
+               sweep_pngs=[p for p in results["files"]["sweeps"] if p.endswith(".png")],
+               subword=hasattr(vocab, "count_words"))

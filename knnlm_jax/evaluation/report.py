@@ -90,3 +90,32 @@ def format_table(results: dict) -> str:
         lines.append(f"{row['name']:{width}}{row['ppl']:12.3f}{change:>10}"
                      + (f"{row['word_ppl']:12.3f}" if words else ""))
     return "\n".join(lines)
+
+
+def describe_tuning(r) -> str:
+    """How λ, T and the cache were chosen, valid's numbers, the speed and retrieval savings: lines of text."""
+    knn = r["knn"]
+    parts = [f"kNN-LM: lambda {knn['lmbda']:.2f} ({knn['lmbda_source']}), T {knn['temperature']:.3g} "
+             f"({knn['temperature_source']}), k {knn['k']}"]
+    for name, c in (r.get("cache") or {}).items():
+        parts.append(f"{'cache' if name == 'cache' else 'kNN-LM+cache'}: lambda_c {c['lmbda']:.2f} "
+                     f"({c['lmbda_source']}), theta {c['theta']:.3g} ({c['theta_source']}), size {c['size']}")
+    if r.get("valid"):
+        v = r["valid"]
+        parts.append(f"valid ({v['tokens']} tokens): base {v['base_ppl']:.3f}"
+                     + "".join(f", {k} {v[k]['ppl']:.3f}" for k in ("knn", "cache", "knn_cache") if k in v))
+        if v.get("words"):
+            w = v["word_ppl"]
+            parts.append(f"valid per word ({v['words']} words): base {w['base']:.3f}"
+                         + "".join(f", {k} {w[k]:.3f}" for k in ("knn", "cache", "knn_cache") if k in w))
+    for split, speed in r["speed"].items():
+        parts.append(f"{split}: {speed['seconds']:.1f}s, {speed['tokens_per_s']:,.0f} tokens/s "
+                     "(forward, search, re-ranking and per-token files, compilation included)")
+    ret = r.get("retrieval") or {}
+    if ret.get("policy", "full") != "full":
+        parts.append(f"retrieval: {ret['policy']} (--retomaton {ret['min_pointers']}, --retrieve-fraction "
+                     f"{ret['retrieve_fraction']:g}); saved searches (FoSS) "
+                     + ", ".join(f"{s} {f:.1%}" for s, f in ret["foss"].items()))
+    if r.get("self_dropped"):
+        parts.append(f"dropped {r['self_dropped']} self-retrievals (the split is the datastore's own text)")
+    return "\n".join(parts)

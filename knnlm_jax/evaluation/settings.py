@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 from knnlm_jax.core.errors import KnnlmError
+from knnlm_jax.data.windows import WindowSpec
 
 LAMBDAS = tuple(round(0.01 * i, 2) for i in range(101))  # λ and λc grid: 0.00 .. 1.00
 TEMPERATURES = tuple(0.25 * 2 ** (i / 2) for i in range(21))  # 0.25 .. 256, steps of sqrt(2)
@@ -22,13 +23,9 @@ class EvaluationError(KnnlmError, ValueError):
 
 
 def eval_window_sizes(config) -> tuple[int, int]:
-    """``(window, context)`` from ``eval_window`` (0: ``tokens_per_sample``) and ``eval_context`` (-1: half)."""
-    window = int(config.get("eval_window", 0) or config.tokens_per_sample)
-    context = int(config.get("eval_context", -1))
-    context = window // 2 if context < 0 else context
-    if not 0 <= context < window:
-        raise EvaluationError(f"eval_context {context} must be below eval_window {window}")
-    return window, context
+    """``(window, context)`` of the evaluation (:meth:`~knnlm_jax.data.windows.WindowSpec.from_config`)."""
+    spec = WindowSpec.from_config(config, "eval")
+    return spec.length, spec.context
 
 
 def perplexity(logp_N) -> float:

@@ -16,6 +16,7 @@ the split.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -34,10 +35,54 @@ from knnlm_jax.core.distributed import check_batch_size
 from knnlm_jax.models.adaptive import band_edges, build_capacities
 from knnlm_jax.evaluation.cache import cache_target_log_prob
 from knnlm_jax.models.transformer import forward_states
-from knnlm_jax.retrieval.policies import Policy, exact_distances, nearest, retrieve_batch
-from knnlm_jax.datastore.search import search as search_index
+from knnlm_jax.retrieval.policies import Policy, retrieve_batch
+from knnlm_jax.datastore.retriever import Retriever
 from knnlm_jax.evaluation.token_files import FILES_FORMAT, META, TokenFiles, open_token_files
-from knnlm_jax.data.windows import token_stream, window_batch, windows
+from knnlm_jax.data.windows import WindowSpec, token_stream, window_batch
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """The LM side of a pass: trained weights (``graphdef``, ``params``, ``cfg``), the key type its
+    queries use, and the id that separates lines (the stream starts with it)."""
+
+    trained: object
+    key_type: str
+    eos: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """The continuous cache (Grave et al. 2017): the last ``size`` scored positions, flatness ``thetas``."""
+
+    thetas: tuple
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """What one streaming pass computes and how.
+
+    ``drop_self``: the scored text is the datastore's own (entry ``p`` is target ``p``), so a
+    neighbour with the query's own id is dropped. ``policy``: which tokens search
+    (:mod:`~knnlm_jax.retrieval.policies`). ``identity``: what the files answer (recorded for
+    reuse). ``overlap=False`` waits for each batch's forward before searching it (a diagnostic
+    of the pipeline's own cost).
+    """
+
+    windows: WindowSpec
+    batch_size: int
+    cache: CacheSpec | None = None
+    drop_self: bool = False
+    policy: Policy = Policy()
+    identity: dict = dataclasses.field(default_factory=dict)
+    progress: bool = True
+    desc: str = "eval"
+    overlap: bool = True
+
+    @property
+    def thetas(self) -> tuple:
+        return tuple(float(t) for t in self.cache.thetas) if self.cache else ()
+
 
 @functools.lru_cache(maxsize=8)
 def make_eval_step(graphdef, key_type: str | None, states: bool, rows: int):
@@ -121,39 +166,15 @@ def reserve(path: str) -> None:
         os.close(fd)
 
 
-def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, key_type: str, window: int,
-                    context: int, batch_size: int, index=None, store=None, k: int = 0, exact: bool = True,
-                    nprobe: int | None = None, drop_self: bool = False, cache_thetas=(), cache_size: int = 0,
-                    identity: dict | None = None, capacities=None, progress: bool = True, desc: str = "eval",
-                    on_queries=None, overlap: bool = True, policy: Policy = Policy()) -> TokenFiles:
+def evaluate_tokens(directory: str, scorer: Scorer, tokens_N: np.ndarray, spec: StreamSpec,
+                    retriever: Retriever | None = None, *, capacities=None, on_queries=None) -> TokenFiles:
     """Score every target of ``tokens_N`` and write the per-token files to ``directory``.
 
-    Without ``index`` only the LM log-probs (and the cache's) are computed: a base-LM
-    evaluation. ``drop_self``: ``tokens_N`` is the datastore's own text (entry ``p`` is
-    target ``p``), so a neighbour with the query's own id is dropped. Files are written
-    under ``directory.tmp`` and renamed when complete. ``on_queries(queries_QxD)`` sees
-    each batch's query keys (a benchmark hook). ``overlap=False`` waits for each batch's
-    forward before searching it (no overlap: a diagnostic of the pipeline's own cost). ``policy``: which
-    tokens search (:mod:`~knnlm_jax.retrieval.policies`; default every one).
+    Without ``retriever`` only the LM log-probs (and the cache's) are computed: a base-LM
+    evaluation. Files are written under ``directory.tmp`` and renamed when complete.
+    ``capacities``: the adaptive softmax's per-band rows (default: what these windows need).
+    ``on_queries(queries_QxD)`` sees each batch's query keys (a benchmark hook).
     """
-    n = len(tokens_N)
-    searching = index is not None
-    if searching and (store is None or k < 1):
-        raise ValueError("a search needs the datastore and k >= 1")
-    mesh = check_batch_size(batch_size)
-    sharding = NamedSharding(mesh, P("data", None))
-    windows_Wx3 = windows(n, window, context)
-    edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
-    rows = min(batch_size * window, window + (batch_size - 1) * (window - context))  # most targets in one batch
-    # the softmax runs on the scored rows only: no band needs more than ``rows``
-    caps = tuple(min(c, rows) for c in capacities or build_capacities(tokens_N, windows_Wx3, batch_size, edges, window))
-    thetas = tuple(float(t) for t in cache_thetas)
-    step = make_eval_step(trained.graphdef, key_type if searching else None, bool(thetas), rows)
-    if thetas:
-        cache_step = make_cache_step(thetas, int(cache_size), rows)
-        memory = [empty_cache_memory(int(cache_size), trained.cfg.d_model)]
-    stream = token_stream(tokens_N, eos)
-
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -165,132 +186,14 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
         return array
 
     try:
-        out = {"logp_lm": memmap("logp_lm", np.float32, (n,)), "targets": memmap("targets", np.int32, (n,))}
-        if searching:
-            id_dtype = np.int32 if store.size < 2**31 else np.int64
-            out.update(dists=memmap("dists", np.float32, (n, k)), ids=memmap("ids", id_dtype, (n, k)),
-                       hit=memmap("hit", np.bool_, (n, k)), valid=memmap("valid", np.bool_, (n, k)))
-            out["features"] = memmap("features", np.float32, (n, len(edges) + store.dim))  # head summary, query key
-            if not policy.full:
-                out["retrieved"] = memmap("retrieved", np.bool_, (n,))
-        if thetas:
-            out["cache"] = memmap("cache", np.float32, (n, len(thetas)))
+        out = allocate(len(tokens_N), spec, retriever, head_width(scorer), memmap)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-allocated left behind
         raise
-    out["targets"][:] = tokens_N
-    timings = dict(forward_wait=0.0, search=0.0, rerank=0.0, write=0.0)
-    counts = dict(not_found=0, self_dropped=0, batches=0, searches=0)
-
-    def timed_search(queries_QxD):
-        t = time.perf_counter()
-        dists, ids = search_index(index, queries_QxD, k, nprobe)
-        timings["search"] += time.perf_counter() - t
-        counts["not_found"] += int((ids < 0).sum())
-        return dists, ids
-
-    def dispatch(batch_Wx3):
-        inputs, targets, mask = window_batch(stream, batch_Wx3, window, eos, rows=batch_size)
-        first = bool((batch_Wx3[:, 1] == 0).any())  # the split's first window scores all its positions
-        if not first and mask[:, :context].any():
-            raise RuntimeError("a later window scores a position before its context")
-        result = step(trained.params, *(jax.device_put(a, sharding) for a in (inputs, targets, mask)), caps)
-        return result, int(mask.sum()), mask.sum(axis=1)
-
-    def process(group_pending: list, offset: int) -> int:
-        """Write one group of dispatched batches (their windows retrieved together); the next offset."""
-        t0 = time.perf_counter()
-        logps, queries, features, caches, spans = [], [], [], [], []
-        at = offset
-        for result, count, spans_W in group_pending:
-            logps.append(np.asarray(result["logp"])[:count])  # waits for this batch's forward
-            spans.append(spans_W)
-            if searching:
-                queries.append(np.asarray(result["keys"])[:count])
-                features.append(np.asarray(result["features"])[:count])
-            if thetas:  # the cache spans the stream: this batch's positions see the previous cache_size ones
-                targets_R = np.zeros(rows, np.int32)
-                targets_R[:count] = tokens_N[at : at + count]
-                cache_RxH, memory[0] = cache_step(memory[0], result["states"], targets_R, np.int32(at), np.int32(count))
-                caches.append(np.asarray(cache_RxH)[:count])
-            at += count
-        count, spans_W = at - offset, np.concatenate(spans)
-        logp = np.concatenate(logps)
-        queries = np.concatenate(queries) if searching else None
-        cache = np.concatenate(caches) if thetas else None
-        t1 = time.perf_counter()
-        timings["forward_wait"] += t1 - t0
-        search_before = timings["search"]
-        span = slice(offset, offset + count)
-        out["logp_lm"][span] = logp
-        if cache is not None:
-            out["cache"][span] = cache
-        if searching:
-            if on_queries is not None:
-                on_queries(queries)
-            features = np.concatenate(features)
-            out["features"][span] = features
-            own_R = np.arange(offset, offset + count) if drop_self else None
-            if policy.full:
-                dists, ids = timed_search(queries)
-                if own_R is not None:
-                    own = ids == own_R[:, None]
-                    counts["self_dropped"] += int(own.sum())
-                    ids = np.where(own, -1, ids)
-                if exact:
-                    dists = exact_distances(store.keys, queries, ids)
-                dists, ids = nearest(dists, ids, k)  # sorted by distance; -1 / inf where nothing was found
-                retrieved, searched = None, count
-            else:
-                dists, ids, retrieved, searched_R = retrieve_batch(
-                    policy, queries, tokens_N[span], spans_W, search=timed_search, keys_NxD=store.keys,
-                    vals_N=store.vals, k=k, features_RxF=features, own_ids_R=own_R, exact=exact)
-                searched = int(searched_R.sum())
-            counts["searches"] += searched
-            found = ids >= 0
-            vals = np.asarray(store.vals[np.where(found, ids, 0).reshape(-1)]).reshape(ids.shape)
-            t2 = time.perf_counter()
-            timings["rerank"] += t2 - t1 - (timings["search"] - search_before)  # all but the searches
-            out["dists"][span] = dists
-            out["ids"][span] = ids
-            out["valid"][span] = found
-            out["hit"][span] = found & (vals == tokens_N[span, None])
-            if retrieved is not None:
-                out["retrieved"][span] = retrieved
-            timings["write"] += time.perf_counter() - t2
-        counts["batches"] += len(group_pending)
-        bar.update(count)
-        return offset + count
-
-    # pointers are followed step by step across a group's windows side by side: more windows, fewer steps
-    group = max(1, POINTER_WINDOWS // batch_size) if searching and policy.min_pointers > 0 else 1
-    bar = tqdm(total=n, disable=not progress, unit="tok", unit_scale=True, dynamic_ncols=True, desc=desc)
-    start = time.perf_counter()
-    pending, offset = [], 0
-    try:
-        for i in range(0, len(windows_Wx3), batch_size):
-            pending.append(dispatch(windows_Wx3[i : i + batch_size]))  # the next batch runs while a group is searched
-            if len(pending) > group or (not overlap and len(pending) == group):
-                offset = process(pending[:group], offset)
-                pending = pending[group:]
-        while pending:
-            offset = process(pending[:group], offset)
-            pending = pending[group:]
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    if offset != n:
-        raise RuntimeError(f"scored {offset} targets of {n}")
+    meta = StreamingPass(scorer, tokens_N, spec, retriever, out, capacities, on_queries).run()
     for array in out.values():
         array.flush()
     out.clear()  # close the memmaps before the rename
-    meta = dict(format=FILES_FORMAT, n=n, k=k if searching else 0, identity=identity or {}, cache_thetas=list(thetas),
-                cache_size=int(cache_size) if thetas else None, exact=bool(exact) if searching else None,
-                drop_self=bool(drop_self), policy=policy.identity() if searching else None,
-                foss=1.0 - counts["searches"] / max(1, n) if searching else None,
-                windows=len(windows_Wx3), batch_size=batch_size, seconds=seconds,
-                tokens_per_s=n / max(seconds, 1e-9), timings=timings,
-                **dict(counts, self_dropped=counts["self_dropped"] if policy.full else None))  # pointers: uncounted
     with open(os.path.join(tmp, META), "w") as f:
         json.dump(meta, f, indent=2)
     shutil.rmtree(directory, ignore_errors=True)
@@ -298,3 +201,179 @@ def evaluate_tokens(directory: str, trained, tokens_N: np.ndarray, eos: int, *, 
     files = open_token_files(directory)
     assert files is not None
     return files
+
+
+def score_tokens(scorer: Scorer, tokens_N: np.ndarray, spec: StreamSpec, retriever: Retriever | None = None, *,
+                 capacities=None) -> TokenFiles:
+    """The same pass with the per-token quantities in memory (a text, not a split): nothing written."""
+    out = allocate(len(tokens_N), spec, retriever, head_width(scorer), lambda name, dtype, shape: np.zeros(shape, dtype))
+    meta = StreamingPass(scorer, tokens_N, spec, retriever, out, capacities, None).run()
+    return TokenFiles("", meta, **out)
+
+
+def head_width(scorer: Scorer) -> int:
+    """Features the head softmax summarises per token (adaptive retrieval's, before the query key)."""
+    return len(band_edges(scorer.trained.cfg.vocab_size, scorer.trained.cfg.cutoffs))
+
+
+def allocate(n: int, spec: StreamSpec, retriever: Retriever | None, head: int, make) -> dict:
+    """The per-token arrays of a pass over ``n`` targets, each from ``make(name, dtype, shape)``."""
+    out = {"logp_lm": make("logp_lm", np.float32, (n,)), "targets": make("targets", np.int32, (n,))}
+    if retriever is not None:
+        k, store = retriever.k, retriever.store
+        id_dtype = np.int32 if store.size < 2**31 else np.int64
+        out.update(dists=make("dists", np.float32, (n, k)), ids=make("ids", id_dtype, (n, k)),
+                   hit=make("hit", np.bool_, (n, k)), valid=make("valid", np.bool_, (n, k)))
+        out["features"] = make("features", np.float32, (n, head + store.dim))  # head summary, query key
+        if not spec.policy.full:
+            out["retrieved"] = make("retrieved", np.bool_, (n,))
+    if spec.thetas:
+        out["cache"] = make("cache", np.float32, (n, len(spec.thetas)))
+    return out
+
+
+class StreamingPass:
+    """One pass over a token array in windows, filling ``out`` (see :func:`allocate`); :meth:`run`."""
+
+    def __init__(self, scorer: Scorer, tokens_N, spec: StreamSpec, retriever: Retriever | None, out: dict,
+                 capacities, on_queries):
+        self.scorer, self.tokens_N, self.spec, self.retriever, self.out = scorer, tokens_N, spec, retriever, out
+        self.on_queries, self.n = on_queries, len(tokens_N)
+        trained, window, batch = scorer.trained, spec.windows.length, spec.batch_size
+        self.sharding = NamedSharding(check_batch_size(batch), P("data", None))
+        self.windows_Wx3 = spec.windows.windows(self.n)
+        edges = band_edges(trained.cfg.vocab_size, trained.cfg.cutoffs)
+        # most targets in one batch; the softmax runs on the scored rows only: no band needs more
+        self.rows = min(batch * window, window + (batch - 1) * (window - spec.windows.context))
+        self.caps = tuple(min(c, self.rows) for c in
+                          capacities or build_capacities(tokens_N, self.windows_Wx3, batch, edges, window))
+        self.step = make_eval_step(trained.graphdef, scorer.key_type if retriever else None, bool(spec.thetas),
+                                   self.rows)
+        if spec.thetas:
+            self.cache_step = make_cache_step(spec.thetas, int(spec.cache.size), self.rows)
+            self.memory = empty_cache_memory(int(spec.cache.size), trained.cfg.d_model)
+        self.stream = token_stream(tokens_N, scorer.eos)
+        self.timings = dict(forward_wait=0.0, search=0.0, rerank=0.0, write=0.0)
+        self.counts = dict(not_found=0, self_dropped=0, batches=0, searches=0)
+
+    def run(self) -> dict:
+        """Score every target; returns the pass's ``meta`` (what it answers, counts and timings)."""
+        self.out["targets"][:] = self.tokens_N
+        spec, batch = self.spec, self.spec.batch_size
+        # pointers are followed step by step across a group's windows side by side: more windows, fewer steps
+        group = max(1, POINTER_WINDOWS // batch) if self.retriever and spec.policy.min_pointers > 0 else 1
+        self.bar = tqdm(total=self.n, disable=not spec.progress, unit="tok", unit_scale=True, dynamic_ncols=True,
+                        desc=spec.desc)
+        start = time.perf_counter()
+        pending, offset = [], 0
+        try:
+            for i in range(0, len(self.windows_Wx3), batch):
+                pending.append(self.dispatch(self.windows_Wx3[i : i + batch]))  # runs while a group is searched
+                if len(pending) > group or (not spec.overlap and len(pending) == group):
+                    offset = self.process(pending[:group], offset)
+                    pending = pending[group:]
+            while pending:
+                offset = self.process(pending[:group], offset)
+                pending = pending[group:]
+        finally:
+            self.bar.close()
+        if offset != self.n:
+            raise RuntimeError(f"scored {offset} targets of {self.n}")
+        return self.meta(time.perf_counter() - start)
+
+    def dispatch(self, batch_Wx3):
+        """Start one batch's forward (asynchronous); ``(result, scored count, per-window spans)``."""
+        w = self.spec.windows
+        inputs, targets, mask = window_batch(self.stream, batch_Wx3, w.length, self.scorer.eos,
+                                             rows=self.spec.batch_size)
+        first = bool((batch_Wx3[:, 1] == 0).any())  # the split's first window scores all its positions
+        if not first and mask[:, : w.context].any():
+            raise RuntimeError("a later window scores a position before its context")
+        placed = (jax.device_put(a, self.sharding) for a in (inputs, targets, mask))
+        result = self.step(self.scorer.trained.params, *placed, self.caps)
+        return result, int(mask.sum()), mask.sum(axis=1)
+
+    def collect(self, group_pending: list, offset: int) -> dict:
+        """Wait for a group's forwards: its log-probs, queries, features, cache log-probs and spans."""
+        parts = dict(logp=[], queries=[], features=[], cache=[], spans=[])
+        at = offset
+        for result, count, spans_W in group_pending:
+            parts["logp"].append(np.asarray(result["logp"])[:count])  # waits for this batch's forward
+            parts["spans"].append(spans_W)
+            if self.retriever is not None:
+                parts["queries"].append(np.asarray(result["keys"])[:count])
+                parts["features"].append(np.asarray(result["features"])[:count])
+            if self.spec.thetas:  # the cache spans the stream: these positions see the previous size ones
+                targets_R = np.zeros(self.rows, np.int32)
+                targets_R[:count] = self.tokens_N[at : at + count]
+                cache_RxH, self.memory = self.cache_step(self.memory, result["states"], targets_R, np.int32(at),
+                                                         np.int32(count))
+                parts["cache"].append(np.asarray(cache_RxH)[:count])
+            at += count
+        return {name: np.concatenate(arrays) if arrays else None for name, arrays in parts.items()}
+
+    def process(self, group_pending: list, offset: int) -> int:
+        """Write one group of dispatched batches (their windows retrieved together); the next offset."""
+        t0 = time.perf_counter()
+        parts = self.collect(group_pending, offset)
+        count = len(parts["logp"])
+        self.timings["forward_wait"] += time.perf_counter() - t0
+        span = slice(offset, offset + count)
+        self.out["logp_lm"][span] = parts["logp"]
+        if parts["cache"] is not None:
+            self.out["cache"][span] = parts["cache"]
+        if self.retriever is not None:
+            self.retrieve(span, parts)
+        self.counts["batches"] += len(group_pending)
+        self.bar.update(count)
+        return offset + count
+
+    def timed_search(self, queries_QxD):
+        t = time.perf_counter()
+        dists, ids = self.retriever.candidates(queries_QxD)
+        self.timings["search"] += time.perf_counter() - t
+        self.counts["not_found"] += int((ids < 0).sum())
+        return dists, ids
+
+    def retrieve(self, span: slice, parts: dict) -> None:
+        """Neighbours of the group's scored tokens (under the pass's policy), written at ``span``."""
+        t1, search_before = time.perf_counter(), self.timings["search"]
+        retriever, policy, out = self.retriever, self.spec.policy, self.out
+        queries, count = parts["queries"], span.stop - span.start
+        if self.on_queries is not None:
+            self.on_queries(queries)
+        out["features"][span] = parts["features"]
+        own_R = np.arange(span.start, span.stop) if self.spec.drop_self else None
+        retrieved = None
+        if policy.full:
+            found = retriever.nearest(queries, own_R, candidates=self.timed_search)
+            self.counts["self_dropped"] += found.self_dropped
+            dists, ids, vals, valid, searched = found.dists_QxK, found.ids_QxK, found.vals_QxK, found.found_QxK, count
+        else:
+            store = retriever.store
+            dists, ids, retrieved, searched_R = retrieve_batch(
+                policy, queries, self.tokens_N[span], parts["spans"], search=self.timed_search, keys_NxD=store.keys,
+                vals_N=store.vals, k=retriever.k, features_RxF=parts["features"], own_ids_R=own_R,
+                exact=retriever.exact)
+            vals, valid = retriever.values(ids)
+            searched = int(searched_R.sum())
+        self.counts["searches"] += searched
+        t2 = time.perf_counter()
+        self.timings["rerank"] += t2 - t1 - (self.timings["search"] - search_before)  # all but the searches
+        out["dists"][span], out["ids"][span], out["valid"][span] = dists, ids, valid
+        out["hit"][span] = valid & (vals == self.tokens_N[span, None])
+        if retrieved is not None:
+            out["retrieved"][span] = retrieved
+        self.timings["write"] += time.perf_counter() - t2
+
+    def meta(self, seconds: float) -> dict:
+        spec, searching, counts = self.spec, self.retriever is not None, self.counts
+        policy = spec.policy
+        return dict(format=FILES_FORMAT, n=self.n, k=self.retriever.k if searching else 0, identity=spec.identity or {},
+                    cache_thetas=list(spec.thetas), cache_size=int(spec.cache.size) if spec.thetas else None,
+                    exact=bool(self.retriever.exact) if searching else None, drop_self=bool(spec.drop_self),
+                    policy=policy.identity() if searching else None,
+                    foss=1.0 - counts["searches"] / max(1, self.n) if searching else None,
+                    windows=len(self.windows_Wx3), batch_size=spec.batch_size, seconds=seconds,
+                    tokens_per_s=self.n / max(seconds, 1e-9), timings=self.timings,
+                    **dict(counts, self_dropped=counts["self_dropped"] if policy.full else None))  # pointers: uncounted

@@ -143,6 +143,20 @@ class CausalSelfAttention(nnx.Module):
             ctx_BxTxHxK = fused_attention(q, k, v, self.impl, self.precision)
         return self.out(ctx_BxTxHxK.reshape(b, t, d))
 
+    def decode(self, x_Bx1xD, cache, pos):
+        """Attention of one position over the cache ``(keys, values)`` with this position's written at ``pos``."""
+        b, d = x_Bx1xD.shape[0], x_Bx1xD.shape[-1]
+        h, hd = self.num_heads, d // self.num_heads
+        q, k, v = jnp.split(self.qkv(x_Bx1xD).reshape(b, 1, 3 * h, hd), 3, axis=2)
+        keys_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, 1)
+        vals_BxLxHxK = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, 1)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys_BxLxHxK, preferred_element_type=jnp.float32,
+                            precision=self.precision) * hd**-0.5
+        scores = jnp.where(jnp.arange(keys_BxLxHxK.shape[1]) <= pos, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, vals_BxLxHxK, precision=self.precision).reshape(b, 1, d)
+        return self.out(out), (keys_BxLxHxK, vals_BxLxHxK)
+
     def _explicit(self, q, k, v, *, deterministic, rngs):
         t, hd = q.shape[1], q.shape[-1]
         scores_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32,
@@ -281,6 +295,40 @@ class TransformerLM(nnx.Module):
             for name in key_types:
                 self.sow(nnx.Intermediate, name, states[name].astype(jnp.float32))
         return x
+
+    def empty_cache(self, batch: int, max_len: int):
+        """The attention cache :meth:`decode_step` fills: per layer ``(keys, values)``, ``B x max_len x H x hd``."""
+        cfg = self.cfg
+        dtype = jnp.float32 if cfg.dtype is None else cfg.dtype
+        zeros = jnp.zeros((batch, max_len, cfg.num_heads, cfg.d_model // cfg.num_heads), dtype)
+        return tuple((zeros, zeros) for _ in range(cfg.num_layers))
+
+    def decode_step(self, token_B, cache, pos):
+        """One position against the cached keys and values: ``(hidden Bx1xD float32, states, cache)``.
+
+        The same layers and numerics as the full forward's explicit attention; ``states`` holds
+        every key type at this position; positions after ``pos`` are masked out.
+        """
+        cfg, max_len = self.cfg, cache[0][0].shape[1]
+        positions_LxD = jnp.asarray(sinusoidal_positions(max_len, cfg.d_model, cfg.position_offset))
+        x = self.embed_scale * self.embed(token_B[:, None]) + positions_LxD[pos]
+        if cfg.dtype is not None:
+            x = x.astype(cfg.dtype)
+        new_cache, states = [], {}
+        for i, block in enumerate(self.blocks):
+            attn_out, layer_cache = block.attn.decode(block.ln1(x), cache[i], pos)
+            new_cache.append(layer_cache)
+            x = x + attn_out
+            ffn_in = block.ln2(x)
+            if i == len(self.blocks) - 1:
+                states.update(attn_output=attn_out, ffn_input_before_ln=x, ffn_input_after_ln=ffn_in)
+            x = x + block.fc2(jax.nn.relu(block.fc1(ffn_in)))
+        states["block_output"] = x
+        if self.final_ln is not None:
+            x = self.final_ln(x)
+        x = x.astype(jnp.float32)
+        states["final_output"] = x
+        return x, states, tuple(new_cache)
 
     def target_log_probs(self, h_BxTxD, targets_BxT, *, capacities=None, deterministic=True, rngs=None):
         return self.softmax.target_log_probs(

@@ -216,8 +216,11 @@ class DeviceSearcher:
     ``keys_NxD`` may be a NumPy memmap (read ``chunk_rows`` rows at a time). ``center``
     subtracts the keys' mean before the distance expansion (exact distances unchanged,
     less cancellation). ``max_queries`` bounds one device call's queries (memory is
-    ``O(max_queries x block)`` per device).
+    ``O(max_queries x block)`` per device). A searcher
+    (:class:`~knnlm_jax.retrieval.searcher.Searcher`): exact, so no lists to probe.
     """
+
+    kind, lists = "device", 0
 
     def __init__(self, keys_NxD, *, devices=None, block: int = 4096, dtype=jnp.float16, chunk_rows: int | None = None,
                  center: bool = True, approx: bool = False, precision=HIGHEST, max_queries: int = 1024):
@@ -246,8 +249,9 @@ class DeviceSearcher:
         q = jax.device_put(queries_QxD, NamedSharding(self.mesh, P()))
         return fn(q, self.keys, self.norms, self.center, self.valid)
 
-    def search(self, queries_BxD, k: int):
-        """``(dists BxK float32, ids BxK int64)``: ascending squared L2, ties to the lower id; -1 if missing."""
+    def search(self, queries_BxD, k: int, nprobe: int | None = None):
+        """``(dists BxK float32, ids BxK int64)``: ascending squared L2, ties to the lower id; -1 if missing.
+        ``nprobe``: ignored (exact search)."""
         queries_BxD = np.asarray(queries_BxD, np.float32).reshape(-1, self.d)
         b, k = len(queries_BxD), int(k)
         dists_BxK = np.empty((b, k), np.float32)

@@ -44,10 +44,15 @@ def cluster_on_gpus(index: faiss.Index) -> faiss.Index:
 
 
 class OnGpus:
-    """An in-RAM index searched through its GPU copy (``host`` stays for its metadata)."""
+    """An in-RAM index searched through its GPU copy (``host`` stays for its metadata); a searcher
+    (:class:`~knnlm_jax.retrieval.searcher.Searcher`)."""
+
+    kind = "faiss"
 
     def __init__(self, host: faiss.Index):
         self.host = host
+        ivf = faiss.try_extract_index_ivf(host)
+        self.lists = int(ivf.nlist) if ivf is not None else 0
         self.gpu = faiss.index_cpu_to_all_gpus(host, _options())
         self.ntotal, self.d = host.ntotal, host.d
 

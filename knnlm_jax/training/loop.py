@@ -11,6 +11,7 @@ are written by all together (orbax).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from knnlm_jax.core import distributed
@@ -68,6 +69,31 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     main = distributed.current().is_main
     if not main:
         progress, log = False, lambda *a: None
+    setup = _prepare(config, workdir, corpus_options, main)
+    graphdef, tx, state = _initial_state(config, setup)
+    files = _RunFiles.open(workdir, config, main)
+    state, meta = _restore(files, state, log)
+    loop = _Loop(config, setup, files, graphdef, tx, state, meta)
+    valid_ppl = loop.run(progress)
+    return _finish(config, setup, files, loop.state, loop.meta, valid_ppl)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What the loop reads: the model's config, the mesh, the blocks of tokens and their order."""
+
+    data: object  # :func:`prepare_data`'s vocabulary and token ids
+    cfg: ModelConfig
+    mesh: Mesh
+    train_in_NxL: np.ndarray
+    train_tgt_NxL: np.ndarray
+    train_counts_NxH: np.ndarray  # tail-band token counts of each training block
+    valid_blocks: tuple  # inputs, targets, mask
+    order: BatchOrder
+
+
+def _prepare(config, workdir: str, corpus_options: dict | None, main: bool) -> _Setup:
+    """Tokens, blocks and mesh of the run, its config checked (and written by process 0)."""
     data = prepare_data(config, workdir, corpus_options=corpus_options)
     resolved = resolved_config(config, data)
     cfg = ModelConfig.from_config(config, vocab_size=len(data.vocab))
@@ -75,7 +101,6 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     n_dev = mesh.devices.size
     if config.batch_size % n_dev or config.eval_batch_size % n_dev:
         raise InputError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
-
     L = config.tokens_per_sample
     train_in, train_tgt, _ = lm_blocks(data.train_ids, L, data.vocab.eos, pad_last=False)
     train_counts = block_band_counts(train_tgt, band_edges(cfg.vocab_size, cfg.cutoffs))
@@ -83,128 +108,190 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
     order = BatchOrder(len(train_in), config.batch_size * config.update_freq, config.seed)
     check_run_config(workdir, resolved, write=main)  # every process refuses alike; process 0 writes
     distributed.barrier("run config")
+    return _Setup(data, cfg, mesh, train_in, train_tgt, train_counts, valid_blocks, order)
 
+
+def _initial_state(config, setup: _Setup):
+    """``(graphdef, optimizer, state)``: the freshly initialised model, replicated over the mesh."""
     tx = make_optimizer(config)
-    graphdef, params = init_model(cfg, config.seed)
-    replicated = NamedSharding(mesh, P())
+    graphdef, params = init_model(setup.cfg, config.seed)
+    replicated = NamedSharding(setup.mesh, P())
     state = dict(
         params=params,
         opt_state=tx.init(params),
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.PRNGKey(config.seed + 1),
     )
-    state = jax.tree_util.tree_map(lambda x: global_array(x, replicated), state)
+    return graphdef, tx, jax.tree_util.tree_map(lambda x: global_array(x, replicated), state)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    best_ckpt = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+@dataclasses.dataclass(frozen=True)
+class _RunFiles:
+    """The run directory's checkpoints (written by every process) and ``metrics.jsonl`` (process 0's)."""
+
+    ckpt: Checkpointer
+    best: Checkpointer
+    metrics_path: str
+    main: bool
+
+    @classmethod
+    def open(cls, workdir: str, config, main: bool) -> "_RunFiles":
+        return cls(Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints),
+                   Checkpointer(os.path.join(workdir, "best"), max_to_keep=1),
+                   os.path.join(workdir, "metrics.jsonl"), main)
+
+    def append(self, record: dict) -> None:
+        if self.main:
+            _append_jsonl(self.metrics_path, record)
+
+    def close(self) -> None:
+        self.ckpt.close()
+        self.best.close()
+
+
+def _restore(files: _RunFiles, state: dict, log) -> tuple[dict, dict]:
+    """``(state, meta)`` of the latest checkpoint, or the fresh ``state`` (logging the run's start);
+    ``metrics.jsonl`` loses the records of steps the checkpoint does not hold."""
     meta = {"best_valid_ppl": math.inf, "best_step": -1}
-    if ckpt.latest_step() is not None:
+    if files.ckpt.latest_step() is not None:
         try:
-            state, meta = ckpt.restore(abstract_like(state))
+            state, meta = files.ckpt.restore(abstract_like(state))
         except CheckpointError as err:
             hinted = CheckpointError(f"{err}; delete it to resume from an earlier one, or --overwrite")
             hinted.threads_stuck = getattr(err, "threads_stuck", False)
             hinted.stderr_fd = getattr(err, "stderr_fd", None)
             raise hinted from None
-        log(f"resumed from step {int(state['step'])} (checkpoint in {ckpt.directory})")
-    elif main:
-        _append_jsonl(metrics_path, {"step": 0, "event": "start", "parameters": count_params_of(params),
-                                     "time": time.time()})
-    start_step = int(state["step"])
-    if main:
-        _truncate_metrics(metrics_path, start_step)
-    append = _append_jsonl if main else (lambda path, record: None)
+        log(f"resumed from step {int(state['step'])} (checkpoint in {files.ckpt.directory})")
+    elif files.main:
+        files.append({"step": 0, "event": "start", "parameters": count_params_of(state["params"]),
+                      "time": time.time()})
+    if files.main:
+        _truncate_metrics(files.metrics_path, int(state["step"]))
+    return state, meta
 
-    train_step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0, static_argnums=3)
-    eval_step = jax.jit(make_eval_step(graphdef), static_argnums=4)
-    edges = band_edges(cfg.vocab_size, cfg.cutoffs)
-    batch_sharding = NamedSharding(mesh, P(None, "data", None))
-    schedule = lr_schedule(config)
-    F, B = config.update_freq, config.batch_size
-    tokens_per_update = F * B * L
 
-    def run_eval(step: int) -> float:
-        nll, count = evaluate(eval_step, state["params"], valid_blocks, config.eval_batch_size, mesh, edges,
-                              config.max_eval_tokens)
+def _diverged(what: str, step: int, files: _RunFiles, config) -> Diverged:
+    last = files.ckpt.latest_step()
+    kept = f"the last finite checkpoint is step {last} in {files.ckpt.directory}" if last is not None else \
+        "no checkpoint was saved"
+    hint = f"lower --set lr (now {config.lr:g})" + (" or set clip_norm" if config.clip_norm <= 0 else "")
+    return Diverged(f"the {what} is not finite at step {step} (diverged); {kept}; {hint}")
+
+
+class _Loop:
+    """The updates from the restored step to ``max_steps``: logs, evaluations and checkpoints on schedule."""
+
+    def __init__(self, config, setup: _Setup, files: _RunFiles, graphdef, tx, state: dict, meta: dict):
+        self.config, self.setup, self.files = config, setup, files
+        self.state, self.meta = state, meta
+        self.train_step = jax.jit(make_train_step(graphdef, tx), donate_argnums=0, static_argnums=3)
+        self.eval_step = jax.jit(make_eval_step(graphdef), static_argnums=4)
+        self.edges = band_edges(setup.cfg.vocab_size, setup.cfg.cutoffs)
+        self.batch_sharding = NamedSharding(setup.mesh, P(None, "data", None))
+        self.schedule = lr_schedule(config)
+        self.pending = []  # (step, loss on device) not yet checked: checked where the loop syncs anyway
+        self.t_last, self.tokens_since = time.time(), 0
+
+    def run(self, progress: bool) -> float:
+        """Train to ``max_steps``; returns the last valid perplexity (the final model's if no step was left)."""
+        c = self.config
+        start_step = int(self.state["step"])
+        bar = tqdm(total=c.max_steps, initial=start_step, disable=not progress, unit="upd", dynamic_ncols=True)
+        self.t_last, self.tokens_since = time.time(), 0
+        valid_ppl = None
+        for step in range(start_step, c.max_steps):
+            metrics = self._update(step)
+            done = step + 1
+            bar.update(1)
+            self.pending.append((done, metrics["loss"]))
+            is_eval = done % c.eval_every == 0 or done == c.max_steps
+            is_save = done % c.checkpoint_every == 0 or done == c.max_steps
+            if done % c.log_every == 0 or is_eval or is_save:
+                self._check_losses()
+            if done % c.log_every == 0 or done == c.max_steps:
+                self._log(step, metrics, bar)
+            if is_eval:
+                valid_ppl = self._evaluate(done, bar)
+            if is_save:
+                self._save(done)
+        bar.close()
+        if valid_ppl is None:  # nothing left to train: report the final model
+            valid_ppl = self._valid_ppl()
+            if not math.isfinite(valid_ppl):
+                raise _diverged("valid perplexity", int(self.state["step"]), self.files, c)
+        return valid_ppl
+
+    def _update(self, step: int) -> dict:
+        """One update: ``update_freq`` micro-batches of ``batch_size`` blocks."""
+        setup, F, B, L = self.setup, self.config.update_freq, self.config.batch_size, self.config.tokens_per_sample
+        idx = setup.order.indices(step)
+        targets_np = setup.train_tgt_NxL[idx].reshape(F, B, L)
+        caps = epoch_capacities(setup.order, setup.train_counts_NxH, setup.order.position(step)[0], B, L)
+        inputs = global_array(setup.train_in_NxL[idx].reshape(F, B, L), self.batch_sharding)
+        targets = global_array(targets_np, self.batch_sharding)
+        self.state, metrics = self.train_step(self.state, inputs, targets, caps)
+        self.tokens_since += F * B * L
+        return metrics
+
+    def _check_losses(self) -> None:
+        losses = jax.device_get([loss for _, loss in self.pending])
+        for (done_i, _), loss in zip(self.pending, losses):
+            if not math.isfinite(float(loss)):
+                raise _diverged("loss", done_i, self.files, self.config)
+        self.pending.clear()
+
+    def _log(self, step: int, metrics: dict, bar) -> None:
+        """The training record of update ``step`` (loss, lr, gradient norm, throughput since the last)."""
+        done = step + 1
+        loss = float(metrics["loss"])
+        elapsed = time.time() - self.t_last
+        tps = self.tokens_since / max(elapsed, 1e-9)
+        self.t_last, self.tokens_since = time.time(), 0
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+        epoch, _ = self.setup.order.position(step)
+        grad_norm = float(metrics["grad_norm"])
+        if not math.isfinite(grad_norm):
+            raise _diverged("gradient norm", done, self.files, self.config)
+        self.files.append({"step": done, "epoch": epoch, "loss": loss, "lr": float(self.schedule(step)),
+                           "grad_norm": grad_norm, "tokens_per_s": tps, "time": time.time()})
+
+    def _valid_ppl(self) -> float:
+        nll, count = evaluate(self.eval_step, self.state["params"], self.setup.valid_blocks,
+                              self.config.eval_batch_size, self.setup.mesh, self.edges, self.config.max_eval_tokens)
         return math.exp(nll / count) if nll / count < 700 else math.inf  # inf/NaN: diverged
 
-    def diverged(what: str, step: int) -> Diverged:
-        last = ckpt.latest_step()
-        kept = f"the last finite checkpoint is step {last} in {ckpt.directory}" if last is not None else \
-            "no checkpoint was saved"
-        hint = f"lower --set lr (now {config.lr:g})" + (" or set clip_norm" if config.clip_norm <= 0 else "")
-        return Diverged(f"the {what} is not finite at step {step} (diverged); {kept}; {hint}")
-
-    pending = []  # (step, loss on device) not yet checked: checked where the loop syncs anyway
-
-    def check_losses() -> None:
-        losses = jax.device_get([loss for _, loss in pending])
-        for (done_i, _), loss in zip(pending, losses):
-            if not math.isfinite(float(loss)):
-                raise diverged("loss", done_i)
-        pending.clear()
-
-    bar = tqdm(total=config.max_steps, initial=start_step, disable=not progress, unit="upd", dynamic_ncols=True)
-    t_last, tokens_since = time.time(), 0
-    valid_ppl = None
-    for step in range(start_step, config.max_steps):
-        idx = order.indices(step)
-        targets_np = train_tgt[idx].reshape(F, B, L)
-        caps = epoch_capacities(order, train_counts, order.position(step)[0], B, L)
-        inputs = global_array(train_in[idx].reshape(F, B, L), batch_sharding)
-        targets = global_array(targets_np, batch_sharding)
-        state, metrics = train_step(state, inputs, targets, caps)
-        tokens_since += tokens_per_update
-        done = step + 1
-        bar.update(1)
-        pending.append((done, metrics["loss"]))
-        is_eval = done % config.eval_every == 0 or done == config.max_steps
-        is_save = done % config.checkpoint_every == 0 or done == config.max_steps
-        if done % config.log_every == 0 or is_eval or is_save:
-            check_losses()
-        if done % config.log_every == 0 or done == config.max_steps:
-            loss = float(metrics["loss"])
-            elapsed = time.time() - t_last
-            tps = tokens_since / max(elapsed, 1e-9)
-            t_last, tokens_since = time.time(), 0
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-            epoch, _ = order.position(step)
-            grad_norm = float(metrics["grad_norm"])
-            if not math.isfinite(grad_norm):
-                raise diverged("gradient norm", done)
-            append(metrics_path, {"step": done, "epoch": epoch, "loss": loss, "lr": float(schedule(step)),
-                                  "grad_norm": grad_norm, "tokens_per_s": tps, "time": time.time()})
-        if is_eval:
-            valid_ppl = run_eval(done)
-            if not math.isfinite(valid_ppl):
-                raise diverged("valid perplexity", done)
-            append(metrics_path, {"step": done, "valid_ppl": valid_ppl, "time": time.time()})
-            if main:
-                bar.write(f"step {done}: valid ppl {valid_ppl:.2f}")
-            if valid_ppl < meta["best_valid_ppl"]:
-                meta = {"best_valid_ppl": valid_ppl, "best_step": done}
-                try:
-                    best_ckpt.save(done, {"params": state["params"]}, meta)
-                except NonFiniteState:
-                    raise diverged("training state", done) from None
-            t_last = time.time()
-        if is_save:
-            epoch, pos = order.position(done)
-            try:
-                ckpt.save(done, state, dict(meta, epoch=epoch, position=pos, step=done))
-            except NonFiniteState:  # a non-finite parameter or optimizer state after a finite loss
-                raise diverged("training state", done) from None
-            t_last = time.time()
-    bar.close()
-    if valid_ppl is None:  # nothing left to train: report the final model
-        valid_ppl = run_eval(int(state["step"]))
+    def _evaluate(self, done: int, bar) -> float:
+        """Valid perplexity after ``done`` updates, logged; a new best model is saved to ``best/``."""
+        valid_ppl = self._valid_ppl()
         if not math.isfinite(valid_ppl):
-            raise diverged("valid perplexity", int(state["step"]))
-    _, valid_targets, valid_mask = valid_blocks
-    unigram = unigram_perplexity(data.train_ids, valid_targets[valid_mask], len(data.vocab))
-    ckpt.close()
-    best_ckpt.close()
+            raise _diverged("valid perplexity", done, self.files, self.config)
+        self.files.append({"step": done, "valid_ppl": valid_ppl, "time": time.time()})
+        if self.files.main:
+            bar.write(f"step {done}: valid ppl {valid_ppl:.2f}")
+        if valid_ppl < self.meta["best_valid_ppl"]:
+            self.meta = {"best_valid_ppl": valid_ppl, "best_step": done}
+            try:
+                self.files.best.save(done, {"params": self.state["params"]}, self.meta)
+            except NonFiniteState:
+                raise _diverged("training state", done, self.files, self.config) from None
+        self.t_last = time.time()
+        return valid_ppl
+
+    def _save(self, done: int) -> None:
+        """The checkpoint after ``done`` updates: state, best so far and data position."""
+        epoch, pos = self.setup.order.position(done)
+        try:
+            self.files.ckpt.save(done, self.state, dict(self.meta, epoch=epoch, position=pos, step=done))
+        except NonFiniteState:  # a non-finite parameter or optimizer state after a finite loss
+            raise _diverged("training state", done, self.files, self.config) from None
+        self.t_last = time.time()
+
+
+def _finish(config, setup: _Setup, files: _RunFiles, state: dict, meta: dict, valid_ppl: float) -> dict:
+    """Close the checkpoints; the run's final metrics, also the last record of ``metrics.jsonl``."""
+    _, valid_targets, valid_mask = setup.valid_blocks
+    unigram = unigram_perplexity(setup.data.train_ids, valid_targets[valid_mask], len(setup.data.vocab))
+    files.close()
     result = {
         "config": config.name,
         "steps": int(state["step"]),
@@ -213,10 +300,10 @@ def train(config, workdir: str, *, progress: bool = True, log=print, corpus_opti
         "best_step": meta["best_step"],
         "unigram_valid_ppl": unigram,
         "valid_tokens": int(valid_mask.sum()),
-        "vocab_size": len(data.vocab),
+        "vocab_size": len(setup.data.vocab),
         "parameters": count_params_of(state["params"]),
     }
-    append(metrics_path, dict(result, step=int(state["step"]), event="end", time=time.time()))
+    files.append(dict(result, step=int(state["step"]), event="end", time=time.time()))
     return result
 
 

@@ -1,0 +1,207 @@
+"""Several processes on localhost (jax.distributed, gloo CPU collectives): sharded builds, indexes and searches.
+
+Every launch here is real: P copies of build.py / evaluate.py connected through a coordinator
+on 127.0.0.1. A 2-process build must equal the 1-process build byte for byte (concatenated
+shards), and the merged on-disk index, the shards searched by 2 processes and the
+monolithic index must give the same neighbours and the same perplexity.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pytest
+
+from helpers import ROOT, write_corpus
+from helpers.tiny_run import make_run
+from helpers.tools import manifest
+from knnlm_jax.retrieval.index_shards import same_neighbours
+
+pytestmark = pytest.mark.slow(4)
+
+INDEX = "IVF4,PQ4"  # d_model 16: 4 lists, 4-byte codes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def launch(script: str, args, processes: int, cwd, timeout=300):
+    """Run ``script`` as ``processes`` processes on localhost; ``[(returncode, stdout, stderr)]`` in process order."""
+    cmd = [sys.executable, os.path.join(ROOT, script), "--no-progress", *args]
+    if processes == 1:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=cwd, timeout=timeout)
+        return [(out.returncode, out.stdout, out.stderr)]
+    port = free_port()
+    procs = [subprocess.Popen(cmd + ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(processes),
+                                     "--process_id", str(p)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env(), cwd=cwd) for p in range(processes)]
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        results.append((proc.returncode, out, err))
+    return results
+
+
+def ok(results):
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+    return results
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny run with a 1-process datastore ``mono`` and a 2-process datastore ``duo`` of the same corpus."""
+    root = tmp_path_factory.mktemp("mp")
+    workdir = str(root / "runs" / "tiny")
+    make_run(write_corpus(root / "corpus", n_train=80), workdir)
+    ok(launch("build.py", ["--workdir", workdir, "--datastore", "mono", "--index", INDEX], 1, root))
+    ok(launch("build.py", ["--workdir", workdir, "--datastore", "duo", "--index", INDEX], 2, root))
+    return root, workdir
+
+
+def test_two_process_build_is_byte_identical_to_one_process(project):
+    _, workdir = project
+    mono, duo = (os.path.join(workdir, "datastores", n) for n in ("mono", "duo"))
+    m = manifest(duo)
+    assert m["layout"] == "sharded" and m["num_shards"] == 2 and m["status"] == "complete"
+    (lo0, hi0), (lo1, hi1) = m["shard_entries"]
+    assert lo0 == 0 and hi0 == lo1 and hi1 == m["num_entries"] == manifest(mono)["num_entries"]
+    for name in ("keys.npy", "vals.npy"):
+        whole = np.load(os.path.join(mono, name))
+        parts = [np.load(os.path.join(duo, f"shard-{p:05d}-of-00002", name)) for p in range(2)]
+        assert len(parts[0]) > 0 and len(parts[1]) > 0
+        assert np.concatenate(parts).tobytes() == whole.tobytes()
+    assert abs(m["lm_nll_sum"] - manifest(mono)["lm_nll_sum"]) < 1e-3 * abs(m["lm_nll_sum"])
+
+
+def test_merged_sharded_and_monolithic_indexes_agree(project):
+    """Same trained index: merged on disk, shards merged by FAISS, and one index with every key give one answer.
+
+    Ties: results are compared as (distance, id) pairs sorted by distance then id, after
+    dropping the pairs at each query's k-th distance (which of several equal-distance
+    entries makes the cut is not defined by FAISS).
+    """
+    from knnlm_jax.datastore.format import open_datastore
+    from knnlm_jax.retrieval.index import read_index, search
+    from knnlm_jax.retrieval.index_shards import merge_results
+
+    _, workdir = project
+    store = open_datastore(os.path.join(workdir, "datastores", "duo"))
+    trained = read_index(os.path.join(store.directory, "trained.faiss"))
+    mono = faiss.clone_index(trained)
+    mono.add(np.asarray(store.keys[:], np.float32))
+    merged = read_index(os.path.join(store.directory, "index.faiss"), mmap=True)
+    shards = [read_index(os.path.join(s.directory, "index.faiss")) for s in store.shards]
+    queries = np.random.default_rng(0).normal(size=(200, store.dim)).astype(np.float32) * 3
+    queries[:100] = np.asarray(store.keys[np.arange(0, store.size, max(1, store.size // 100))[:100]], np.float32)
+    k, nprobe = 32, 2
+    reference = search(mono, queries, k, nprobe)
+    answers = [search(merged, queries, k, nprobe),
+               merge_results(*zip(*(search(ix, queries, k, nprobe) for ix in shards)), k)]
+    for dists, ids in answers:
+        for q in range(len(queries)):
+            assert same_neighbours(reference[0][q], reference[1][q], dists[q], ids[q])
+
+
+def evaluation(root, workdir, name, processes, *extra):
+    out = os.path.join(root, f"eval-{name}-{processes}-{'-'.join(extra) or 'auto'}")
+    args = ["--workdir", workdir, "--datastore", name, "--lmbda", "0.3", "--temperature", "2", "--k", "16",
+            "--nprobe", "2", "--approximate", "--out", out, *extra]
+    results = ok(launch("evaluate.py", args, processes, root))
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f), results
+
+
+def test_perplexity_agrees_across_merged_sharded_and_monolithic_search(project):
+    root, workdir = project
+    merged, _ = evaluation(root, workdir, "duo", 1, "--search", "merged")
+    local_shards, _ = evaluation(root, workdir, "duo", 1, "--search", "shards")
+    two, results = evaluation(root, workdir, "duo", 2)
+    assert "served" in results[1][2]
+    ppl = [r["table"][1]["ppl"] if "table" in r else r["rows"][1]["ppl"] for r in (merged, local_shards, two)]
+    assert ppl[0] > 0
+    np.testing.assert_allclose(ppl, ppl[0], rtol=1e-6)
+
+
+def test_check_runs_under_two_processes(project):
+    root, workdir = project
+    results = ok(launch("build.py", ["--workdir", workdir, "--check", "duo", "--sample", "8"], 2, root))
+    assert "ok" in results[0][1] and "2 processes" in results[0][1]
+
+
+def test_a_process_count_other_than_the_builds_is_refused(project):
+    root, workdir = project
+    args = ["--workdir", workdir, "--datastore", "duo", "--lmbda", "0.3", "--temperature", "2"]
+    results = launch("evaluate.py", args, 3, root, timeout=120)
+    assert results[0][0] == 2 and "3" in results[0][2] and "2 shards" in results[0][2]
+    assert len(results[0][2].strip().splitlines()) == 1
+
+
+def test_a_missing_shard_is_named(project, tmp_path):
+    import shutil
+
+    root, workdir = project
+    broken = os.path.join(workdir, "datastores", "broken")
+    shutil.copytree(os.path.join(workdir, "datastores", "duo"), broken)
+    shutil.rmtree(os.path.join(broken, "shard-00001-of-00002"))
+    rc, _, err = launch("evaluate.py", ["--workdir", workdir, "--datastore", "broken", "--lmbda", "0.3",
+                                        "--temperature", "2"], 1, root)[0]
+    assert rc == 2 and "shard-00001-of-00002 is missing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_two_process_codes_only_build_merges_the_same_index(project):
+    """``--keys none`` under 2 processes: sample shared, trained once, shards' codes merged on disk."""
+    from knnlm_jax.datastore.format import open_datastore
+    from knnlm_jax.retrieval.index import read_index, search
+
+    root, workdir = project
+    ok(launch("build.py", ["--workdir", workdir, "--datastore", "codes1", "--keys", "none", "--index", INDEX], 1,
+              root))
+    ok(launch("build.py", ["--workdir", workdir, "--datastore", "codes2", "--keys", "none", "--index", INDEX], 2,
+              root))
+    one, two = (os.path.join(workdir, "datastores", n) for n in ("codes1", "codes2"))
+    m = manifest(two)
+    assert m["status"] == "complete" and m["index"]["merged"] and m["index"]["keys"] == "none"
+    assert not any(os.path.exists(os.path.join(two, f"shard-{p:05d}-of-00002", "keys.npy")) for p in range(2))
+    store = open_datastore(two)
+    np.testing.assert_array_equal(np.asarray(store.vals), np.load(os.path.join(one, "vals.npy")))
+    a, b = read_index(os.path.join(one, "index.faiss")), read_index(os.path.join(two, "index.faiss"))
+    assert a.ntotal == b.ntotal == store.size
+    queries = np.asarray(open_datastore(os.path.join(workdir, "datastores", "mono")).keys[::9][:100], np.float32)
+    for (d0, i0), (d1, i1) in [(search(a, queries, 16, 4), search(b, queries, 16, 4))]:
+        np.testing.assert_array_equal(d0, d1)
+        for q in range(len(queries)):
+            assert same_neighbours(d0[q], i0[q], d1[q], i1[q])
+    results = ok(launch("build.py", ["--workdir", workdir, "--check", "codes2", "--sample", "8"], 2, root))
+    assert "ok" in results[0][1]
+
+
+def test_resuming_with_another_process_count_is_refused(project):
+    import shutil
+
+    from knnlm_jax.datastore.format import update_manifest
+
+    root, workdir = project
+    half = os.path.join(workdir, "datastores", "half")
+    shutil.copytree(os.path.join(workdir, "datastores", "duo"), half)
+    update_manifest(half, status="building")  # as a killed 2-process build leaves it
+    rc, _, err = launch("build.py", ["--workdir", workdir, "--datastore", "half"], 1, root)[0]
+    assert rc == 2 and "by 2 processes" in err and "--num_processes 2" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert manifest(half)["status"] == "building"  # nothing marked complete

@@ -1,0 +1,100 @@
+"""The replication suite (benchmarks/replicate.py) at its tiny scale: it runs end to end, writes every
+experiment's JSON and the report with its figures, and resumes after ``kill -9`` without redoing
+finished steps."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, synthetic_lines
+
+pytestmark = pytest.mark.slow(2)
+
+EXPERIMENTS = ("table1", "precision", "table5", "table3", "table4", "figure7", "figure8")
+FIGURES = ("fig2_datastore_size.png", "fig4_k.png", "fig5_lambda.png", "fig7_ngram.png")
+
+
+def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
+    data = tmp_path / "data"
+    for i, corpus in enumerate(("wikitext-2", "tinyshakespeare", "python-docs")):
+        (data / corpus).mkdir(parents=True)
+        for j, (split, n) in enumerate((("train", 300), ("valid", 30), ("test", 30))):
+            (data / corpus / f"{split}.txt").write_text("\n".join(synthetic_lines(n, 10 * i + j)) + "\n")
+    root, results, doc = tmp_path / "root", tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "replicate.py"), "--scale", "tiny", "--data", str(data),
+           "--root", str(root), "--results", str(results), "--doc", str(doc)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    marker = root / "done" / "build-wiki-train.json"
+    deadline = time.time() + 300
+    while not marker.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), first.communicate()[0] if first.poll() is not None else "no progress in 300 s"
+    os.kill(first.pid, signal.SIGKILL)  # mid-suite: the next step has started
+    first.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in (root / "done").glob("*.json")}
+    assert "train-wiki.json" in finished and not doc.exists()
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    for name, mtime in finished.items():  # not redone
+        assert (root / "done" / name).stat().st_mtime_ns == mtime
+        assert f"{name[:-5]}: done before, skipped" in second.stdout
+    listing = subprocess.run(cmd + ["--list"], capture_output=True, text=True, env=env, timeout=60).stdout
+    assert listing.count("done  ") == len(listing.splitlines()) >= 30
+
+    wiki_vocab = (root / "wiki" / "vocab.txt").read_text()
+    for run in ("wiki-quarter", "tinyshakespeare", "python-docs"):  # trained with train.py --vocab
+        assert (root / run / "vocab.txt").read_text() == wiki_vocab
+
+    text = doc.read_text()
+    assert "Pending" not in text and "| claim | paper | ours | holds here |" in text
+    for name in EXPERIMENTS:
+        payload = json.loads((results / f"{name}.json").read_text())
+        assert payload["command"] == "python benchmarks/replicate.py --scale tiny"
+        if name != "figure8":
+            assert payload["claims"] and all(c["ours"] and isinstance(c["holds"], bool) for c in payload["claims"])
+            assert payload["commands"] and all(c.startswith("python ") for c in payload["commands"])
+            assert payload["setup"] in text
+    for figure in FIGURES:
+        assert (doc.parent / figure).stat().st_size > 1000 and f"]({figure})" in text
+
+    # a function step's command, as the report shows it, reruns that step alone
+    again = json.loads((results / "figure7.json").read_text())["commands"][-1]
+    shown = [os.path.relpath(p, ROOT) if str(p).startswith(os.path.dirname(ROOT) + os.sep) else str(p)
+             for p in (data, root)]  # beside the checkout (as under /tmp): relative, as the report prints it
+    assert again == f"python benchmarks/replicate.py --scale tiny --data {shown[0]} --root {shown[1]} --step ngram"
+    done = {p.name: p.stat().st_mtime_ns for p in (root / "done").glob("*.json")}
+    (root / "done" / "ngram.json").unlink()
+    rerun = subprocess.run([sys.executable, *again.split()[1:]], capture_output=True, text=True, env=env,
+                           timeout=300, cwd=ROOT)
+    assert rerun.returncode == 0 and "[1/1] ngram:" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert {p.name for p in (root / "done").glob("*.json")} == set(done)
+    assert all((root / "done" / n).stat().st_mtime_ns == t for n, t in done.items() if n != "ngram.json")
+    wrong = subprocess.run(cmd + ["--step", "nope"], capture_output=True, text=True, env=env, timeout=60)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "no step nope" in wrong.stderr
+    both = subprocess.run(cmd + ["--report", "--step", "ngram"], capture_output=True, text=True, env=env, timeout=60)
+    assert both.returncode == 2 and "not allowed with argument --report" in both.stderr
+
+
+def test_final_output_gets_no_datastore_of_its_own_when_it_is_block_output():
+    sys.path[:0] = [os.path.join(ROOT, "benchmarks")]
+    try:
+        import replicate
+    finally:
+        del sys.path[0]
+    assert replicate.lm_config(replicate.FULL).final_norm is False  # wt2: final_output is block_output itself
+    assert replicate.key_types(replicate.FULL) == replicate.KEY_TYPES[:4]
+    with_norm = dataclasses.replace(replicate.FULL, lm=(*replicate.FULL.lm, "--set", "final_norm=true"))
+    assert replicate.key_types(with_norm) == replicate.KEY_TYPES
+    steps = [s.name for s in replicate.plan(replicate.FULL, "data", "root")]
+    assert "eval-key-block_output" in steps and not any(s.endswith("final_output") for s in steps)
+    steps = [s.name for s in replicate.plan(with_norm, "data", "root")]
+    assert {"build-key-final_output", "eval-key-final_output"} <= set(steps)
