@@ -1,6 +1,8 @@
 """Command-line behaviour: bad input gives one clear line on stderr and a non-zero exit."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -110,6 +112,30 @@ def test_the_import_layers_hold():
         pytest.skip("import-linter is not installed here")
     out = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "0 broken" in out.stdout, out.stdout[-3000:]
+
+
+@pytest.mark.parametrize("module, line, contract", [
+    ("datastore/format.py", "import knnlm_jax.cli", "Layers, top to bottom"),
+    ("data/vocab.py", "import jax", "never import JAX"),
+    ("evaluation/mixing.py", "import faiss", "FAISS is imported by retrieval alone"),
+    ("training/loop.py", "import knnlm_jax.retrieval.knn", "Training never imports"),
+    ("models/llama.py", "import knnlm_jax.datastore.format", "Models never import"),
+])
+def test_each_layer_rule_fails_on_its_violation(tmp_path, module, line, contract):
+    """Every contract catches its cause: one wrong-way import in a copy of the package breaks it."""
+    lint = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    if not os.path.exists(lint):
+        pytest.skip("import-linter is not installed here")
+    shutil.copytree(os.path.join(ROOT, "knnlm_jax"), tmp_path / "knnlm_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(ROOT, ".importlinter"), tmp_path)
+    path = tmp_path / "knnlm_jax" / module
+    path.write_text(path.read_text() + f"\n{line}  # a wrong-way import\n")
+    out = subprocess.run([lint, "--no-cache"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    listing = " ".join(out.stdout.split("Contracts:")[0].split())  # each contract's name, then KEPT or BROKEN
+    verdict = re.search(re.escape(contract) + r".*?(KEPT|BROKEN)", listing)
+    assert out.returncode != 0 and verdict and verdict.group(1) == "BROKEN", out.stdout[-2000:]
 
 
 def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback(capsys):
