@@ -59,6 +59,22 @@ def check_store(ds, searcher, settings: Settings) -> None:
                               "inverted lists")
 
 
+def with_datastore_options(manifest: dict, source: str, given: dict, log) -> dict:
+    """``given`` completed by the options the datastore was built with when ``source`` reads the same TFDS
+    dataset (its text feature, its data directory); a given option that differs is said, not silently used."""
+    from knnlm_jax.data.tfds_source import dataset_of
+
+    built = manifest.get("corpus_options") or {}
+    dataset = dataset_of(source)
+    if dataset is None or dataset != dataset_of(manifest.get("corpus")):
+        return given
+    for key in CORPUS_OPTIONS:
+        if built.get(key) and given.get(key) and given[key] != built[key]:
+            log(f"note: evaluating {source} with {key} {given[key]!r}; the datastore was built from its "
+                f"{key} {built[key]!r}")
+    return {**{key: built[key] for key in CORPUS_OPTIONS if built.get(key)}, **given}
+
+
 def evaluate_store(lm, store, split: str, settings: Settings, *, corpus: str | None = None,
                    out: str | None = None, progress: bool = False, log=None, corpus_options: dict | None = None,
                    record: dict | None = None) -> dict:
@@ -71,6 +87,7 @@ def evaluate_store(lm, store, split: str, settings: Settings, *, corpus: str | N
     if corpus_options is None:  # what the run was trained with, for its own corpus
         recorded = runs.corpus_options(lm.config) if corpus is None else {}
         corpus_options = {key: recorded[key] for key in CORPUS_OPTIONS if recorded.get(key)}
+    corpus_options = with_datastore_options(store.datastore.manifest, source, corpus_options, log or (lambda m: None))
     wanted = [split] + (["valid"] if settings.tunes and split != "valid" else [])
     splits = {s: runs.split_tokens(lm.workdir, lm.vocab, source, s, **corpus_options) for s in wanted}
     out_dir = out or os.path.join(lm.workdir, "eval", store.name)

@@ -67,6 +67,16 @@ def is_spec(source: str) -> bool:
     return source == WIKI3B or source.startswith(TFDS_PREFIX)
 
 
+def dataset_of(source: str | None) -> str | None:
+    """The TFDS dataset (``NAME[/CONFIG]``) a corpus source reads, whatever its split; ``None`` for other sources."""
+    if source == WIKI3B:
+        return WIKI3B_DATASET
+    if not source or not source.startswith(TFDS_PREFIX):
+        return None
+    spec = parse_spec(source)
+    return spec.name + (f"/{spec.config}" if spec.config else "")
+
+
 def parse_spec(spec: str) -> TfdsSpec:
     """``tfds:NAME[/CONFIG][:SPLIT]`` -> :class:`TfdsSpec`; anything else is a :class:`CorpusError`."""
     body = spec[len(TFDS_PREFIX):] if spec.startswith(TFDS_PREFIX) else ""

@@ -186,7 +186,9 @@ def build_index(keys_NxD: np.ndarray, factory: str | None = None, *, nprobe: int
     """``(index, info)`` over ``keys_NxD`` (any float dtype, e.g. the float16 memmap).
 
     Training uses a seeded sample of at most ``max_train`` keys (default
-    :func:`train_size`); keys are added in chunks. ``info`` is what the manifest records.
+    :func:`train_size`) and k-means seeded by ``seed`` too: the trained index a sharded build's
+    processes share (:func:`knnlm_jax.datastore.indexing.share_trained`) is this one. Keys are added
+    in chunks. ``info`` is what the manifest records.
     """
     n, dim = keys_NxD.shape
     factory = factory or auto_factory(n, dim)
@@ -196,7 +198,7 @@ def build_index(keys_NxD: np.ndarray, factory: str | None = None, *, nprobe: int
     trained_on = 0
     if not index.is_trained:
         rows = sample_rows(n, max_train or train_size(n, factory), seed)
-        index = train_index(keys_NxD[rows], factory, dim, progress=progress)
+        index = train_index(keys_NxD[rows], factory, dim, seed=seed, progress=progress)
         trained_on = len(rows)
     add_keys(index, keys_NxD, progress=progress)
     set_nprobe(index, nprobe)

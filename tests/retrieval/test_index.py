@@ -121,3 +121,32 @@ def test_faiss_without_gpus_leaves_indexes_on_the_host(monkeypatch):
         assert faiss_gpu.cluster_on_gpus(index) is index and faiss.extract_index_ivf(index).clustering_index is None
     monkeypatch.setenv("KNNLM_FAISS_GPU", "0")
     assert faiss_gpu.gpus() == 0 and faiss_gpu.for_search(index) is index
+
+
+def test_one_process_and_sharded_indexing_train_the_same_index():
+    """A sharded build trains on the sample a one-process build draws, with the same k-means seed: the same
+    coarse and product quantizers, so the same neighbours whatever the process count."""
+    from knnlm_jax.core.distributed import Processes
+    from knnlm_jax.datastore.indexing import share_trained
+
+    rng = np.random.default_rng(1)
+    keys = (rng.normal(size=(3000, 16)) * rng.uniform(0.5, 3, size=16)).astype(np.float16)
+    factory = "IVF16,PQ4"
+    whole, info = ix.build_index(keys, factory, nprobe=4, seed=7, progress=False)
+    rows = ix.sample_rows(len(keys), ix.train_size(len(keys), factory), 7)
+    shared, trained_on = share_trained(keys[rows], factory, 16, Processes(), seed=7, progress=False)
+    other, _ = ix.build_index(keys, factory, nprobe=4, seed=8, progress=False)
+
+    def quantizers(index):
+        ivf = ix.faiss.extract_index_ivf(index)
+        pq = ix.faiss.downcast_index(ivf).pq
+        return ivf.quantizer.reconstruct_n(0, ivf.nlist), ix.faiss.vector_to_array(pq.centroids)
+
+    assert trained_on == info["trained_on"] == len(rows)
+    for a, b in zip(quantizers(whole), quantizers(shared)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(quantizers(whole)[0], quantizers(other)[0])  # the seed is what decides
+    ix.add_keys(shared, keys, progress=False)
+    ix.set_nprobe(shared, 4)
+    queries = keys[:40].astype(np.float32)
+    np.testing.assert_array_equal(ix.search(whole, queries, 8)[1], ix.search(shared, queries, 8)[1])
