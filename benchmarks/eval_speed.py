@@ -21,7 +21,11 @@ distances). Their knobs are chosen on valid (its first ``--choose-tokens`` targe
 RetoMaton threshold from ``--retomaton-grid`` and the adaptive gate's retrieve fraction from
 ``--fraction-grid`` (the gate fitted on ``full-fast``'s files), each the one saving the most
 searches at a valid perplexity within ``--budget-pct`` of the baseline full kNN-LM's (each
-setting with its own λ and T tuned there); "both" combines the two choices. Each variant's test perplexity is then that of ``evaluate.py --split test`` with
+setting with its own λ and T tuned there); "both" combines the two choices. Every variant is
+compared like with like: its ``baseline`` is the full kNN-LM on the same index in the same
+exact/approximate mode (``full``, ``full-fast``, or ``full-fast-exact`` for pointers beside
+approximate variants), measured in the same repeats; ``speedup_over_baseline`` is the median of
+the per-repeat ratios. Each variant's test perplexity is then that of ``evaluate.py --split test`` with
 those options (λ, T tuned on all of valid; per-token files in ``--variants-dir``, reused
 from ``--reuse`` where they answer the same question), and its speed is measured in the
 same repeats as the full kNN-LM's: ratios paired within each repeat, then their median.
@@ -122,12 +126,14 @@ def run(args) -> int:
         vindex = faiss_index.read_index(vstore.index_path)
     variants = (choose_and_score_variants(args, config, vocab, trained, (store, index), (vstore, vindex), exact)
                 if args.variants else [])
-    policies = {v["name"]: v["policy"] for v in variants if v["name"] != "full"}
+    policies = {v["name"]: (v["policy"], v["exact"]) for v in variants if v["name"] != "full"}
 
     with tempfile.TemporaryDirectory() as tmp:
-        def once(search: bool, on_queries=None, overlap: bool = True, policy=Policy(), variant: bool = False) -> dict:
+        def once(search: bool, on_queries=None, overlap: bool = True, policy=Policy(), variant: bool = False,
+                 row_exact: bool | None = None) -> dict:
+            row_exact = (variant_exact(args, policy) if variant else exact) if row_exact is None else row_exact
             retriever = Retriever(vstore if variant else store, vindex if variant else index, args.k,
-                                  variant_exact(args, policy) if variant else exact, nprobe) if search else None
+                                  row_exact, nprobe) if search else None
             spec = StreamSpec(WindowSpec(window, context), batch_size, policy=policy, progress=False, overlap=overlap)
             files = evaluate_tokens(os.path.join(tmp, "tokens"), Scorer(trained, config.key_type, vocab.eos), tokens,
                                     spec, retriever, capacities=caps, on_queries=on_queries)
@@ -135,8 +141,8 @@ def run(args) -> int:
 
         once(False)  # warm-up: compile both kinds of pass
         once(True)
-        for policy in policies.values():
-            once(True, policy=policy, variant=True)  # warm-up: the variants' index into memory
+        for policy, row_exact in policies.values():
+            once(True, policy=policy, variant=True, row_exact=row_exact)  # warm-up: the variants' index into memory
         base, knn, sequential, bare = [], [], [], []
         fewer = {name: [] for name in policies}
         for _ in range(args.repeats):
@@ -148,8 +154,8 @@ def run(args) -> int:
             for batch in queries:
                 faiss_index.search(index, batch, args.k, nprobe)
             bare.append(time.perf_counter() - t0)
-            for name, policy in policies.items():
-                fewer[name].append(once(True, policy=policy, variant=True))
+            for name, (policy, row_exact) in policies.items():
+                fewer[name].append(once(True, policy=policy, variant=True, row_exact=row_exact))
 
     med = statistics.median
     base_tps = med(m["tokens_per_s"] for m in base)
@@ -174,13 +180,19 @@ def run(args) -> int:
         runs=dict(base=[m["seconds"] for m in base], knn=[m["seconds"] for m in knn], bare_search=bare,
                   knn_without_overlap=[m["seconds"] for m in sequential]))
     if variants:
-        full_tps = [m["tokens_per_s"] for m in knn]
+        speed = {v["name"]: [m["tokens_per_s"] for m in (knn if v["name"] == "full" else fewer[v["name"]])]
+                 for v in variants}
+        by_name = {v["name"]: v for v in variants}
         for v in variants:
+            tps, base_tps_runs = speed[v["name"]], speed[v["baseline"]]
             metas = knn if v["name"] == "full" else fewer[v["name"]]
-            tps = [m["tokens_per_s"] for m in metas]
-            v.update(tokens_per_s=med(tps), speedup_over_full=med(t / f for t, f in zip(tps, full_tps)),
-                     speed_runs_tokens_per_s=tps, foss_speed_pass=med(m.get("foss") or 0.0 for m in metas))
-            v["test_ppl_over_full"] = v["test_ppl"] / variants[0]["test_ppl"]
+            v.update(tokens_per_s=med(tps), speed_runs_tokens_per_s=tps,
+                     speedup_over_baseline=med(t / b for t, b in zip(tps, base_tps_runs)),  # paired per repeat
+                     speedup_over_full=med(t / f for t, f in zip(tps, speed["full"])),
+                     test_ppl_over_baseline=v["test_ppl"] / by_name[v["baseline"]]["test_ppl"],
+                     test_ppl_over_full=v["test_ppl"] / variants[0]["test_ppl"],
+                     foss_speed_pass=med(m.get("foss") or 0.0 for m in metas))
+        for v in variants:
             v.pop("policy")
         payload["variants"] = variants
         payload["variants_note"] = ("tokens_per_s and foss_speed_pass: the first tokens of the speed split; test_ppl "
@@ -196,8 +208,9 @@ def run(args) -> int:
           f"({payload['pipeline_search_overhead_without_overlap_pct']:+.1f}%), whole pass "
           f"{payload['knn_seconds_without_overlap']:.2f}s against {payload['knn_seconds']:.2f}s overlapped")
     for v in payload.get("variants", []):
-        print(f"  {v['name']:>9}: {v['tokens_per_s']:,.0f} tokens/s ({v['speedup_over_full']:.2f}x full), test ppl "
-              f"{v['test_ppl']:.3f} ({100 * (v['test_ppl_over_full'] - 1):+.2f}%), FoSS {v['foss']:.1%}")
+        print(f"  {v['name']:>15}: {v['tokens_per_s']:,.0f} tokens/s ({v['speedup_over_baseline']:.2f}x "
+              f"{v['baseline']}), test ppl {v['test_ppl']:.3f} ({100 * (v['test_ppl_over_baseline'] - 1):+.2f}%), "
+              f"FoSS {v['foss']:.1%}")
     print(f"-> {args.out}")
     return 0
 
@@ -242,11 +255,12 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
     nprobe = args.nprobe or (today[0].manifest.get("index") or {}).get("nprobe")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
 
-    def evaluate(name: str, where, **options) -> dict:
+    def evaluate(name: str, where, row_exact=None, **options) -> dict:
         """``evaluate.py --split test`` for one variant; its files in ``out_dir/name`` (reused when they answer)."""
         policy = Policy(options.get("min_pointers", 0))
-        settings = Settings(lmbda=None, temperature=None, **base, **options,
-                            exact=exact if where is today else variant_exact(args, policy))
+        if row_exact is None:
+            row_exact = exact if where is today else variant_exact(args, policy)
+        settings = Settings(lmbda=None, temperature=None, **base, **options, exact=row_exact)
         store, index = where
         job = evaluation.EvalJob(Scorer(trained, config.key_type, vocab.eos), store, index, vocab, settings)
         return evaluation.run(os.path.join(out_dir, name), job, "test", splits, log=log)
@@ -261,7 +275,9 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
     full_valid_ppl = tune_knn(prefix)["ppl"]
     limit = full_valid_ppl * (1 + args.budget_pct / 100)
     choice = dict(tokens=n, full_valid_ppl=full_valid_ppl, limit=limit, retomaton=[], fraction=[])
-    if fast is not today or not exact:  # the full kNN-LM on the variants' index (and distances)
+    fast_exact = not args.variants_approximate
+    same_index = fast[0].name == today[0].name
+    if not same_index or fast_exact != exact:  # the full kNN-LM on the variants' index (and distances)
         results["full-fast"] = evaluate("full-fast", fast)
         prefix = valid_prefix("full-fast")
         choice["full_fast_valid_ppl"] = tune_knn(prefix)["ppl"]
@@ -295,13 +311,16 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
                "both": dict(min_pointers=tau, retrieve_fraction=fraction)}
     for name in ("retomaton", "adaptive", "both"):
         results[name] = evaluate(name, fast, **options[name])
+    if args.variants_approximate and not (same_index and exact):  # pointers' baseline: the same index, exact
+        options["full-fast-exact"] = {}
+        results["full-fast-exact"] = evaluate("full-fast-exact", fast, row_exact=True)
     out = []
     for name, r in results.items():
         gate = (r["retrieval"] or {}).get("gate")
         policy = Policy(options[name].get("min_pointers", 0),
                         Gate(**{f.name: gate[f.name] for f in dataclasses.fields(Gate)}) if gate else None)
         store = (today if name == "full" else fast)[0]
-        row_exact = exact if name == "full" else variant_exact(args, policy)
+        row_exact = exact if name == "full" else True if name == "full-fast-exact" else variant_exact(args, policy)
         flags = [f"--{k.replace('min_pointers', 'retomaton').replace('_', '-')} {val}"
                  for k, val in options[name].items()] + ([] if row_exact else ["--approximate"])
         out.append(dict(name=name, options=options[name], policy=policy, datastore=store.name,
@@ -312,6 +331,9 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
                         temperature=r["knn"]["temperature"], valid_ppl=(r["valid"] or {}).get("knn", {}).get("ppl"),
                         command=" ".join([f"python evaluate.py --workdir {args.workdir} --datastore {store.name} "
                                           "--split test", *flags])))
+    for row in out:  # like with like: the full kNN-LM on the same datastore's index, in the same mode
+        row["baseline"] = next(b["name"] for b in out if b["policy"].full and b["datastore"] == row["datastore"]
+                               and b["exact"] == row["exact"])
     out[0]["choice_on_valid"] = choice
     return out
 

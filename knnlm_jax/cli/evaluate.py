@@ -77,7 +77,12 @@ def retrieval_args(group) -> None:
     mode.add_argument("--approximate", dest="exact", action="store_false", help="use FAISS's distances as they are")
     group.add_argument("--retomaton", type=int, default=0, metavar="N",
                        help="follow RetoMaton pointers (Alon et al. 2022): a token whose predecessor's matching "
-                            "neighbours leave at least N successor entries uses them without a search (0: off)")
+                            "neighbours leave at least N successor entries uses them without a search (0: off). "
+                            "Pays where FAISS search dominates: 1.2-1.3x at N 16 on a 903k-entry IVF-PQ store; "
+                            "less with FastScan or --search device")
+    group.add_argument("--retomaton-max-pointers", "--retomaton_max_pointers", dest="retomaton_max_pointers", type=int,
+                       default=0, metavar="P", help="RetoMaton: pointers kept per token, the nearest hits' "
+                                                    "successors first (0: up to k)")
     group.add_argument("--retrieve-fraction", "--retrieve_fraction", dest="retrieve_fraction", type=float,
                        default=1.0, metavar="F",
                        help="adaptive retrieval (He et al. 2021): a gate fitted on half of valid lets only the "
@@ -129,6 +134,7 @@ def settings_given(args) -> dict:
                 drop_self=args.drop_self, max_tokens=args.max_tokens, tune_tokens=args.tune_tokens,
                 batch_size=args.batch_size, recompute=args.recompute, show=args.show,
                 show_skip=tuple(w for w in args.show_skip.split(",") if w), min_pointers=args.retomaton,
+                max_pointers=args.retomaton_max_pointers,
                 retrieve_fraction=args.retrieve_fraction)
 
 

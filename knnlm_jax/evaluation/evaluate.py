@@ -187,11 +187,11 @@ def all_files(job: EvalJob, retriever: Retriever, where: SplitRun, evaluated: li
     """``(files per split, policy, gate report)``: the adaptive gate is fitted on valid's first half
     from the full kNN-LM's files; then every split's files under the run's policy."""
     settings = job.settings
-    policy, gate_report, files = Policy(settings.min_pointers), None, {}
+    policy, gate_report, files = Policy(settings.min_pointers, max_pointers=settings.max_pointers), None, {}
     if settings.retrieve_fraction < 1:
         valid_full = split_files(job, retriever, where, "valid", Policy())
         gate, gate_report = fit_adaptive_gate(valid_full, settings)
-        policy = Policy(settings.min_pointers, gate)
+        policy = Policy(settings.min_pointers, gate, settings.max_pointers)
         if not settings.min_pointers:  # the same neighbours where the gate retrieves: no second pass
             files["valid"] = dataclasses.replace(valid_full, retrieved=gate.retrieve(valid_full.features))
     for s in evaluated:

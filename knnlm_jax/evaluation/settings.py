@@ -57,6 +57,7 @@ class Settings:
     show: int = 0
     show_skip: tuple = ()  # words --show does not list (e.g. <unk>)
     min_pointers: int = 0  # RetoMaton: search only when fewer pointers remain (0: no pointers)
+    max_pointers: int = 0  # RetoMaton: pointers kept per token, the nearest hits' successors first (0: up to k)
     retrieve_fraction: float = 1.0  # adaptive retrieval: the fraction of tokens the gate lets retrieve
 
     def check(self) -> None:
@@ -77,8 +78,9 @@ class Settings:
             raise EvaluationError(f"--drop-self {self.drop_self}: choose auto, yes or no")
         if self.max_tokens < 0 or self.tune_tokens < 0 or self.show < 0:
             raise EvaluationError("--max-tokens, --tune-tokens and --show must not be negative")
-        if self.min_pointers < 0:
-            raise EvaluationError(f"--retomaton {self.min_pointers}: the pointer threshold must not be negative")
+        if self.min_pointers < 0 or self.max_pointers < 0:
+            raise EvaluationError(f"--retomaton {self.min_pointers}, --retomaton-max-pointers {self.max_pointers}: "
+                                  "must not be negative")
         if self.min_pointers and not self.exact:
             raise EvaluationError("--retomaton: pointers are scored by exact distances to the stored keys; "
                                   "drop --approximate")

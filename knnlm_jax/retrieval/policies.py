@@ -69,6 +69,7 @@ class Policy:
 
     min_pointers: int = 0
     gate: Gate | None = None
+    max_pointers: int = 0  # pointers kept per token, the nearest hits' successors first (0: up to k)
 
     @property
     def full(self) -> bool:
@@ -81,7 +82,7 @@ class Policy:
 
     def identity(self) -> dict:
         return dict(policy=self.name, min_pointers=self.min_pointers,
-                    gate=self.gate.fingerprint() if self.gate else None)
+                    gate=self.gate.fingerprint() if self.gate else None, max_pointers=self.max_pointers)
 
 
 # ---------------------------------------------------------------------------------
@@ -168,17 +169,6 @@ def _threaded(fn, starts, threads: int | None) -> None:
         list(pool.map(fn, starts))  # list(): re-raises a chunk's exception
 
 
-def _dedupe(ids_QxC: np.ndarray) -> np.ndarray:
-    """``ids`` with repeated ids within a row set to -1 (the first of each kept)."""
-    order = np.argsort(ids_QxC, axis=1, kind="stable")
-    s = np.take_along_axis(ids_QxC, order, axis=1)
-    dup = np.zeros_like(s, bool)
-    dup[:, 1:] = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
-    out = ids_QxC.copy()
-    np.put_along_axis(out, order, np.where(dup, -1, s), axis=1)
-    return out
-
-
 def nearest(dists_QxC, ids_QxC, k: int):
     """The ``k`` nearest valid candidates per row, ascending: ``(dists QxK, ids QxK)``; -1 / inf padding."""
     dists = np.where(ids_QxC >= 0, dists_QxC, np.inf)
@@ -206,7 +196,6 @@ def retrieve_batch(policy: Policy, queries_RxD, targets_R, spans_W, *, search, k
     if policy.min_pointers > 0 and keys_NxD is None:
         raise InputError("RetoMaton pointers need the stored keys (exact distances)")
     r = len(targets_R)
-    n_entries = len(vals_N)
     dists_RxK = np.full((r, k), np.inf, np.float32)
     ids_RxK = np.full((r, k), -1, np.int64)
     gate_R = np.ones(r, bool) if policy.gate is None else policy.gate.retrieve(features_RxF)
@@ -231,33 +220,68 @@ def retrieve_batch(policy: Policy, queries_RxD, targets_R, spans_W, *, search, k
         retrieved_R[rows] = True
         return dists_RxK, ids_RxK, retrieved_R, searched_R
 
-    spans_W = np.asarray(spans_W, np.int64)
-    starts_W = np.concatenate([[0], np.cumsum(spans_W)[:-1]])
-    pointers_WxP = np.full((len(spans_W), 0), -1, np.int64)
-    for j in range(int(spans_W.max(initial=0))):
-        active_W = np.flatnonzero(spans_W > j)
-        rows = starts_W[active_W] + j
-        pointers = pointers_WxP[active_W]
-        pointers = np.where(pointers == own_R[rows, None], -1, pointers)
-        enough = (pointers >= 0).sum(1) >= policy.min_pointers
-        search_here = ~enough & gate_R[rows]
-        use = enough | search_here  # a gated-off token with too few pointers: the LM alone
-        cand = np.where(use[:, None], pointers, -1)
-        if search_here.any():
-            found = np.full((len(rows), k), -1, np.int64)
-            found[search_here] = searched(rows[search_here])[1]
-            cand = np.concatenate([found, cand], axis=1)
-        cand = _dedupe(cand)
-        d, i = nearest(exact_distances(keys_NxD, queries_RxD[rows], cand), cand, k)
-        dists_RxK[rows], ids_RxK[rows] = d, i
-        searched_R[rows] = search_here
-        retrieved_R[rows] = use
-        hit = (i >= 0) & (np.asarray(vals_N[np.where(i >= 0, i, 0).reshape(-1)]).reshape(i.shape)
-                          == targets_R[rows, None])
-        successor = np.where(hit & (i + 1 < n_entries), i + 1, -1)
-        width = max(1, int((successor >= 0).sum(1).max(initial=0)))
-        order = np.argsort(successor < 0, axis=1, kind="stable")[:, :width]  # real pointers first
-        new = np.full((len(spans_W), width), -1, np.int64)
-        new[active_W] = np.take_along_axis(successor, order, axis=1)
-        pointers_WxP = new
+    steps = PointerSteps(policy, targets_R, vals_N, k, gate_R, own_R, searched)
+    cand_RxK = np.full((r, k), -1, np.int64)
+    for rows, cand, searched_here, used in steps.run(spans_W):
+        cand_RxK[rows], searched_R[rows], retrieved_R[rows] = cand, searched_here, used
+    # one batched exact ranking of every token's candidates (which ones each token kept never depended on it):
+    # the searched tokens' k, then the pointer-served tokens' pointers, compacted at the front of their rows
+    for rows in (np.flatnonzero(searched_R), np.flatnonzero(retrieved_R & ~searched_R)):
+        if len(rows):
+            cand = cand_RxK[rows, : max(1, int((cand_RxK[rows] >= 0).sum(1).max()))]
+            dists_RxK[rows], ids_RxK[rows] = nearest(exact_distances(keys_NxD, queries_RxD[rows], cand), cand, k)
     return dists_RxK, ids_RxK, retrieved_R, searched_R
+
+
+class PointerSteps:
+    """RetoMaton's pointers, followed step by step across windows side by side (:func:`retrieve_batch`).
+
+    At step ``j`` each window's ``j``-th scored token takes as its candidates the successors of
+    its predecessor's candidates that were hits (entry ``n + 1`` after a hit ``n``), at most
+    ``policy.max_pointers`` of them, the search's nearest first; with fewer than
+    ``policy.min_pointers`` it searches (where the gate lets it) and takes the search's ``k``
+    instead. A token keeps all its candidates (at most ``k``), so their exact ranking changes
+    no later step and is computed once for the batch, after the steps.
+    """
+
+    def __init__(self, policy, targets_R, vals_N, k, gate_R, own_R, search):
+        self.policy, self.targets_R, self.vals_N, self.k = policy, targets_R, vals_N, k
+        self.gate_R, self.own_R, self.search = gate_R, own_R, search
+
+    def run(self, spans_W):
+        """Yield ``(rows, candidates rows x k, searched, used)`` per step; rows index the batch's tokens."""
+        spans_W = np.asarray(spans_W, np.int64)
+        starts_W = np.concatenate([[0], np.cumsum(spans_W)[:-1]])
+        pointers_WxP = np.full((len(spans_W), 0), -1, np.int64)
+        for j in range(int(spans_W.max(initial=0))):
+            active_W = np.flatnonzero(spans_W > j)
+            rows = starts_W[active_W] + j
+            cand, search_here, use = self.step(rows, pointers_WxP[active_W])
+            yield rows, cand, search_here, use
+            pointers_WxP = self.successors(cand, rows, active_W, len(spans_W))
+
+    def step(self, rows, pointers):
+        """One step's candidates ``(rows x k ids, -1 padded; searched; used)`` of the tokens at ``rows``."""
+        pointers = np.where(pointers == self.own_R[rows, None], -1, pointers)
+        enough = (pointers >= 0).sum(1) >= self.policy.min_pointers
+        search_here = ~enough & self.gate_R[rows]
+        cand = np.full((len(rows), self.k), -1, np.int64)
+        width = min(pointers.shape[1], self.k)
+        cand[enough, :width] = pointers[enough, :width]
+        if search_here.any():
+            cand[search_here] = self.search(rows[search_here])[1]  # FAISS's order: nearest first
+        return cand, search_here, enough | search_here  # a gated-off token with too few pointers: the LM alone
+
+    def successors(self, cand, rows, active_W, n_windows):
+        """The next step's pointers: entry ``n + 1`` for each hit ``n``, in the candidates' order, at most
+        ``max_pointers``."""
+        n_entries = len(self.vals_N)
+        found = cand >= 0
+        vals = np.asarray(self.vals_N[np.where(found, cand, 0).reshape(-1)]).reshape(cand.shape)
+        hit = found & (vals == self.targets_R[rows, None])
+        successor = np.where(hit & (cand + 1 < n_entries), cand + 1, -1)
+        width = max(1, min(int((successor >= 0).sum(1).max(initial=0)), self.policy.max_pointers or self.k))
+        order = np.argsort(successor < 0, axis=1, kind="stable")[:, :width]  # real pointers first, in order
+        new = np.full((n_windows, width), -1, np.int64)
+        new[active_W] = np.take_along_axis(successor, order, axis=1)
+        return new

@@ -9,7 +9,7 @@ import pytest
 from helpers.tiny_run import eval_job, run_tokens
 from knnlm_jax.evaluation.settings import EvaluationError, Settings
 from knnlm_jax.evaluation.mixing import knn_log_probs, mix
-from knnlm_jax.retrieval.policies import Policy, _dedupe, exact_distances, fit_gate, nearest, retrieve_batch
+from knnlm_jax.retrieval.policies import Policy, exact_distances, fit_gate, nearest, retrieve_batch
 
 
 def flat_search(keys_NxD, k):
@@ -30,12 +30,7 @@ def test_exact_distances_gather_only_real_candidates():
             assert got[q, c] == pytest.approx(want, rel=1e-5)
 
 
-def test_dedupe_and_nearest():
-    ids = np.array([[5, 3, 5, -1, 3, 9], [-1, -1, 2, 2, 2, -1]])
-    out = _dedupe(ids)
-    for row_in, row_out in zip(ids, out):
-        real = row_out[row_out >= 0]
-        assert len(real) == len(set(real)) and set(real) == set(row_in[row_in >= 0])
+def test_nearest_sorts_and_pads():
     d, i = nearest(np.array([[3.0, 1.0, 2.0, 0.5]]), np.array([[7, 8, -1, 9]]), 5)
     np.testing.assert_array_equal(i, [[9, 8, 7, -1, -1]])
     assert np.isinf(d[0, 3:]).all() and np.all(np.diff(d[0, :3]) > 0)
@@ -83,8 +78,26 @@ def test_a_high_threshold_searches_every_token_and_keeps_the_nearest():
                                                search=flat_search(keys, k), keys_NxD=keys, vals_N=vals, k=k)
     assert searched.all() and retrieved.all()
     ref_d, ref_i = flat_search(keys, k)(queries)
-    np.testing.assert_array_equal(i[:, 0], ref_i[:, 0])  # the search's nearest stays nearest after the union
+    np.testing.assert_array_equal(i[:, 0], ref_i[:, 0])  # a searching token keeps the search's neighbours
     assert np.all(d[:, 0] <= ref_d[:, 0] * (1 + 1e-3) + 1e-3)
+
+
+def test_pointer_sets_are_bounded_to_the_nearest_hits_successors():
+    """Every neighbour a hit (one value everywhere): each pointer-served token keeps at most ``max_pointers``
+    candidates, the successors of its predecessor's nearest hits."""
+    keys, _, queries = chain_datastore(seed=3)
+    vals = np.zeros(len(keys), np.int32)
+    k = 8
+    d, i, retrieved, searched = retrieve_batch(Policy(min_pointers=1, max_pointers=3), queries, vals, [200, 200],
+                                               search=flat_search(keys, k), keys_NxD=keys, vals_N=vals, k=k)
+    served = np.flatnonzero(retrieved & ~searched)
+    assert len(served) > 300 and ((i[served] >= 0).sum(1) <= 3).all()
+    unbounded = retrieve_batch(Policy(min_pointers=1), queries, vals, [200, 200], search=flat_search(keys, k),
+                               keys_NxD=keys, vals_N=vals, k=k)[1]
+    assert ((unbounded[served] >= 0).sum(1) > 3).any()
+    row = served[served % 200 == 1][0]  # served by the search of its window's first token
+    nearest_hits = flat_search(keys, k)(queries[row - 1 : row])[1][0][:3]
+    assert set(i[row][i[row] >= 0]) == set(nearest_hits + 1)
 
 
 def test_own_entry_is_never_a_neighbour_or_a_pointer():
