@@ -28,7 +28,7 @@ from knnlm_jax.core import distributed
 from knnlm_jax.core import locks
 from knnlm_jax.datastore.format import (INDEX, SHARDED, Datastore, DatastoreError, ModelSignature, read_manifest, shard_name,
                                  signature_fields, write_manifest)
-from knnlm_jax.datastore.writer import DatastoreWriter, begin_sharded, finish_sharded, shard_ranges
+from knnlm_jax.datastore.writer import DatastoreWriter, begin_sharded, finish_sharded, identity_diff, shard_ranges
 from knnlm_jax.datastore.indexing import TRAINED, merge_shards, share_trained
 from knnlm_jax.models.transformer import forward_states, forward_with_keys
 from knnlm_jax.data.windows import StreamView, WindowSpec, window_batch, window_of, windows
@@ -147,6 +147,8 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
     check_batch_size(spec.batch_size)  # before anything is written
     all_windows = windows(n, spec.windows.length, spec.windows.context)
     part = _claim_part(directory, _header(spec, trained, signature, n), all_windows, spec, processes)
+    if processes.multi and not spec.overwrite and _complete_shard(part):  # a relaunch after another process died
+        return _rejoin(directory, trained, signature, tokens_N, eos, spec, part, log, processes)
     writer = DatastoreWriter(part.directory, part.header, overwrite=spec.overwrite and not processes.multi)
     batch_size = int(writer.manifest["batch_size"])
     windows_Wx3 = all_windows[part.span[0] : part.span[1]]
@@ -176,6 +178,29 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
     manifest = writer.finish()
     if not processes.multi:
         return manifest
+    return _finish_shards(directory, n, trained_index, factory, spec.index.nprobe, processes)
+
+
+def _complete_shard(part: "_Part") -> bool:
+    """Whether this process's shard is already complete, built with this very identity."""
+    old = read_manifest(part.directory)
+    return old is not None and old.get("status") == "complete" and not identity_diff(old, part.header)
+
+
+def _rejoin(directory, trained, signature, tokens_N, eos, spec: BuildSpec, part: "_Part", log, processes) -> dict:
+    """A relaunched process whose shard is complete: keep it, and take part in what all do together
+    (the ``--keys none`` index training, the top manifest and merge)."""
+    n = len(tokens_N)
+    log(f"datastore {os.path.basename(directory)} shard {processes.index}: complete, kept")
+    factory = spec.index.factory or faiss_index.auto_factory(n, signature.dim)
+    trained_index = None
+    if spec.index.keys == "none":  # collective: every process computes its sampled batches
+        batch_size = int(read_manifest(part.directory)["batch_size"])
+        computer = KeyComputer(trained, signature.key_type, tokens_N, eos, spec.windows.length, batch_size,
+                               score=bool(spec.score_lm))
+        all_windows = windows(n, spec.windows.length, spec.windows.context)
+        trained_index = train_for_codes(directory, computer, all_windows, part.span, factory, processes,
+                                        progress=spec.progress, log=log)
     return _finish_shards(directory, n, trained_index, factory, spec.index.nprobe, processes)
 
 

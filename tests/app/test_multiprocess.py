@@ -205,3 +205,52 @@ def test_resuming_with_another_process_count_is_refused(project):
     assert rc == 2 and "by 2 processes" in err and "--num_processes 2" in err, err
     assert len(err.strip().splitlines()) == 1
     assert manifest(half)["status"] == "building"  # nothing marked complete
+
+
+def unfinish(shard: str) -> None:
+    """A shard as its process leaves it when killed before writing anything: building, nothing hashed."""
+    import json
+
+    from knnlm_jax.datastore.content_hash import LINKS
+    from knnlm_jax.datastore.format import MANIFEST
+
+    path = os.path.join(shard, MANIFEST)
+    with open(path) as f:
+        m = json.load(f)
+    m.update(status="building", progress=0, lm_nll_sum=0.0, index=None)
+    m.pop("content", None)
+    with open(path, "w") as f:
+        json.dump(m, f)
+    os.remove(os.path.join(shard, LINKS))
+
+
+def test_a_relaunch_after_a_peer_died_keeps_the_finished_shard_and_completes(project):
+    """As a build leaves it when process 1 dies after process 0's shard is complete: shard 0 complete, shard 1
+    unfinished, the top manifest building. Relaunching the same two commands keeps shard 0 (byte for byte,
+    untouched), finishes shard 1 and the top manifest: the same bytes as an uninterrupted build."""
+    import shutil
+
+    from knnlm_jax.datastore.format import update_manifest
+
+    root, workdir = project
+    name = "died"
+    args = ["--workdir", workdir, "--datastore", name, "--index", INDEX]
+    ok(launch("build.py", args, 2, root))
+    done = os.path.join(workdir, "datastores", name)
+    whole = {p: manifest(os.path.join(done, f"shard-{p:05d}-of-00002")) for p in range(2)}
+    reference = os.path.join(str(root), "reference")
+    shutil.copytree(done, reference)
+    shard0, shard1 = (os.path.join(done, f"shard-{p:05d}-of-00002") for p in range(2))
+    unfinish(shard1)
+    update_manifest(done, status="building", index=None)
+    before = os.stat(os.path.join(shard0, "vals.npy")).st_mtime_ns
+    results = ok(launch("build.py", args, 2, root))
+    assert "shard 0: complete, kept" in results[0][2]
+    assert os.stat(os.path.join(shard0, "vals.npy")).st_mtime_ns == before
+    assert manifest(done)["status"] == "complete" and manifest(shard1)["status"] == "complete"
+    for p in range(2):
+        for file in ("vals.npy", "keys.npy"):
+            shard = f"shard-{p:05d}-of-00002"
+            with open(os.path.join(done, shard, file), "rb") as a, open(os.path.join(reference, shard, file), "rb") as b:
+                assert a.read() == b.read(), (shard, file)
+        assert manifest(os.path.join(done, f"shard-{p:05d}-of-00002"))["content"] == whole[p]["content"]
