@@ -224,21 +224,23 @@ def unfinish(shard: str) -> None:
     os.remove(os.path.join(shard, LINKS))
 
 
-def test_a_relaunch_after_a_peer_died_keeps_the_finished_shard_and_completes(project):
+@pytest.mark.parametrize("keys", ["fp16", "none"])
+def test_a_relaunch_after_a_peer_died_keeps_the_finished_shard_and_completes(project, keys):
     """As a build leaves it when process 1 dies after process 0's shard is complete: shard 0 complete, shard 1
     unfinished, the top manifest building. Relaunching the same two commands keeps shard 0 (byte for byte,
-    untouched), finishes shard 1 and the top manifest: the same bytes as an uninterrupted build."""
+    untouched), finishes shard 1 and the top manifest: the same bytes (keys and values, or values and the
+    shard's index of codes) as an uninterrupted build."""
     import shutil
 
     from knnlm_jax.datastore.format import update_manifest
 
     root, workdir = project
-    name = "died"
-    args = ["--workdir", workdir, "--datastore", name, "--index", INDEX]
+    name = f"died-{keys}"
+    args = ["--workdir", workdir, "--datastore", name, "--index", INDEX, "--keys", keys]
     ok(launch("build.py", args, 2, root))
     done = os.path.join(workdir, "datastores", name)
     whole = {p: manifest(os.path.join(done, f"shard-{p:05d}-of-00002")) for p in range(2)}
-    reference = os.path.join(str(root), "reference")
+    reference = os.path.join(str(root), f"reference-{keys}")
     shutil.copytree(done, reference)
     shard0, shard1 = (os.path.join(done, f"shard-{p:05d}-of-00002") for p in range(2))
     unfinish(shard1)
@@ -249,7 +251,7 @@ def test_a_relaunch_after_a_peer_died_keeps_the_finished_shard_and_completes(pro
     assert os.stat(os.path.join(shard0, "vals.npy")).st_mtime_ns == before
     assert manifest(done)["status"] == "complete" and manifest(shard1)["status"] == "complete"
     for p in range(2):
-        for file in ("vals.npy", "keys.npy"):
+        for file in ("vals.npy",) + (("keys.npy",) if keys == "fp16" else ("index.faiss",)):
             shard = f"shard-{p:05d}-of-00002"
             with open(os.path.join(done, shard, file), "rb") as a, open(os.path.join(reference, shard, file), "rb") as b:
                 assert a.read() == b.read(), (shard, file)
