@@ -97,6 +97,7 @@ class Scores:
 class Generation:
     text: str  # the prompt and its continuation
     steps: list  # per new token: :class:`~knnlm_jax.generation.Step`
+    mixing: object  # the λ and kNN temperature it used (:class:`~knnlm_jax.generation.Mixing`)
 
 
 class LM:
@@ -247,7 +248,7 @@ class LM:
         steps = generate(self.trained, context, new_tokens, key_type=self.key_type, retriever=retriever,
                          mixing=mixing, sampling=sampling or Sampling(),
                          stop=self.vocab.eos if stop_at_line_end else None)
-        return Generation(self.continuation(prompt, steps), steps)
+        return Generation(self.continuation(prompt, steps), steps, mixing)
 
     # -- evaluation
 
@@ -331,7 +332,7 @@ class GenerateOptions:
 
 
 def generate_text(choice: RunChoice, options: GenerateOptions):
-    """``(LM, Generation, Mixing)`` of ``generate.py``: the run's LM, alone or over ``options.datastore``."""
+    """``(LM, Generation)`` of ``generate.py``: the run's LM, alone or over ``options.datastore``."""
     from knnlm_jax.generation import Sampling
 
     options.check()
@@ -348,12 +349,11 @@ def generate_text(choice: RunChoice, options: GenerateOptions):
                                  f"{build_command(store.directory, '--index-only')}")
     lm = choice.load()
     store = lm.datastore(options.datastore, log=_stderr) if options.datastore is not None else None
-    mixing = lm.mixing(store, options.lmbda, options.temperature)
     result = lm.generate(options.prompt, store, new_tokens=options.new_tokens,
-                         k=min(options.k, store.size) if store is not None else None, lmbda=mixing.lmbda,
-                         temperature=mixing.temperature, sampling=sampling,
+                         k=min(options.k, store.size) if store is not None else None, lmbda=options.lmbda,
+                         temperature=options.temperature, sampling=sampling,
                          stop_at_line_end=options.stop_at_line_end, nprobe=options.nprobe)
-    return lm, result, mixing
+    return lm, result
 
 
 @dataclasses.dataclass(frozen=True)

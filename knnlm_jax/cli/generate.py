@@ -57,10 +57,10 @@ def main(argv=None) -> int:
         options = GenerateOptions(args.prompt, args.datastore, args.max_new_tokens, args.k, args.lmbda,
                                   args.temperature, args.sampling_temperature, args.top_k, args.top_p, args.seed,
                                   args.stop_at_line_end, args.nprobe)
-        lm, result, mixing = generate_text(run_choice(args), options)
+        lm, result = generate_text(run_choice(args), options)
         print(result.text)
         if args.explain:
-            print(explanation(lm.vocab, result.steps, mixing))
+            print(explanation(lm.vocab, result.steps, result.mixing))
     return 0
 
 

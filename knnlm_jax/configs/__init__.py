@@ -1,4 +1,4 @@
-"""Named configs: one module per name, each with ``get_config() -> ConfigDict``."""
+"""Named configs: one module per name, each with ``get_config() -> ConfigDict``. Imports only ``core`` (no JAX)."""
 
 import importlib
 import math

@@ -4,10 +4,10 @@ Three ways to save searches, all evaluation options (the full kNN-LM searches ev
 
 - **RetoMaton pointers** (Alon et al. 2022, without clustering): after token ``t``, the
   retrieved entries whose value was the actual next token point to their successors
-  (entry ``n + 1``); those are token ``t + 1``'s candidates without a search. A search runs
-  only when fewer than ``min_pointers`` remain; its neighbours join the pointers'. Each
-  candidate's distance is the exact squared L2 from the stored keys; the ``k`` nearest are
-  kept. Pointers are followed within an evaluation window (the windows of a batch run side
+  (entry ``n + 1``); those (at most ``max_pointers``, the nearest hits' successors first) are
+  token ``t + 1``'s candidates without a search. With fewer than ``min_pointers`` the token
+  searches and takes the search's ``k`` instead. Each token's candidates are ranked by exact
+  squared L2 from the stored keys, once per batch (see :class:`PointerSteps`). Pointers are followed within an evaluation window (the windows of a batch run side
   by side, step by step), so each window's first scored token starts afresh.
 - **Adaptive retrieval** (He et al. 2021): a linear gate on what the LM computed for the
   token (the head softmax's entropy, top log-prob and tail-cluster log-probs, and the query

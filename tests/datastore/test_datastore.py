@@ -242,23 +242,20 @@ def test_reader_refuses_missing_truncated_or_resized_files(built, tmp_path):
         shutil.copytree(built.directory, copy)
         return copy
 
-    copy = damaged("truncated")
-    with open(copy / KEYS, "r+b") as f:
-        f.truncate(os.path.getsize(copy / KEYS) // 2)
-    with pytest.raises(DatastoreError, match="keys.npy is truncated or damaged"):
-        open_datastore(str(copy))
-    copy = damaged("missing")
-    os.remove(copy / VALS)
-    with pytest.raises(DatastoreError, match="vals.npy is missing"):
-        open_datastore(str(copy))
-    copy = damaged("resized")
-    update_manifest(str(copy), num_entries=built.manifest["num_entries"] + 1)
-    with pytest.raises(DatastoreError, match="manifest says"):
-        open_datastore(str(copy))
-    copy = damaged("no-manifest")
-    os.remove(copy / MANIFEST)
-    with pytest.raises(DatastoreError, match="no datastore"):
-        open_datastore(str(copy))
+    def truncate(copy):
+        with open(copy / KEYS, "r+b") as f:
+            f.truncate(os.path.getsize(copy / KEYS) // 2)
+
+    cases = [("truncated", truncate, "keys.npy is truncated or damaged"),
+             ("missing", lambda copy: os.remove(copy / VALS), "vals.npy is missing"),
+             ("resized", lambda copy: update_manifest(str(copy), num_entries=built.manifest["num_entries"] + 1),
+              "manifest says"),
+             ("no-manifest", lambda copy: os.remove(copy / MANIFEST), "no datastore")]
+    for how, damage, message in cases:
+        copy = damaged(how)
+        damage(copy)
+        with pytest.raises(DatastoreError, match=message):
+            open_datastore(str(copy))
 
 
 # ---------------------------------------------------------------------------------
