@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from knnlm_jax import runs
+from knnlm_jax.core.distributed import Launch
 from knnlm_jax.core.errors import InputError
 from knnlm_jax.datastore.format import DatastoreError, build_command, find_datastore
 from knnlm_jax.evaluation.settings import EvaluationError, Settings, perplexity
@@ -359,8 +360,8 @@ def generate_text(choice: RunChoice, options: GenerateOptions):
 @dataclasses.dataclass(frozen=True)
 class EvaluateOptions:
     """What ``evaluate.py`` was asked for beyond the :class:`Settings`: which datastore and text, how to
-    search it, where to write, and the multi-process launch (``coordinator``, ``num_processes``,
-    ``process_id``; all ``None``: one process)."""
+    search it, where to write, and the multi-process launch (a :class:`~knnlm_jax.core.distributed.Launch`;
+    by default one process)."""
 
     datastore: str
     split: str = "valid"
@@ -370,7 +371,7 @@ class EvaluateOptions:
     out: str | None = None
     html_tokens: int = 2000
     progress: bool = True
-    launch: tuple = (None, None, None)
+    launch: Launch = Launch()
 
 
 def evaluate_tool(choice: RunChoice, options: EvaluateOptions, given: dict):
@@ -381,7 +382,7 @@ def evaluate_tool(choice: RunChoice, options: EvaluateOptions, given: dict):
     from knnlm_jax.datastore.format import open_datastore
     from knnlm_jax.datastore.search import open_searcher
 
-    distributed.check_process_args(*options.launch)
+    options.launch.check()
     config, workdir = choice.resolve()
     lm_settings = settings_for(config, **dict(given, exact=given.get("exact") is not False))
     if options.search == "device" and given.get("exact") is False:
@@ -393,7 +394,7 @@ def evaluate_tool(choice: RunChoice, options: EvaluateOptions, given: dict):
     datastore = open_datastore(find_datastore(workdir, options.datastore), runs.signature(config, vocab))
     settings = settings_for_store(lm_settings, datastore, given.get("exact"), options.search)
     check_store(datastore, None, settings)
-    processes = distributed.initialize(*options.launch)
+    processes = distributed.initialize(options.launch)
     searcher = open_searcher(datastore, processes, mode=options.search)
     check_store(datastore, searcher, settings)
     lm = LM(workdir, config, vocab, runs.load_model(workdir, config, vocab))  # every process: restores collectively

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from knnlm_jax import runs
+from knnlm_jax.core.distributed import Launch
 from knnlm_jax.core.errors import InputError
 from knnlm_jax.data.windows import WindowSpec
 
@@ -46,7 +47,7 @@ class BuildOptions:
     sample: int = 64
     batch_size: int | None = None
     no_progress: bool = False
-    launch: tuple = (None, None, None)  # coordinator, num_processes, process_id
+    launch: Launch = Launch()
     say: object = print
     log: object = dataclasses.field(default=lambda msg: print(msg, file=sys.stderr))
 
@@ -66,9 +67,7 @@ class RunContext:
 
 def build_tool(choice, options: BuildOptions) -> int:
     """``build.py``: build, index or check a datastore of the run ``choice`` selects."""
-    from knnlm_jax.core.distributed import check_process_args
-
-    check_process_args(*options.launch)
+    options.launch.check()
     config, workdir = choice.resolve()
     vocab = runs.load_vocab(workdir, config)
     return run_build(RunContext(config, workdir, vocab, lambda: runs.load_model(workdir, config, vocab)), options)
@@ -80,7 +79,7 @@ def run_build(run: RunContext, options: BuildOptions) -> int:
     from knnlm_jax.datastore.building import writing
     from knnlm_jax.datastore.format import datastore_dir, open_datastore
 
-    processes = initialize(*options.launch)
+    processes = initialize(options.launch)
     if processes.multi:
         options.log(f"process {processes.index} of {processes.count}")
     if options.check:

@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 
+from knnlm_jax.core.distributed import Launch
 from knnlm_jax.core.errors import InputError
 
 
@@ -20,7 +21,7 @@ class TrainOptions:
     progress: bool = True
     corpus_options: dict = dataclasses.field(default_factory=dict)
     dry_run: bool = False
-    launch: tuple = (None, None, None)  # coordinator, num_processes, process_id
+    launch: Launch = Launch()
 
 
 def train_tool(config, workdir: str, options: TrainOptions) -> dict | None:
@@ -29,10 +30,10 @@ def train_tool(config, workdir: str, options: TrainOptions) -> dict | None:
     from knnlm_jax.core import distributed
 
     validate(config)
-    distributed.check_process_args(*options.launch)
+    options.launch.check()
     if options.dry_run:
         return dict(dry_run=dry_run(config, options.corpus_options))
-    processes = distributed.initialize(*options.launch)
+    processes = distributed.initialize(options.launch)
     result = train_run(config, workdir, options, processes)
     return result if processes.is_main else None
 

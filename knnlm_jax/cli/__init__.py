@@ -82,11 +82,27 @@ def load_run(args):
     return run_choice(args).resolve()
 
 
+def supervised(tool: str, argv, args) -> int | None:
+    """Under several processes, run this tool as a watched child (see :mod:`knnlm_jax.core.supervisor`)
+    and return its exit status; ``None`` where this process is to do the work itself."""
+    from knnlm_jax.core import supervisor
+    from knnlm_jax.core.distributed import Launch
+
+    launch = Launch.from_args(args)
+    if supervisor.is_child() or not launch.multi:
+        return None
+    with user_errors(program(tool)):
+        launch.check()
+    return supervisor.supervise(program(tool), f"knnlm_jax.cli.{tool}", list(sys.argv[1:] if argv is None else argv),
+                                launch.process_id)
+
+
 @contextmanager
 def user_errors(prog: str):
     """Turn user errors (:class:`~knnlm_jax.core.errors.KnnlmError`, a missing file) into one line on stderr
     and exit status 2, a failed read or write into one line too, Ctrl-C into one line and 130."""
     from knnlm_jax.core import interrupts
+    from knnlm_jax.core.distributed import leave
 
     try:
         with interrupts.handled(prog):
@@ -100,11 +116,24 @@ def user_errors(prog: str):
             os.write(own, f"{prog}: error: {err}\n".encode())
             os._exit(2)
         print(f"{prog}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        leave(2)
     except OSError as err:  # a read-only directory, a full disk, a file where a directory goes
         what = f"{err.strerror} ({err.filename})" if err.strerror and err.filename else (err.strerror or str(err))
         print(f"{prog}: error: cannot write or read: {what}; fix it and run the same command again "
               "(finished work is kept)", file=sys.stderr)
-        sys.exit(2)
+        leave(2)
     except KeyboardInterrupt:  # everything below has cleaned up; a normal shutdown could crash mid-compile
         interrupts.exit_interrupted(prog)
+    except Exception as err:  # a bug: its traceback, and under several processes an exit the peers notice
+        from knnlm_jax.core.distributed import current, lost_peer
+
+        if not current().multi:
+            raise
+        if peer := lost_peer(err):
+            print(f"{prog}: error: process {current().index}: {peer}; run the same commands again to resume",
+                  file=sys.stderr)
+            leave(3)
+        import traceback
+
+        traceback.print_exc()
+        leave(1)

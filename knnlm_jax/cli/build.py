@@ -51,13 +51,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from knnlm_jax.cli import program, run_choice, user_errors
+    from knnlm_jax.cli import program, run_choice, supervised, user_errors
+    from knnlm_jax.core.distributed import Launch
 
+    if (status := supervised("build", argv, args)) is not None:
+        return status
     with user_errors(program("build")):
         from knnlm_jax.datastores import BuildOptions, build_tool
 
         fields = {f: getattr(args, f) for f in BuildOptions.__dataclass_fields__ if hasattr(args, f)}
-        options = BuildOptions(**fields, launch=(args.coordinator, args.num_processes, args.process_id))
+        options = BuildOptions(**fields, launch=Launch.from_args(args))
         return build_tool(run_choice(args), options)
 
 

@@ -140,15 +140,18 @@ def settings_given(args) -> dict:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from knnlm_jax.cli import corpus_options, program, run_choice, user_errors
+    from knnlm_jax.cli import corpus_options, program, run_choice, supervised, user_errors
+    from knnlm_jax.core.distributed import Launch
 
+    if (status := supervised("evaluate", argv, args)) is not None:
+        return status
     with user_errors(program("evaluate")):
         from knnlm_jax.api import EvaluateOptions, evaluate_tool
 
         options = EvaluateOptions(args.datastore, args.split, args.corpus or args.data_dir,
                                   {k: v for k, v in corpus_options(args).items() if getattr(args, k, None)},
                                   args.search, args.out, args.html_tokens, not args.no_progress,
-                                  (args.coordinator, args.num_processes, args.process_id))
+                                  Launch.from_args(args))
         done = evaluate_tool(run_choice(args), options, settings_given(args))
         if done is not None:
             report(args, *done)

@@ -13,8 +13,8 @@ import sys
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from knnlm_jax.cli import add_config_args, corpus_options, load_config, program, user_errors
-    from knnlm_jax.core.distributed import add_process_args
+    from knnlm_jax.cli import add_config_args, corpus_options, load_config, program, supervised, user_errors
+    from knnlm_jax.core.distributed import Launch, add_process_args
 
     add_config_args(parser)
     add_process_args(parser)
@@ -27,13 +27,15 @@ def main(argv=None) -> int:
                         help="train with this vocabulary (a run's vocab.txt) instead of one built from the training "
                              "split, e.g. to compare LMs trained on different corpora in one vocabulary")
     args = parser.parse_args(argv)
+    if (status := supervised("train", argv, args)) is not None:
+        return status
 
     with user_errors(program("train")):
         config, workdir = load_config(args)
         from knnlm_jax.trainings import TrainOptions, train_tool
 
         options = TrainOptions(args.overwrite, args.vocab, not args.no_progress, corpus_options(args), args.dry_run,
-                               (args.coordinator, args.num_processes, args.process_id))
+                               Launch.from_args(args))
         result = train_tool(config, workdir, options)
         if result is None:
             return 0

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import threading
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +43,35 @@ class Processes:
         return self.count > 1
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How this process was launched: alone, or as ``process_id`` of ``num_processes`` that meet at
+    ``coordinator`` (``HOST:PORT``); all ``None`` lets SLURM or a TPU pod say. A peer that sends no
+    heartbeat for ``heartbeat_s`` seconds has failed; a finished process waits ``shutdown_s`` for the rest."""
+
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    heartbeat_s: int = 15
+    shutdown_s: int = 120
+
+    @classmethod
+    def from_args(cls, args) -> "Launch":
+        return cls(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
+                   args.shutdown_timeout)
+
+    def check(self) -> None:
+        check_process_args(self.coordinator, self.num_processes, self.process_id)
+        for name, value in (("--heartbeat-timeout", self.heartbeat_s), ("--shutdown-timeout", self.shutdown_s)):
+            if value < 1:
+                raise ProcessError(f"{name} {value}: must be at least 1 second")
+
+    @property
+    def multi(self) -> bool:
+        """Several processes: given by the flags, or by SLURM or a TPU pod."""
+        return (self.num_processes or 1) > 1 or (self.num_processes is None and _cluster_detected())
+
+
 def add_process_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                         help="multi-process launch: address of process 0 (with --num_processes and --process_id; "
@@ -48,6 +80,14 @@ def add_process_args(parser: argparse.ArgumentParser) -> None:
                         help="processes in the launch (default 1, or what SLURM/TPU says)")
     parser.add_argument("--process_id", "--process-id", type=int, default=None, metavar="I",
                         help="this process's index in [0, P)")
+    parser.add_argument("--heartbeat-timeout", "--heartbeat_timeout", dest="heartbeat_timeout", type=int,
+                        default=Launch.heartbeat_s, metavar="S",
+                        help=f"multi-process: a process silent this long has failed; every process then exits "
+                             f"with one line (default {Launch.heartbeat_s})")
+    parser.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=int,
+                        default=Launch.shutdown_s, metavar="S",
+                        help=f"multi-process: how long a finished process waits for the others to finish "
+                             f"(default {Launch.shutdown_s})")
 
 
 def _cluster_detected() -> bool:
@@ -74,23 +114,83 @@ def check_process_args(coordinator, num_processes, process_id) -> None:
 _CURRENT = Processes()
 
 
-def initialize(coordinator=None, num_processes=None, process_id=None) -> Processes:
+def initialize(launch: Launch = Launch()) -> Processes:
     """Start JAX's distributed runtime when the launch has several processes; returns this process's place."""
     global _CURRENT
-    check_process_args(coordinator, num_processes, process_id)
+    launch.check()
     import jax
 
-    if num_processes is not None and num_processes > 1:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
-    elif num_processes is None and _cluster_detected():
-        jax.distributed.initialize()
+    timeouts = dict(heartbeat_timeout_seconds=launch.heartbeat_s, shutdown_timeout_seconds=launch.shutdown_s)
+    if launch.num_processes is not None and launch.num_processes > 1:
+        jax.distributed.initialize(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
+                                   process_id=launch.process_id, **timeouts)
+    elif launch.multi:
+        jax.distributed.initialize(**timeouts)
     _CURRENT = Processes(jax.process_index(), jax.process_count())
+    if _CURRENT.multi:
+        threading.Thread(target=_beat, args=(_CURRENT.index,), daemon=True, name="knnlm-heartbeat").start()
     return _CURRENT
 
 
-def initialize_from(args) -> Processes:
-    return initialize(args.coordinator, args.num_processes, args.process_id)
+# ---------------------------------------------------------------------------------
+# which peer stopped: each process counts up a key in the coordinator's key-value store
+
+_ALIVE = "knnlm/alive/"
+_PEER_LOST = ("Connection closed by peer", "Connection reset", "Broken pipe", "Connection refused")
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the runtime's key-value store has no public handle
+
+    return jax_distributed.global_state.client
+
+
+def _beat(index: int, every_s: float = 0.5) -> None:
+    beat = 0
+    while True:
+        beat += 1
+        try:
+            _client().key_value_set(f"{_ALIVE}{index}", str(beat), allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the coordinator is gone: the runtime ends this process
+            return
+        time.sleep(every_s)
+
+
+def _beats() -> dict[int, str]:
+    return {int(key.rsplit("/", 1)[1]): value for key, value in _client().key_value_dir_get(_ALIVE)}
+
+
+def stopped_peers(wait_s: float = 2.0) -> list[int]:
+    """The processes whose heartbeat key did not move in ``wait_s`` seconds (``[0]`` if the coordinator,
+    which holds the keys, cannot be reached)."""
+    try:
+        before = _beats()
+        time.sleep(wait_s)
+        after = _beats()
+    except Exception:  # noqa: BLE001 - no answer from the key-value store: the coordinator is gone
+        return [0]
+    return [p for p in range(_CURRENT.count) if p != _CURRENT.index and before.get(p) == after.get(p)]
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """If ``err`` is a collective that failed because a peer went away, which process stopped (in words)."""
+    if not _CURRENT.multi or not any(s in str(err) for s in _PEER_LOST):
+        return None
+    stopped = stopped_peers()
+    if not stopped:
+        return "a peer process stopped"
+    return f"process{'es' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} stopped"
+
+
+def leave(status: int) -> None:
+    """End this process now with ``status``. Under several processes, skip the runtime's shutdown
+    barrier (the peers wait in a collective for this one and would hold it for the shutdown timeout):
+    the peers learn of it by its missing heartbeat and exit too."""
+    if _CURRENT.multi:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def current() -> Processes:

@@ -256,3 +256,40 @@ def test_a_relaunch_after_a_peer_died_keeps_the_finished_shard_and_completes(pro
             with open(os.path.join(done, shard, file), "rb") as a, open(os.path.join(reference, shard, file), "rb") as b:
                 assert a.read() == b.read(), (shard, file)
         assert manifest(os.path.join(done, f"shard-{p:05d}-of-00002"))["content"] == whole[p]["content"]
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["peer", "coordinator"])
+def test_a_killed_process_ends_its_peer_in_seconds_with_one_line_and_a_relaunch_completes(project, victim):
+    """``kill -9`` of one launched process while both work: the other exits within 30 s with status 3 and
+    one line naming the stopped process (no traceback, no runtime stack trace); the same two commands
+    then finish the datastore with the bytes of the 1-process build."""
+    import signal
+    import time
+
+    root, workdir = project
+    name = f"killed-{victim}"
+    cmd = [sys.executable, os.path.join(ROOT, "build.py"), "--no-progress", "--workdir", workdir, "--datastore", name,
+           "--index", INDEX, "--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2"]
+    errs = [root / f"{name}-{p}.err" for p in range(2)]
+    procs = [subprocess.Popen(cmd + ["--process_id", str(p)], stdout=subprocess.DEVNULL, stderr=open(errs[p], "w"),
+                              env=env(), cwd=root) for p in range(2)]
+    deadline = time.time() + 240
+    while not all(f"process {p} of 2" in errs[p].read_text() for p in range(2)):
+        assert time.time() < deadline and all(proc.poll() is None for proc in procs), [e.read_text() for e in errs]
+        time.sleep(0.1)
+    killed = time.time()
+    procs[victim].send_signal(signal.SIGKILL)
+    survivor = procs[1 - victim]
+    assert survivor.wait(timeout=60) == 3
+    assert time.time() - killed < 30
+    procs[victim].wait(timeout=10)
+    lines = [line for line in errs[1 - victim].read_text().splitlines() if line.strip()]
+    assert lines[-1].startswith(f"build.py: error: process {1 - victim}: process {victim} ")
+    assert lines[-1].split(": ", 3)[3].startswith(("process 1 stopped", "process 0 (the coordinator) stopped"))
+    assert "run the same commands again to resume" in lines[-1]
+    assert lines[:-1] == [f"process {1 - victim} of 2"]  # nothing else: no traceback, no runtime log
+    ok(launch("build.py", ["--workdir", workdir, "--datastore", name, "--index", INDEX], 2, root))
+    done, mono = (os.path.join(workdir, "datastores", n) for n in (name, "mono"))
+    for file in ("keys.npy", "vals.npy"):
+        parts = [np.load(os.path.join(done, f"shard-{p:05d}-of-00002", file)) for p in range(2)]
+        assert np.concatenate(parts).tobytes() == np.load(os.path.join(mono, file)).tobytes()
