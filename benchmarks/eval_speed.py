@@ -35,6 +35,7 @@ separates that from the pipeline's own cost (copies, conversions, bookkeeping).
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     parser.add_argument("--approximate", action="store_true", help="FAISS distances, no exact re-ranking")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "eval_speed.json"))
+    parser.add_argument("--section", default=None, metavar="NAME",
+                        help="write this run's results under NAME in --out, keeping the file's other sections "
+                             "(e.g. wt2 and smollm2 in results/eval_speed.json)")
     parser.add_argument("--no-variants", dest="variants", action="store_false", help="only the full kNN-LM")
     parser.add_argument("--variants-datastore", default=None, metavar="NAME",
                         help="another index of the same keys (e.g. build.py --index-only --index "
@@ -169,6 +173,8 @@ def run(args) -> int:
         split=args.split, tokens=len(tokens), window=window, context=context, batch_size=batch_size,
         repeats=args.repeats, device=str(jax.devices()[0].device_kind), device_count=jax.device_count(),
         base_lm_tokens_per_s=base_tps, knn_lm_tokens_per_s=knn_tps, knn_over_base_speed=knn_tps / base_tps,
+        # the bound: the base LM's pass over the same windows (forward, the LM's log-probs, per-token files)
+        pipeline_over_forward_bound=knn_tps / base_tps,
         search_seconds_in_pipeline=in_pipeline, search_seconds_bare=bare_search,
         pipeline_search_overhead_pct=100.0 * (in_pipeline - bare_search) / bare_search,
         knn_stage_seconds={k: med(m["timings"][k] for m in knn) for k in knn[0]["timings"]},
@@ -197,7 +203,17 @@ def run(args) -> int:
         payload["variants"] = variants
         payload["variants_note"] = ("tokens_per_s and foss_speed_pass: the first tokens of the speed split; test_ppl "
                                     "and foss: evaluate.py --split test with the variant's options (tuned on valid)")
-    write_json(args.out, payload)
+    if args.section:
+        sections = {}
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                sections = json.load(f)
+            sections = {} if "workdir" in sections else {  # an unsectioned file is replaced whole
+                k: v for k, v in sections.items() if k not in ("command", "machine")}
+        payload = dict(payload, command=" ".join(sys.argv))
+        write_json(args.out, dict(sections, **{args.section: payload}), command="see each section's command")
+    else:
+        write_json(args.out, payload)
     print(f"{len(tokens)} tokens, k {args.k}, {'exact' if exact else 'approximate'}, {payload['index']} "
           f"over {store.size} keys, on {payload['device']}:")
     print(f"  base LM {base_tps:,.0f} tokens/s; kNN-LM {knn_tps:,.0f} tokens/s "

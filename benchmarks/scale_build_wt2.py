@@ -1,25 +1,30 @@
 #!/usr/bin/env python
-"""Multi-process builds on WikiText-2: 2 processes on localhost against 1, kill -9 and resume.
+"""Multi-process builds on WikiText-2: 2 processes on localhost against 1, kills and relaunches.
 
-1. ``build.py`` with 1 process -> datastore ``one`` (keys/values only);
-2. the same with 2 processes (jax.distributed over localhost, gloo) -> ``two``: concatenated
-   shards must be byte-identical to ``one``;
-3. 2 processes again -> ``killed``; after ``--kill-after`` seconds process 1 gets SIGKILL (and
-   process 0, stuck at the end-of-build barrier or dead with the coordinator, is stopped too);
-   the same command relaunched resumes both shards, which must equal ``one`` byte for byte.
+1. ``build.py`` with 1 process -> datastore ``one`` (keys, values, its own index);
+2. the same with 2 processes (jax.distributed over localhost, gloo) -> ``two``, its index trained
+   independently: concatenated shards must be byte-identical to ``one``, and the index the same
+   (coarse centroids and PQ codebooks bit for bit, the same neighbours and distances for a sample
+   of queries);
+3. two runs that ``kill -9`` process 1 (the command as launched; its work dies with it):
+   ``after_coordinator_shard`` once shard 0 is complete, ``during_merge`` once process 0 has
+   begun merging the shards' lists. The survivor must exit by itself (its exit status, seconds
+   and last line are recorded); the same two commands relaunched must finish the datastore with
+   the bytes and neighbours of ``one``.
 
-Writes ``results/scale_build_wt2.json`` (``keys_identical``, ``vals_identical``,
-``resumed_identical``, timings, progress at the kill). Needs a trained wt2-config run.
+Writes ``results/scale_build_wt2.json``. Needs a trained run (default ``runs/wt2``).
 
-  python benchmarks/scale_build_wt2.py --workdir runs/wt2s --data_dir ../shared/data/wikitext-2
+  python benchmarks/scale_build_wt2.py --workdir runs/wt2 --data_dir ../shared/data/wikitext-2
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,15 +41,7 @@ import local_processes  # noqa: E402
 
 def build_cmd(args, name, *extra):
     return [sys.executable, os.path.join(ROOT, "build.py"), "--workdir", args.workdir, "--data_dir", args.data_dir,
-            "--datastore", name, "--no-index", "--no-progress", *extra]
-
-
-def launch(cmd, processes: int, log_prefix: str):
-    return local_processes.launch(cmd, processes, log_prefix, ROOT)
-
-
-def wait_all(procs, timeout=None) -> list[int]:
-    return [p.wait(timeout=timeout) for p in procs]
+            "--datastore", name, "--no-progress", *extra]
 
 
 def sha(paths) -> str:
@@ -57,74 +54,136 @@ def sha(paths) -> str:
     return h.hexdigest()
 
 
-def shard_files(directory: str, name: str) -> list[str]:
+def manifest(directory: str) -> dict:
     with open(os.path.join(directory, "manifest.json")) as f:
-        m = json.load(f)
+        return json.load(f)
+
+
+def shard_files(directory: str, name: str) -> list[str]:
+    m = manifest(directory)
     if m.get("layout") != "sharded":
         return [os.path.join(directory, name)]
     return [os.path.join(directory, f"shard-{p:05d}-of-{m['num_shards']:05d}", name) for p in range(m["num_shards"])]
 
 
+def data_hashes(directory: str) -> dict:
+    return {name: sha(shard_files(directory, name)) for name in ("keys.npy", "vals.npy")}
+
+
+def index_answers(directory: str, queries_QxD: np.ndarray, k: int = 64) -> dict:
+    """The index's trained parts' hash and its neighbours of ``queries`` (at the manifest's nprobe)."""
+    from knnlm_jax.retrieval import index as faiss_index
+
+    m = manifest(directory)
+    index = faiss_index.read_index(os.path.join(directory, m["index"]["file"]), mmap=True)
+    ivf = faiss_index.faiss.extract_index_ivf(index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    pq = faiss_index.faiss.vector_to_array(faiss_index.faiss.downcast_index(ivf).pq.centroids)
+    dists, ids = faiss_index.search(index, queries_QxD, k, m["index"]["nprobe"])
+    trained = hashlib.sha256(centroids.tobytes() + pq.tobytes()).hexdigest()
+    return dict(trained=trained, dists=dists, ids=ids, factory=m["index"]["factory"])
+
+
+def same_index(a: dict, b: dict) -> bool:
+    return (a["trained"] == b["trained"] and a["factory"] == b["factory"] and np.array_equal(a["ids"], b["ids"])
+            and np.array_equal(a["dists"], b["dists"]))
+
+
+def wait_for(condition, procs, timeout: float = 3600) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if any(p.poll() is not None for p in procs) or time.time() > deadline:
+            raise SystemExit("the build ended (or took too long) before the moment to kill it")
+        time.sleep(0.2)
+
+
+def killed_and_relaunched(args, name: str, moment, logs: str) -> dict:
+    """Kill process 1 at ``moment``, let process 0 notice, relaunch both; what happened."""
+    directory = os.path.join(args.workdir, "datastores", name)
+    procs = local_processes.launch(build_cmd(args, name, "--overwrite"), 2, os.path.join(logs, f"{name}.first"), ROOT)
+    wait_for(lambda: moment(directory), procs)
+    at_kill = {f"shard {p}": manifest(os.path.join(directory, f"shard-{p:05d}-of-00002")).get("status")
+               for p in range(2)}
+    killed = time.time()
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    try:
+        survivor_status = procs[0].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        survivor_status = None
+        procs[0].kill()
+        procs[0].wait()
+    survivor_seconds = time.time() - killed
+    with open(os.path.join(logs, f"{name}.first.0.log")) as f:
+        lines = [line.rstrip() for line in f if line.strip()]
+    t0 = time.time()
+    codes = [p.wait() for p in local_processes.launch(build_cmd(args, name), 2, os.path.join(logs, f"{name}.second"),
+                                                       ROOT)]
+    relaunch_seconds = time.time() - t0
+    kept = []
+    for p in range(2):
+        with open(os.path.join(logs, f"{name}.second.{p}.log")) as f:
+            kept += [line.strip() for line in f if "complete, kept" in line or line.startswith("resuming")]
+    return dict(statuses_at_kill=at_kill, survivor_exit_status=survivor_status,
+                survivor_exit_seconds=round(survivor_seconds, 1), survivor_last_line=lines[-1] if lines else "",
+                relaunch_exit_codes=codes, relaunch_seconds=round(relaunch_seconds, 1), relaunch_messages=kept,
+                directory=directory)
+
+
+def shard_complete(directory: str) -> bool:
+    path = os.path.join(directory, "shard-00000-of-00002", "manifest.json")
+    return os.path.exists(path) and manifest(os.path.dirname(path)).get("status") == "complete"
+
+
+def merging(directory: str) -> bool:
+    return bool(glob.glob(os.path.join(directory, "index.ivfdata*")))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="runs/wt2s")
+    parser.add_argument("--workdir", default="runs/wt2")
     parser.add_argument("--data_dir", default="../shared/data/wikitext-2")
-    parser.add_argument("--kill-after", type=float, default=150.0, help="seconds before process 1 is killed")
+    parser.add_argument("--queries", type=int, default=2000, help="stored keys searched to compare indexes")
     parser.add_argument("--out", default="results/scale_build_wt2.json")
     args = parser.parse_args()
     stores = os.path.join(args.workdir, "datastores")
     logs = os.path.join(args.workdir, "scale_logs")
     os.makedirs(logs, exist_ok=True)
-    result = {"workdir": args.workdir, "data_dir": args.data_dir}
     with open(os.path.join(args.workdir, "config.json")) as f:
         config = json.load(f)
-    result["model"] = {k: config[k] for k in ("name", "num_layers", "d_model", "num_heads", "d_ff")}
-    result["model"]["trained_steps"] = config.get("max_steps")
+    result = {"workdir": args.workdir, "data_dir": args.data_dir,
+              "model": {k: config.get(k) for k in ("name", "num_layers", "d_model", "max_steps")}}
 
-    timings = {}
+    seconds = {}
     for name, processes in (("one", 1), ("two", 2)):
         t0 = time.time()
-        codes = wait_all(launch(build_cmd(args, name, "--overwrite"), processes, os.path.join(logs, name)))
-        timings[name] = time.time() - t0
+        codes = [p.wait() for p in local_processes.launch(build_cmd(args, name, "--overwrite"), processes,
+                                                          os.path.join(logs, name), ROOT)]
+        seconds[name] = round(time.time() - t0, 1)
         if any(codes):
             raise SystemExit(f"{name}: exit codes {codes}; see {logs}")
-    with open(os.path.join(stores, "one", "manifest.json")) as f:
-        n = json.load(f)["num_entries"]
-    result.update(num_entries=n, seconds={"one_process": timings["one"], "two_processes": timings["two"]},
-                  entries_per_s={"one_process": n / timings["one"], "two_processes": n / timings["two"]})
-
-    ref = {name: sha(shard_files(os.path.join(stores, "one"), name)) for name in ("keys.npy", "vals.npy")}
-    two = {name: sha(shard_files(os.path.join(stores, "two"), name)) for name in ("keys.npy", "vals.npy")}
-    result.update(sha256_one_process=ref, sha256_two_processes=two, keys_identical=ref["keys.npy"] == two["keys.npy"],
-                  vals_identical=ref["vals.npy"] == two["vals.npy"])
-
-    # kill -9 one process mid-build, then relaunch the same command
-    killed = os.path.join(stores, "killed")
-    procs = launch(build_cmd(args, "killed", "--overwrite"), 2, os.path.join(logs, "killed.first"))
-    time.sleep(args.kill_after)
-    procs[1].kill()
-    procs[1].wait()
-    try:
-        procs[0].wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        procs[0].kill()
-        procs[0].wait()
-    at_kill = []
-    for p in range(2):
-        with open(os.path.join(killed, f"shard-{p:05d}-of-00002", "manifest.json")) as f:
-            m = json.load(f)
-        at_kill.append({"progress": m["progress"], "num_entries": m["num_entries"], "status": m["status"]})
-    codes = wait_all(launch(build_cmd(args, "killed"), 2, os.path.join(logs, "killed.second")))
-    resumed = []
-    for p in range(2):
-        with open(os.path.join(logs, f"killed.second.{p}.log")) as f:
-            resumed += [line.strip() for line in f if line.startswith("resuming datastore")]
-    again = {name: sha(shard_files(killed, name)) for name in ("keys.npy", "vals.npy")}
-    result.update(kill_after_seconds=args.kill_after, shards_at_kill=at_kill, relaunch_exit_codes=codes,
-                  resume_messages=resumed, sha256_killed_and_resumed=again,
-                  resumed_identical=again == ref and not any(codes))
-    command = "python benchmarks/scale_build_wt2.py " + " ".join(sys.argv[1:])
-    write_json(args.out, result, command)
+    n = manifest(os.path.join(stores, "one"))["num_entries"]
+    rows = np.linspace(0, n - 1, args.queries).astype(np.int64)
+    queries = np.asarray(np.load(os.path.join(stores, "one", "keys.npy"), mmap_mode="r")[rows], np.float32)
+    ref, ref_index = data_hashes(os.path.join(stores, "one")), index_answers(os.path.join(stores, "one"), queries)
+    two, two_index = data_hashes(os.path.join(stores, "two")), index_answers(os.path.join(stores, "two"), queries)
+    result.update(num_entries=n, index=ref_index["factory"], seconds={"one_process": seconds["one"],
+                                                                      "two_processes": seconds["two"]},
+                  sha256_one_process=ref, keys_identical=ref["keys.npy"] == two["keys.npy"],
+                  vals_identical=ref["vals.npy"] == two["vals.npy"],
+                  index_identical_to_one_process=same_index(ref_index, two_index),
+                  index_compared_on=f"trained centroids and PQ codebooks; top-64 ids and distances of {len(queries)} "
+                                    "stored keys (independently trained indexes)")
+    kills = {}
+    for name, moment in (("after_coordinator_shard", shard_complete), ("during_merge", merging)):
+        kill = killed_and_relaunched(args, name, moment, logs)
+        directory = kill.pop("directory")
+        kill.update(resumed_identical=not any(kill["relaunch_exit_codes"]) and data_hashes(directory) == ref
+                    and same_index(index_answers(directory, queries), ref_index))
+        kills[name] = kill
+        print(name, json.dumps(kill, indent=2), flush=True)
+    result.update(kills=kills, resumed_identical=all(k["resumed_identical"] for k in kills.values()))
+    write_json(args.out, result, "python benchmarks/scale_build_wt2.py " + " ".join(sys.argv[1:]))
     print(json.dumps(result, indent=2))
     return 0
 

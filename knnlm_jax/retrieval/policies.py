@@ -169,6 +169,19 @@ def _threaded(fn, starts, threads: int | None) -> None:
         list(pool.map(fn, starts))  # list(): re-raises a chunk's exception
 
 
+def ascending(dists_QxC: np.ndarray) -> np.ndarray:
+    """``np.argsort(dists, axis=1, kind="stable")`` for float32, about twice as fast: a non-negative
+    float's bits order like the float, so (bits << 32 | column) sorted as integers gives the order,
+    ties by column."""
+    q, c = dists_QxC.shape
+    if c >= 2**32 or not (dists_QxC >= 0).all():  # a negative approximate distance (or NaN): the plain way
+        return np.argsort(dists_QxC, axis=1, kind="stable")
+    packed = dists_QxC.view(np.uint32).astype(np.uint64) << np.uint64(32)
+    packed |= np.arange(c, dtype=np.uint64)
+    packed.sort(axis=1)
+    return (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
 def nearest(dists_QxC, ids_QxC, k: int):
     """The ``k`` nearest valid candidates per row, ascending: ``(dists QxK, ids QxK)``; -1 / inf padding."""
     dists = np.where(ids_QxC >= 0, dists_QxC, np.inf)
@@ -176,7 +189,7 @@ def nearest(dists_QxC, ids_QxC, k: int):
         pad = k - dists.shape[1]
         dists = np.pad(dists, ((0, 0), (0, pad)), constant_values=np.inf)
         ids_QxC = np.pad(ids_QxC, ((0, 0), (0, pad)), constant_values=-1)
-    order = np.argsort(dists, axis=1, kind="stable")[:, :k]
+    order = ascending(dists.astype(np.float32, copy=False))[:, :k]
     d = np.take_along_axis(dists, order, axis=1).astype(np.float32)
     i = np.take_along_axis(ids_QxC, order, axis=1)
     return d, np.where(np.isfinite(d), i, -1)

@@ -9,7 +9,7 @@ import pytest
 from helpers.tiny_run import eval_job, run_tokens
 from knnlm_jax.evaluation.settings import EvaluationError, Settings
 from knnlm_jax.evaluation.mixing import knn_log_probs, mix
-from knnlm_jax.retrieval.policies import Policy, exact_distances, fit_gate, nearest, retrieve_batch
+from knnlm_jax.retrieval.policies import Policy, ascending, exact_distances, fit_gate, nearest, retrieve_batch
 
 
 def flat_search(keys_NxD, k):
@@ -28,6 +28,17 @@ def test_exact_distances_gather_only_real_candidates():
         for c in range(3):
             want = np.inf if ids[q, c] < 0 else ((keys[ids[q, c]].astype(np.float64) - queries[q]) ** 2).sum()
             assert got[q, c] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_ascending_is_a_stable_argsort(negative):
+    """Ties (by column), zeros, inf and huge values; a negative distance takes the plain path, same answer."""
+    rng = np.random.default_rng(0)
+    d = rng.choice(np.array([0.0, 1e-30, 0.5, 0.5, 3.0, 1e30, np.inf], np.float32), size=(64, 257))
+    d[:, ::7] = rng.random((64, 37), dtype=np.float32)
+    if negative:
+        d[3, 5] = -1e-6
+    assert (ascending(d) == np.argsort(d, axis=1, kind="stable")).all()
 
 
 def test_nearest_sorts_and_pads():
