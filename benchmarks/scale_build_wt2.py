@@ -7,10 +7,11 @@
    (coarse centroids and PQ codebooks bit for bit, the same neighbours and distances for a sample
    of queries);
 3. two runs that ``kill -9`` process 1 (the command as launched; its work dies with it):
-   ``after_coordinator_shard`` once shard 0 is complete, ``during_merge`` once process 0 has
+   ``after_coordinator_shard`` when shard 0 is nearly done and shard 1 is not (process 0 then
+   completes its shard before it learns of the death), ``during_merge`` once process 0 has
    begun merging the shards' lists. The survivor must exit by itself (its exit status, seconds
-   and last line are recorded); the same two commands relaunched must finish the datastore with
-   the bytes and neighbours of ``one``.
+   and last line, and the shards' statuses at the kill and after, are recorded); the same two
+   commands relaunched must finish the datastore with the bytes and neighbours of ``one``.
 
 Writes ``results/scale_build_wt2.json``. Needs a trained run (default ``runs/wt2``).
 
@@ -114,6 +115,8 @@ def killed_and_relaunched(args, name: str, moment, logs: str) -> dict:
         procs[0].kill()
         procs[0].wait()
     survivor_seconds = time.time() - killed
+    after = {f"shard {p}": manifest(os.path.join(directory, f"shard-{p:05d}-of-00002")).get("status")
+             for p in range(2)}
     with open(os.path.join(logs, f"{name}.first.0.log")) as f:
         lines = [line.rstrip() for line in f if line.strip()]
     t0 = time.time()
@@ -123,16 +126,21 @@ def killed_and_relaunched(args, name: str, moment, logs: str) -> dict:
     kept = []
     for p in range(2):
         with open(os.path.join(logs, f"{name}.second.{p}.log")) as f:
-            kept += [line.strip() for line in f if "complete, kept" in line or line.startswith("resuming")]
-    return dict(statuses_at_kill=at_kill, survivor_exit_status=survivor_status,
+            kept += [line.strip() for line in f if "complete, kept" in line or line.startswith("resuming")
+                     or "indexing it" in line]
+    return dict(statuses_at_kill=at_kill, statuses_after_survivor_exit=after, survivor_exit_status=survivor_status,
                 survivor_exit_seconds=round(survivor_seconds, 1), survivor_last_line=lines[-1] if lines else "",
                 relaunch_exit_codes=codes, relaunch_seconds=round(relaunch_seconds, 1), relaunch_messages=kept,
                 directory=directory)
 
 
-def shard_complete(directory: str) -> bool:
-    path = os.path.join(directory, "shard-00000-of-00002", "manifest.json")
-    return os.path.exists(path) and manifest(os.path.dirname(path)).get("status") == "complete"
+def coordinator_nearly_done(directory: str, fraction: float = 0.985) -> bool:
+    """Shard 0 within its last 1.5% (a few seconds) and shard 1 not complete."""
+    shards = [os.path.join(directory, f"shard-{p:05d}-of-00002") for p in range(2)]
+    if not all(os.path.exists(os.path.join(d, "manifest.json")) for d in shards):
+        return False
+    m0, m1 = (manifest(d) for d in shards)
+    return m0.get("progress", 0) >= fraction * m0["num_entries"] and m1.get("status") != "complete"
 
 
 def merging(directory: str) -> bool:
@@ -145,6 +153,8 @@ def main() -> int:
     parser.add_argument("--data_dir", default="../shared/data/wikitext-2")
     parser.add_argument("--queries", type=int, default=2000, help="stored keys searched to compare indexes")
     parser.add_argument("--out", default="results/scale_build_wt2.json")
+    parser.add_argument("--keep-builds", action="store_true",
+                        help="reuse complete datastores one and two of an earlier run (their build times too)")
     args = parser.parse_args()
     stores = os.path.join(args.workdir, "datastores")
     logs = os.path.join(args.workdir, "scale_logs")
@@ -156,6 +166,11 @@ def main() -> int:
 
     seconds = {}
     for name, processes in (("one", 1), ("two", 2)):
+        if args.keep_builds and os.path.exists(os.path.join(stores, name, "index.faiss")):
+            with open(args.out) as f:
+                seconds[name] = json.load(f)["seconds"][f"{'one' if processes == 1 else 'two'}_process"
+                                                       + ("es" if processes == 2 else "")]
+            continue
         t0 = time.time()
         codes = [p.wait() for p in local_processes.launch(build_cmd(args, name, "--overwrite"), processes,
                                                           os.path.join(logs, name), ROOT)]
@@ -175,7 +190,7 @@ def main() -> int:
                   index_compared_on=f"trained centroids and PQ codebooks; top-64 ids and distances of {len(queries)} "
                                     "stored keys (independently trained indexes)")
     kills = {}
-    for name, moment in (("after_coordinator_shard", shard_complete), ("during_merge", merging)):
+    for name, moment in (("after_coordinator_shard", coordinator_nearly_done), ("during_merge", merging)):
         kill = killed_and_relaunched(args, name, moment, logs)
         directory = kill.pop("directory")
         kill.update(resumed_identical=not any(kill["relaunch_exit_codes"]) and data_hashes(directory) == ref

@@ -116,10 +116,13 @@ def build(args, run: RunContext, directory, processes) -> int:
         # the build finished but its index step did not (killed): the same command finishes it
         args.log(f"datastore {os.path.basename(directory)} is complete but not indexed; indexing it")
         return index(args, open_checked(directory, config, vocab), processes)
-    check_writable(directory, args.overwrite)  # before paying for the model
     if args.keys == "none" and args.no_index:
         raise InputError("--keys none fills the index during the build: drop --no-index")
+    if done is None or done.get("status") != "complete" or args.overwrite:
+        check_writable(directory, args.overwrite)  # before paying for the model
     data, tokens, options = build_tokens(args, run, directory, processes)
+    if done is not None and done.get("status") == "complete" and not args.overwrite:
+        return already_built(args, run, directory, done, data, processes)
     manifest, trained = build_entries(args, run, directory, processes, (data, tokens, options))
     store = open_checked(directory, config, vocab, trained)
     if args.keys == "none":
@@ -129,6 +132,22 @@ def build(args, run: RunContext, directory, processes) -> int:
                      f"{os.path.join(store.directory, info['file'])}")
         return 0
     return 0 if args.no_index else index(args, store, processes)
+
+
+def already_built(args, run: RunContext, directory: str, done: dict, data, processes) -> int:
+    """The same build again (a relaunch after its processes were stopped at the very end): nothing to do.
+    Another corpus, split or index for an existing name is refused."""
+    from knnlm_jax.datastore.writer import check_writable
+
+    same = (done.get("corpus_sha256"), done.get("split")) == (data.sha256, data.split)
+    index = (done.get("index") or {}).get("factory")
+    if not same or args.no_index or (args.index and args.index != index) or done.get("keys", "fp16") != args.keys:
+        check_writable(directory, False)  # refuses, with the hints
+    open_checked(directory, run.config, run.vocab)  # built for this run's model and vocabulary
+    if processes.is_main:
+        args.say(f"datastore {os.path.basename(directory)} is already complete ({done['num_entries']} entries, "
+                 f"index {index}): nothing to do (--overwrite rebuilds it, --index-only re-indexes it)")
+    return 0
 
 
 def build_tokens(args, run: RunContext, directory: str, processes):

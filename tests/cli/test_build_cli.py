@@ -61,8 +61,8 @@ def test_a_build_whose_index_step_was_killed_is_finished_by_the_same_command(pro
     assert out.returncode == 0, out.stderr
     assert "not indexed; indexing it" in out.stderr and manifest(directory)["index"]["ntotal"] == manifest(
         directory)["num_entries"]
-    out = build_py("--datastore", "again", cwd=root)  # complete and indexed: refused as before
-    assert out.returncode == 2 and "--overwrite" in out.stderr
+    out = build_py("--datastore", "again", cwd=root)  # complete and indexed: the same command has nothing to do
+    assert out.returncode == 0 and "nothing to do" in out.stdout
 
 
 def test_check_reads_every_byte_against_the_hashes_recorded_at_build_time(project):
@@ -104,7 +104,11 @@ def test_any_text_file_in_the_models_vocabulary(project):
 def test_bad_input_is_one_line_on_stderr(project, tmp_path):
     root, _ = project
     stores = root / "runs" / "tiny" / "datastores"
-    assert_user_error(build_py(cwd=root), "datastore train already exists", "--overwrite")
+    again = build_py(cwd=root)  # the same build: complete, nothing to do
+    assert again.returncode == 0 and "already complete" in again.stdout and "nothing to do" in again.stdout
+    assert_user_error(build_py("--datastore", "train", "--split", "valid", cwd=root), "datastore train already exists",
+                      "--overwrite")
+    assert_user_error(build_py("--index", "IVF2,Flat", cwd=root), "datastore train already exists", "--index-only")
     assert_user_error(build_py("--datastore", "x", "--corpus", str(root / "nowhere"), cwd=root),
                       "no such data directory or file")
     (root / "empty.txt").write_text("\n \n")
