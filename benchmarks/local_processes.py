@@ -12,13 +12,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cmd: list[str], processes: int, log_prefix: str | None, cwd: str) -> list[subprocess.Popen]:
-    """Start ``cmd`` as ``processes`` processes (coordinator on 127.0.0.1); logs to ``<log_prefix>.<i>.log``."""
+def launch(cmd: list[str], processes: int, log_prefix: str | None, cwd: str, niceness=None) -> list[subprocess.Popen]:
+    """Start ``cmd`` as ``processes`` processes (coordinator on 127.0.0.1); logs to ``<log_prefix>.<i>.log``.
+    ``niceness``: per process, e.g. ``[0, 19]`` to slow process 1 down."""
     port = free_port()
     procs = []
     for p in range(processes):
         extra = [] if processes == 1 else ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(processes),
                                            "--process_id", str(p)]
         out = open(f"{log_prefix}.{p}.log", "w") if log_prefix else subprocess.DEVNULL
-        procs.append(subprocess.Popen(cmd + extra, stdout=out, stderr=subprocess.STDOUT, cwd=cwd))
+        prefix = ["nice", "-n", str(niceness[p])] if niceness and niceness[p] else []
+        procs.append(subprocess.Popen(prefix + cmd + extra, stdout=out, stderr=subprocess.STDOUT, cwd=cwd))
     return procs

@@ -7,7 +7,7 @@
    (coarse centroids and PQ codebooks bit for bit, the same neighbours and distances for a sample
    of queries);
 3. two runs that ``kill -9`` process 1 (the command as launched; its work dies with it):
-   ``after_coordinator_shard`` when shard 0 is nearly done and shard 1 is not (process 0 then
+   ``after_coordinator_shard`` when shard 0 is nearly done and shard 1 (its process niced) is not (process 0 then
    completes its shard before it learns of the death), ``during_merge`` once process 0 has
    begun merging the shards' lists. The survivor must exit by itself (its exit status, seconds
    and last line, and the shards' statuses at the kill and after, are recorded); the same two
@@ -21,10 +21,10 @@ Writes ``results/scale_build_wt2.json``. Needs a trained run (default ``runs/wt2
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,10 +98,11 @@ def wait_for(condition, procs, timeout: float = 3600) -> None:
         time.sleep(0.2)
 
 
-def killed_and_relaunched(args, name: str, moment, logs: str) -> dict:
+def killed_and_relaunched(args, name: str, moment, logs: str, niceness=None) -> dict:
     """Kill process 1 at ``moment``, let process 0 notice, relaunch both; what happened."""
     directory = os.path.join(args.workdir, "datastores", name)
-    procs = local_processes.launch(build_cmd(args, name, "--overwrite"), 2, os.path.join(logs, f"{name}.first"), ROOT)
+    shutil.rmtree(directory, ignore_errors=True)  # an earlier run's files must not trigger the kill
+    procs = local_processes.launch(build_cmd(args, name), 2, os.path.join(logs, f"{name}.first"), ROOT, niceness)
     wait_for(lambda: moment(directory), procs)
     at_kill = {f"shard {p}": manifest(os.path.join(directory, f"shard-{p:05d}-of-00002")).get("status")
                for p in range(2)}
@@ -127,7 +128,7 @@ def killed_and_relaunched(args, name: str, moment, logs: str) -> dict:
     for p in range(2):
         with open(os.path.join(logs, f"{name}.second.{p}.log")) as f:
             kept += [line.strip() for line in f if "complete, kept" in line or line.startswith("resuming")
-                     or "indexing it" in line]
+                     or "indexing it" in line or "nothing to do" in line]
     return dict(statuses_at_kill=at_kill, statuses_after_survivor_exit=after, survivor_exit_status=survivor_status,
                 survivor_exit_seconds=round(survivor_seconds, 1), survivor_last_line=lines[-1] if lines else "",
                 relaunch_exit_codes=codes, relaunch_seconds=round(relaunch_seconds, 1), relaunch_messages=kept,
@@ -135,7 +136,8 @@ def killed_and_relaunched(args, name: str, moment, logs: str) -> dict:
 
 
 def coordinator_nearly_done(directory: str, fraction: float = 0.985) -> bool:
-    """Shard 0 within its last 1.5% (a few seconds) and shard 1 not complete."""
+    """Shard 0 within its last 1.5% (a few seconds) and shard 1 not complete (process 1 runs at niceness 19,
+    so it is well behind)."""
     shards = [os.path.join(directory, f"shard-{p:05d}-of-00002") for p in range(2)]
     if not all(os.path.exists(os.path.join(d, "manifest.json")) for d in shards):
         return False
@@ -144,7 +146,8 @@ def coordinator_nearly_done(directory: str, fraction: float = 0.985) -> bool:
 
 
 def merging(directory: str) -> bool:
-    return bool(glob.glob(os.path.join(directory, "index.ivfdata*")))
+    """Process 0 is writing the merged lists (``index.ivfdata.tmp``, renamed when complete)."""
+    return os.path.exists(os.path.join(directory, "index.ivfdata.tmp"))
 
 
 def main() -> int:
@@ -190,8 +193,9 @@ def main() -> int:
                   index_compared_on=f"trained centroids and PQ codebooks; top-64 ids and distances of {len(queries)} "
                                     "stored keys (independently trained indexes)")
     kills = {}
-    for name, moment in (("after_coordinator_shard", coordinator_nearly_done), ("during_merge", merging)):
-        kill = killed_and_relaunched(args, name, moment, logs)
+    for name, moment, niceness in (("after_coordinator_shard", coordinator_nearly_done, [0, 19]),
+                                   ("during_merge", merging, None)):
+        kill = killed_and_relaunched(args, name, moment, logs, niceness)
         directory = kill.pop("directory")
         kill.update(resumed_identical=not any(kill["relaunch_exit_codes"]) and data_hashes(directory) == ref
                     and same_index(index_answers(directory, queries), ref_index))

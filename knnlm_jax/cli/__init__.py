@@ -94,7 +94,7 @@ def supervised(tool: str, argv, args) -> int | None:
     with user_errors(program(tool)):
         launch.check()
     return supervisor.supervise(program(tool), f"knnlm_jax.cli.{tool}", list(sys.argv[1:] if argv is None else argv),
-                                launch.process_id)
+                                launch.process_id, launch.coordinator)
 
 
 @contextmanager

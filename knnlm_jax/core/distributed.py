@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from knnlm_jax.core import locks
+from knnlm_jax.core import locks, supervisor
 from knnlm_jax.core.errors import InputError, KnnlmError
 
 
@@ -46,23 +46,26 @@ class Processes:
 @dataclass(frozen=True)
 class Launch:
     """How this process was launched: alone, or as ``process_id`` of ``num_processes`` that meet at
-    ``coordinator`` (``HOST:PORT``); all ``None`` lets SLURM or a TPU pod say. A peer that sends no
-    heartbeat for ``heartbeat_s`` seconds has failed; a finished process waits ``shutdown_s`` for the rest."""
+    ``coordinator`` (``HOST:PORT``); all ``None`` lets SLURM or a TPU pod say. The processes must all
+    connect within ``init_s`` seconds; a peer that sends no heartbeat for ``heartbeat_s`` seconds has
+    failed; a finished process waits ``shutdown_s`` for the rest."""
 
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
     heartbeat_s: int = 15
     shutdown_s: int = 120
+    init_s: int = 300
 
     @classmethod
     def from_args(cls, args) -> "Launch":
         return cls(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
-                   args.shutdown_timeout)
+                   args.shutdown_timeout, args.init_timeout)
 
     def check(self) -> None:
         check_process_args(self.coordinator, self.num_processes, self.process_id)
-        for name, value in (("--heartbeat-timeout", self.heartbeat_s), ("--shutdown-timeout", self.shutdown_s)):
+        for name, value in (("--heartbeat-timeout", self.heartbeat_s), ("--shutdown-timeout", self.shutdown_s),
+                            ("--init-timeout", self.init_s)):
             if value < 1:
                 raise ProcessError(f"{name} {value}: must be at least 1 second")
 
@@ -84,6 +87,9 @@ def add_process_args(parser: argparse.ArgumentParser) -> None:
                         default=Launch.heartbeat_s, metavar="S",
                         help=f"multi-process: a process silent this long has failed; every process then exits "
                              f"with one line (default {Launch.heartbeat_s})")
+    parser.add_argument("--init-timeout", "--init_timeout", dest="init_timeout", type=int, default=Launch.init_s,
+                        metavar="S", help=f"multi-process: how long the processes may take to all connect "
+                                          f"(default {Launch.init_s})")
     parser.add_argument("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=int,
                         default=Launch.shutdown_s, metavar="S",
                         help=f"multi-process: how long a finished process waits for the others to finish "
@@ -120,13 +126,16 @@ def initialize(launch: Launch = Launch()) -> Processes:
     launch.check()
     import jax
 
-    timeouts = dict(heartbeat_timeout_seconds=launch.heartbeat_s, shutdown_timeout_seconds=launch.shutdown_s)
+    timeouts = dict(heartbeat_timeout_seconds=launch.heartbeat_s, shutdown_timeout_seconds=launch.shutdown_s,
+                    initialization_timeout=launch.init_s)
     if launch.num_processes is not None and launch.num_processes > 1:
         jax.distributed.initialize(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
                                    process_id=launch.process_id, **timeouts)
     elif launch.multi:
         jax.distributed.initialize(**timeouts)
     _CURRENT = Processes(jax.process_index(), jax.process_count())
+    if _CURRENT.multi and supervisor.is_child():
+        os.write(2, supervisor.CONNECTED)  # the supervisor now knows the launch came together
     if _CURRENT.multi:
         threading.Thread(target=_beat, args=(_CURRENT.index,), daemon=True, name="knnlm-heartbeat").start()
     return _CURRENT

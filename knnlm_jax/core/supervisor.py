@@ -22,6 +22,7 @@ import tempfile
 import threading
 
 ENV = "KNNLM_SUPERVISED"
+CONNECTED = b"knnlm-supervisor: connected\n"  # the child's word that the runtime started (never shown)
 PEER_STOPPED = 3  # the exit status when this process or a peer of its launch died
 
 # the runtime's log lines: glog's "E1203 15:09:07.644 21908 file.cc:123] ..." and the crash report
@@ -50,12 +51,14 @@ class _Relay:
 
     def __init__(self, source, log_path: str):
         self.source, self.log_path = source, log_path
-        self.dying, self.runtime = False, bytearray()
+        self.dying, self.runtime, self.connected = False, bytearray(), False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _line(self, line: bytes) -> None:
-        if self.dying or _RUNTIME.match(line):
+        if line == CONNECTED:
+            self.connected = True
+        elif self.dying or _RUNTIME.match(line):
             self.runtime += line
             self.dying = self.dying or bool(_DYING.search(line))
         else:
@@ -83,8 +86,12 @@ class _Relay:
             f.write(bytes(self.runtime))
         return self.log_path
 
-    def cause(self, index: int) -> str:
+    def cause(self, index: int, coordinator: str | None) -> str:
         """Why the child died, from the runtime's lines."""
+        if not self.connected and b"DEADLINE_EXCEEDED" in self.runtime:
+            return (f"the launch's processes did not all reach the coordinator {coordinator or ''} in time "
+                    "(start every process of the launch with the same --coordinator and --num_processes; "
+                    "process 0 must be reachable at that address)")
         if m := _PEER.search(self.runtime):
             return f"process {int(m.group(1) or m.group(2))} stopped (no heartbeat)"
         if index != 0 and _LEADER.search(self.runtime):
@@ -92,7 +99,7 @@ class _Relay:
         return ""
 
 
-def supervise(prog: str, module: str, argv: list[str], index: int | None) -> int:
+def supervise(prog: str, module: str, argv: list[str], index: int | None, coordinator: str | None = None) -> int:
     """Run ``python -m module argv`` as the watched child of this process; its exit status, or 3
     with one line on stderr if it died by a signal."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the package's parent
@@ -110,7 +117,7 @@ def supervise(prog: str, module: str, argv: list[str], index: int | None) -> int
         signal.signal(signal.SIGINT, previous)
     if status >= 0:
         return status
-    cause = relay.cause(index or 0)
+    cause = relay.cause(index or 0, coordinator)
     if not cause:
         name = signal.Signals(-status).name
         cause = f"killed ({name}{', out of memory?' if name == 'SIGKILL' else ''})" \

@@ -293,3 +293,15 @@ def test_a_killed_process_ends_its_peer_in_seconds_with_one_line_and_a_relaunch_
     for file in ("keys.npy", "vals.npy"):
         parts = [np.load(os.path.join(done, f"shard-{p:05d}-of-00002", file)) for p in range(2)]
         assert np.concatenate(parts).tobytes() == np.load(os.path.join(mono, file)).tobytes()
+
+
+def test_a_process_whose_peers_never_connect_says_so_in_one_line(project, tmp_path):
+    """Process 1 started alone (no coordinator listening): after --init-timeout, one line and status 3."""
+    root, workdir = project
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "build.py"), "--no-progress", "--workdir", workdir,
+                          "--datastore", "alone", "--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2",
+                          "--process_id", "1", "--init-timeout", "2"], capture_output=True, text=True, env=env(),
+                         cwd=root, timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 3 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("build.py: error: process 1: the launch's processes did not all reach the coordinator")
