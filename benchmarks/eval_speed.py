@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="a trained run directory")
     parser.add_argument("--datastore", required=True, help="an indexed datastore of that run")
     parser.add_argument("--split", default="valid")
+    parser.add_argument("--corpus", default=None, help="the text to evaluate (default: the run's corpus), e.g. "
+                                                       "a WikiText directory for a pretrained LM's run")
     parser.add_argument("--max-tokens", type=int, default=0, help="first N targets of the split (0: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", type=int, default=1024)
@@ -110,7 +112,7 @@ def run(args) -> int:
         raise ValueError(f"datastore {store.name} has no FAISS index")
     index = faiss_index.read_index(store.index_path)
     nprobe = args.nprobe or (store.manifest.get("index") or {}).get("nprobe")
-    _, tokens = runs.split_tokens(args.workdir, vocab, runs.run_corpus(config), args.split)
+    _, tokens = runs.split_tokens(args.workdir, vocab, args.corpus or runs.run_corpus(config), args.split)
     tokens = tokens[: args.max_tokens] if args.max_tokens else tokens
     window, context = eval_window_sizes(config)
     batch_size = args.batch_size or config.eval_batch_size
@@ -264,7 +266,7 @@ def choose_and_score_variants(args, config, vocab, trained, today, fast, exact) 
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 shutil.copytree(src, dst, copy_function=os.link)
     window, context = eval_window_sizes(config)
-    source = runs.run_corpus(config)
+    source = args.corpus or runs.run_corpus(config)
     splits = {s: runs.split_tokens(args.workdir, vocab, source, s) for s in ("valid", "test")}
     base = dict(k=args.k, nprobe=args.nprobe, batch_size=args.batch_size or config.eval_batch_size,
                 window=window, context=context, max_tokens=args.variant_tokens)
