@@ -39,8 +39,9 @@ WIKI3B_MAX_TOKENS = 2_870_000_000
 TITLES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wt103_eval_titles.txt")
 # what preparing wikipedia/20230601.en takes: 64 dump files of 20.5 GiB in all (tfds 4.9.10
 # url_checksums/wikipedia.txt), an output of about the same size, apache-beam and mwparserfromhell
-WIKI3B_PREPARE = ("needs network, about 45 GiB of disk (20.5 GiB of dump downloads + about 20 GiB "
-                  "prepared; 6.67M articles) and hours of CPU")
+WIKI3B_PREPARE = ("needs network, apache-beam, mwparserfromhell and mwxml, about 45 GiB of disk (20.5 GiB of "
+                  "dump downloads + about 20 GiB prepared; 6.67M articles) and a Beam pipeline that TFDS warns can "
+                  "take weeks on a single machine (give a distributed runner with --beam-options)")
 READ_BATCH = 256  # examples per random-access read
 SPEC_HELP = "expected tfds:NAME[/CONFIG][:SPLIT], e.g. tfds:wikipedia/20230601.en or tfds:my_corpus:train[:10%]"
 
@@ -95,7 +96,9 @@ def default_data_dir(data_dir: str | None = None) -> str:
 
 
 def prepare_command(dataset: str, data_dir: str) -> str:
-    return f"tfds build {dataset} --data_dir {data_dir} --file_format array_record"
+    """The command that prepares TFDS ``dataset`` (``NAME[/CONFIG]``, or ``wiki3b``) in ``data_dir``."""
+    source = dataset if dataset == WIKI3B else TFDS_PREFIX + dataset
+    return f"python -m knnlm_jax.cli.prepare {source} --tfds-data-dir {data_dir}"
 
 
 # ---------------------------------------------------------------------------------
@@ -325,7 +328,7 @@ def open_wiki3b(split: str, data_dir: str | None = None, *, dataset: str | None 
         spec, directory = find_dataset(parse_spec(TFDS_PREFIX + dataset), data_dir)
     except CorpusError:
         raise CorpusError(f"{WIKI3B} needs TFDS {dataset}, not prepared in {data_dir}; preparing it {WIKI3B_PREPARE}: "
-                          f"pip install apache-beam mwparserfromhell && {prepare_command(dataset, data_dir)}") from None
+                          f"{prepare_command(WIKI3B, data_dir)}") from None
     source = Dataset(spec, directory)
     for feature in ("title", "text"):
         source.check_feature(feature)

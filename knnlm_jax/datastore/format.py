@@ -67,7 +67,7 @@ def datastore_dir(workdir: str, name: str) -> str:
 
 def find_datastore(workdir: str, name: str) -> str:
     """``<workdir>/datastores/<name>``, or an error listing what there is and the command that builds it."""
-    from knnlm_jax.data.tfds_source import WIKI3B, WIKI3B_DATASET, prepare_command
+    from knnlm_jax.data.tfds_source import WIKI3B, WIKI3B_DATASET, WIKI3B_PREPARE, prepare_command
 
     directory = datastore_dir(workdir, name)
     if not os.path.isdir(directory):
@@ -75,8 +75,8 @@ def find_datastore(workdir: str, name: str) -> str:
         have = sorted(os.listdir(root)) if os.path.isdir(root) else []
         hint = f"{command('build')} --workdir {workdir} --datastore {name}"
         if name == WIKI3B:
-            hint += (" --tfds-data-dir DIR (first prepare TFDS wikipedia/20230601.en in DIR, about 45 GiB of disk: "
-                     f"pip install apache-beam mwparserfromhell && {prepare_command(WIKI3B_DATASET, 'DIR')})")
+            hint += (f" --tfds-data-dir DIR (first prepare TFDS {WIKI3B_DATASET} in DIR, which {WIKI3B_PREPARE}: "
+                     f"{prepare_command(WIKI3B, 'DIR')})")
         raise DatastoreError(f"no datastore {name} in {root} (" + (f"have: {', '.join(have)}" if have else "none yet")
                              + f"); build it with: {hint}")
     return directory

@@ -37,7 +37,7 @@ def test_pyproject_dependencies_are_the_runtime_requirements():
     assert set(requirement_names(project["optional-dependencies"]["test"])) == {"pytest", "pytest-xdist", "selenium",
                                                                                  "import-linter"}
     assert set(project["scripts"]) == {"knnlm-train", "knnlm-build", "knnlm-evaluate", "knnlm-generate",
-                                       "knnlm-convert-fairseq", "knnlm-summary"}
+                                       "knnlm-convert-fairseq", "knnlm-summary", "knnlm-prepare"}
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_unreadable_checkpoint(tmp_path, wikitext_dir):
     assert_user_error(run("--data_dir", wikitext_dir, "--workdir", work, "--no-progress", *small), "unreadable")
 
 
-TOOLS = ["train", "build", "evaluate", "generate", "convert", "summary"]
+TOOLS = ["train", "build", "evaluate", "generate", "convert", "summary", "prepare"]
 
 
 def heavy_modules_after(code: str):

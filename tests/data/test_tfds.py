@@ -78,8 +78,8 @@ def test_bad_specs_and_inputs_are_one_line_corpus_errors(wikitext_tfds, tfds_dir
         ("tfds:a/b/c", {}, "malformed corpus spec"),
         ("tfds:nosuch_corpus", {}, "no dataset nosuch_corpus in .* \\(prepared there: wiki_articles_test/small, "
                                    "wikitext_tfds_test;"),
-        ("tfds:mnist", {}, "mnist is not prepared in .*; prepare it with: tfds build mnist --data_dir .* "
-                           "--file_format array_record"),
+        ("tfds:mnist", {}, "mnist is not prepared in .*; prepare it with: python -m knnlm_jax.cli.prepare "
+                           "tfds:mnist --tfds-data-dir "),
         ("tfds:wikitext_tfds_test/x", {}, "wikitext_tfds_test has no configs"),
         ("tfds:wiki_articles_test/big", {}, "config big of wiki_articles_test is not prepared .*configs there: small"),
         ("tfds:wikitext_tfds_test:nosuch", {}, "no nosuch split for our train split \\(splits: test, train, validation\\)"),
@@ -105,8 +105,8 @@ def test_a_tfrecord_dataset_needs_tensorflow(wikitext_tfds, tfds_dir, tmp_path):
     if importlib.util.find_spec("tensorflow") is not None:
         pytest.skip("tensorflow is installed here")
     with pytest.raises(CorpusError, match="stored as tfrecord, which needs TensorFlow to read: pip install "
-                                          "tensorflow, or re-prepare it as ArrayRecord: tfds build tfrecord_copy "
-                                          "--data_dir .* --file_format array_record"):
+                                          "tensorflow, or re-prepare it as ArrayRecord: python -m knnlm_jax.cli.prepare "
+                                          "tfds:tfrecord_copy --tfds-data-dir "):
         list(read("tfds:tfrecord_copy", "train", tfds_dir, tmp_path).lines())
 
 
@@ -161,9 +161,9 @@ def test_wiki3b_errors(tfds_dir, tmp_path):
     with pytest.raises(CorpusError, match="wiki3b has only a train split.*evaluation text comes from the "
                                           "run's own corpus"):
         read("wiki3b", "valid", tfds_dir, tmp_path)
-    with pytest.raises(CorpusError, match="wiki3b needs TFDS wikipedia/20230601.en, not prepared in .*GiB.*"
-                                          "pip install apache-beam mwparserfromhell && tfds build "
-                                          "wikipedia/20230601.en --data_dir .* --file_format array_record"):
+    with pytest.raises(CorpusError, match="wiki3b needs TFDS wikipedia/20230601.en, not prepared in .*"
+                                          "apache-beam, mwparserfromhell and mwxml.*GiB.*weeks on a single "
+                                          "machine.*python -m knnlm_jax.cli.prepare wiki3b --tfds-data-dir "):
         read("wiki3b", "train", tfds_dir, tmp_path)
 
 

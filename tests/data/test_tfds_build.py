@@ -51,7 +51,7 @@ def test_unprepared_wiki3b_and_bad_specs_are_one_line_each(tmp_path):
     empty = str(tmp_path / "no-tfds")
     os.makedirs(empty)
     cases = [
-        (("--datastore", "wiki3b", "--tfds-data-dir", empty), ("tfds build wikipedia/20230601.en", empty)),
+        (("--datastore", "wiki3b", "--tfds-data-dir", empty), ("python -m knnlm_jax.cli.prepare wiki3b", empty)),
         (("--datastore", "x", "--corpus", "tfds:"), ("tfds:NAME",)),
         (("--datastore", "x", "--corpus", "tfds:a:b:c"), ("tfds:NAME",)),
         (("--datastore", "x", "--corpus", "tfds:nothing_here", "--tfds-data-dir", empty), ("nothing_here",)),
@@ -72,4 +72,4 @@ def test_unprepared_wiki3b_and_bad_specs_are_one_line_each(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--workdir", workdir, "--datastore",
                           "wiki3b"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "python build.py --workdir" in out.stderr and "tfds build wikipedia/20230601.en" in out.stderr
+    assert "python build.py --workdir" in out.stderr and "python -m knnlm_jax.cli.prepare wiki3b" in out.stderr
