@@ -27,7 +27,8 @@ PEER_STOPPED = 3  # the exit status when this process or a peer of its launch di
 
 # the runtime's log lines: glog's "E1203 15:09:07.644 21908 file.cc:123] ..." and the crash report
 _RUNTIME = re.compile(rb"^([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w.\-]+:\d+\]|\s+@ +0x|\*\*\* |terminate called|"
-                      rb"  what\(\):|\[Gloo\])")
+                      rb"  what\(\):|\[Gloo\]|Additional GRPC error information|:[A-Z_]+:Error received from peer)")
+_OURS = re.compile(rb"^[\w.\-]+: (error|interrupted)")  # a tool's own one-line message: always shown
 # a line after which the process is dying: everything that follows belongs to the log
 _DYING = re.compile(rb"Polled an error|heartbeat timeout|unhealthy|Terminating process|Check failure|terminate called")
 _PEER = re.compile(rb"Task (\d+) heartbeat timeout|stopped sending heartbeats\):\s*(\d+)")
@@ -58,7 +59,7 @@ class _Relay:
     def _line(self, line: bytes) -> None:
         if line == CONNECTED:
             self.connected = True
-        elif self.dying or _RUNTIME.match(line):
+        elif not _OURS.match(line) and (self.dying or _RUNTIME.match(line)):
             self.runtime += line
             self.dying = self.dying or bool(_DYING.search(line))
         else:
