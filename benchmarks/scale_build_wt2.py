@@ -103,7 +103,13 @@ def killed_and_relaunched(args, name: str, moment, logs: str, niceness=None) -> 
     directory = os.path.join(args.workdir, "datastores", name)
     shutil.rmtree(directory, ignore_errors=True)  # an earlier run's files must not trigger the kill
     procs = local_processes.launch(build_cmd(args, name), 2, os.path.join(logs, f"{name}.first"), ROOT, niceness)
-    wait_for(lambda: moment(directory), procs)
+    try:
+        wait_for(lambda: moment(directory), procs)
+    except SystemExit:
+        for proc in procs:  # nothing it started outlives it
+            proc.kill()
+            proc.wait()
+        raise
     at_kill = {f"shard {p}": manifest(os.path.join(directory, f"shard-{p:05d}-of-00002")).get("status")
                for p in range(2)}
     killed = time.time()

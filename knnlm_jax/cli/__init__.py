@@ -1,4 +1,4 @@
-"""The command-line tools (``train``, ``build``, ``evaluate``, ``generate``, ``convert``, ``summary``) and their shared plumbing:
+"""The command-line tools (``train``, ``build``, ``evaluate``, ``generate``, ``convert``, ``summary``, ``prepare``) and their shared plumbing:
 config selection, overrides, user-error handling. The top layer: nothing in the package imports it;
 lazy imports keep ``--help`` and bad-flag refusals JAX-free."""
 

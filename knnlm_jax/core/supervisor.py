@@ -124,5 +124,6 @@ def supervise(prog: str, module: str, argv: list[str], index: int | None, coordi
         cause = f"killed ({name}{', out of memory?' if name == 'SIGKILL' else ''})" \
             if name in ("SIGKILL", "SIGTERM") else f"crashed ({name})"
     details = f" (the runtime's log: {log})" if log else ""
-    sys.stderr.write(f"{prog}: error: process {index}: {cause}; run the same commands again to resume{details}\n")
+    who = f"process {index}" if index is not None else "this process"  # SLURM or a TPU pod numbered it
+    sys.stderr.write(f"{prog}: error: {who}: {cause}; run the same commands again to resume{details}\n")
     return PEER_STOPPED

@@ -273,16 +273,22 @@ def test_a_killed_process_ends_its_peer_in_seconds_with_one_line_and_a_relaunch_
     errs = [root / f"{name}-{p}.err" for p in range(2)]
     procs = [subprocess.Popen(cmd + ["--process_id", str(p)], stdout=subprocess.DEVNULL, stderr=open(errs[p], "w"),
                               env=env(), cwd=root) for p in range(2)]
-    deadline = time.time() + 240
-    while not all(f"process {p} of 2" in errs[p].read_text() for p in range(2)):
-        assert time.time() < deadline and all(proc.poll() is None for proc in procs), [e.read_text() for e in errs]
-        time.sleep(0.1)
-    killed = time.time()
-    procs[victim].send_signal(signal.SIGKILL)
-    survivor = procs[1 - victim]
-    assert survivor.wait(timeout=60) == 3
-    assert time.time() - killed < 30
-    procs[victim].wait(timeout=10)
+    try:
+        deadline = time.time() + 240
+        while not all(f"process {p} of 2" in errs[p].read_text() for p in range(2)):
+            assert time.time() < deadline and all(proc.poll() is None for proc in procs), [e.read_text() for e in errs]
+            time.sleep(0.1)
+        killed = time.time()
+        procs[victim].send_signal(signal.SIGKILL)
+        survivor = procs[1 - victim]
+        assert survivor.wait(timeout=60) == 3
+        assert time.time() - killed < 30
+        procs[victim].wait(timeout=10)
+    finally:  # nothing outlives the test (each launched process's work dies with it)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     lines = [line for line in errs[1 - victim].read_text().splitlines() if line.strip()]
     assert lines[-1].startswith(f"build.py: error: process {1 - victim}: process {victim} ")
     assert lines[-1].split(": ", 3)[3].startswith(("process 1 stopped", "process 0 (the coordinator) stopped"))
