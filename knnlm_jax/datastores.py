@@ -42,6 +42,7 @@ class BuildOptions:
     index: str | None = None  # a FAISS factory string
     nprobe: int | None = None
     keys: str = "fp16"  # fp16 | none
+    codes_memory: float | None = None  # MiB of codes a --keys none build holds at once
     no_index: bool = False
     check: str | None = None  # a datastore to verify instead
     sample: int = 64
@@ -151,20 +152,18 @@ def already_built(args, run: RunContext, directory: str, done: dict, data, proce
 
 
 def build_tokens(args, run: RunContext, directory: str, processes):
-    """``(Split, tokens, corpus options)`` of the text to store; process 0 encodes it, the others read its cache."""
+    """``(Split, tokens, corpus options)`` of the text to store; every process encodes its share of it."""
     from knnlm_jax.core import distributed
     from knnlm_jax.data.tfds_source import WIKI3B
+    from knnlm_jax.data.token_cache import Share
 
     config = run.config
     source = args.corpus if args.corpus is not None else (args.data_dir or runs.run_corpus(config))
     if args.corpus is None and os.path.basename(directory) == WIKI3B:
         source = WIKI3B  # the paper's 3B-token Wikipedia datastore (TFDS wikipedia/20230601.en)
-    if not processes.is_main:
-        distributed.barrier("tokens")  # process 0 encodes the corpus once; the others read its cache
     options = corpus_options(args, runs.corpus_options(config) if args.corpus is None else None)
-    data, tokens = runs.split_tokens(run.workdir, run.vocab, source, args.split, **options)
-    if processes.is_main:
-        distributed.barrier("tokens")
+    share = Share(processes.index, processes.count, distributed.allgather, distributed.barrier)
+    data, tokens = runs.split_tokens(run.workdir, run.vocab, source, args.split, share=share, **options)
     return data, tokens, options
 
 
@@ -181,7 +180,8 @@ def build_entries(args, run: RunContext, directory: str, processes, text):
     spec = BuildSpec(
         CorpusInfo(data.corpus, data.sha256, data.split, options), windows,
         batch_size=config.eval_batch_size if args.batch_size is None else args.batch_size,
-        index=IndexSpec(args.keys, args.index, args.nprobe or DEFAULT_NPROBE),
+        index=IndexSpec(args.keys, args.index, args.nprobe or DEFAULT_NPROBE,
+                        args.codes_memory or IndexSpec.memory_mib),
         score_lm=not runs.is_pretrained(config), overwrite=args.overwrite, progress=not args.no_progress)
     manifest = build_datastore(
         directory, trained, runs.signature(config, vocab, trained.fingerprint, trained.step), tokens, vocab.eos,

@@ -191,17 +191,18 @@ def corpus_options(config) -> dict:
 
 
 def split_tokens(workdir: str, vocab: Vocab, source: str, split: str, *, tfds_data_dir: str | None = None,
-                 text_feature: str = "text"):
+                 text_feature: str = "text", share=None):
     """``(Split, int32 tokens memory-mapped)`` of a corpus split in the run's vocabulary.
 
     Token arrays and the corpus fingerprint cache live in ``<workdir>/tokens/``; ``tfds_data_dir`` and
-    ``text_feature`` (see :func:`cli.corpus_options`) apply to ``tfds:`` and ``wiki3b`` sources.
+    ``text_feature`` (see :func:`cli.corpus_options`) apply to ``tfds:`` and ``wiki3b`` sources. A
+    ``share`` (:class:`~knnlm_jax.data.token_cache.Share`) encodes it with every process of a launch.
     """
     from knnlm_jax.data import token_cache  # NumPy
 
     cache = os.path.join(workdir, "tokens")
     data = read_split(source, split, tfds_data_dir=tfds_data_dir, text_feature=text_feature, cache_dir=cache)
-    return data, token_cache.load_tokens(cache, data, vocab)
+    return data, token_cache.load_tokens(cache, data, vocab, share)
 
 
 def load_vocab(workdir: str, config=None):

@@ -15,6 +15,13 @@ import argparse
 import sys
 
 
+def _positive_mib(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of MiB, not {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     from knnlm_jax.cli import add_config_args
     from knnlm_jax.core.distributed import add_process_args
@@ -39,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
                         help="fp16: store keys (N x D float16) for exact re-ranking (default); none: keep only the "
                              "index's codes, filled during the build (approximate distances; what billions of "
                              "entries on ordinary disks need)")
+    p.add_argument("--codes-memory", type=_positive_mib, default=None, metavar="MIB",
+                   help="--keys none: MiB of codes held at once (default 256; about twice that at peak); each "
+                        "process appends its codes to disk in segments of this size and assembles the index "
+                        "from them as many lists at a time")
     p.add_argument("--no-index", "--no_index", dest="no_index", action="store_true", help="build keys and values only (index later with "
                                                                 "--index-only)")
     p.add_argument("--check", default=None, metavar="NAME",

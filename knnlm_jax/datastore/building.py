@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from knnlm_jax.retrieval import index as faiss_index
 from knnlm_jax.models.adaptive import band_edges, build_capacities
-from knnlm_jax.datastore.codes import SAMPLED, CodeIndex, load_sampled, sample_batches
+from knnlm_jax.datastore import codes as code_files
+from knnlm_jax.datastore.codes import SAMPLED, CodeIndex, CodeSegments, load_sampled, sample_batches
 from knnlm_jax.core import distributed
 from knnlm_jax.core import locks
 from knnlm_jax.datastore.format import (INDEX, SHARDED, Datastore, DatastoreError, ModelSignature, read_manifest, shard_name,
-                                 signature_fields, write_manifest)
+                                 signature_fields)
 from knnlm_jax.datastore.writer import DatastoreWriter, begin_sharded, finish_sharded, identity_diff, shard_ranges
-from knnlm_jax.datastore.indexing import TRAINED, merge_shards, share_trained
+from knnlm_jax.datastore.indexing import TRAINED, share_trained
 from knnlm_jax.models.transformer import forward_states, forward_with_keys
 from knnlm_jax.data.windows import StreamView, WindowSpec, window_batch, window_of, windows
 from knnlm_jax.core.distributed import Processes, check_batch_size
@@ -108,6 +109,7 @@ class IndexSpec:
     keys: str = "fp16"
     factory: str | None = None
     nprobe: int = faiss_index.DEFAULT_NPROBE
+    memory_mib: float = code_files.MEMORY_MIB  # codes a --keys none build holds at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +163,7 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
     if spec.index.keys == "none":
         trained_index = train_for_codes(directory, computer, all_windows, part.span, factory, processes,
                                         progress=spec.progress, log=log)
-        codes = CodeIndex(part.directory, trained_index, first_id=part.first_entry, progress=writer.progress)
+        codes = _code_store(part, trained_index, writer.progress, spec.index)
     bar = tqdm(total=writer.n, initial=writer.progress, disable=not spec.progress, unit="tok", unit_scale=True,
                dynamic_ncols=True, desc=f"datastore {os.path.basename(directory)}"
                                          + (f" [{processes.index}/{processes.count}]" if processes.multi else ""))
@@ -171,14 +173,38 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
     finally:
         bar.close()
     if codes is not None:
-        codes.finish(spec.index.nprobe)
-        writer.manifest["index"] = dict(file=INDEX, factory=factory, metric="l2", ntotal=int(codes.index.ntotal),
-                                        nprobe=int(spec.index.nprobe), keys="none",
-                                        id_offset=0 if codes.with_ids else part.first_entry)
+        writer.manifest["index"] = _finish_codes(codes, part, trained_index, factory, spec, processes)
     manifest = writer.finish()
     if not processes.multi:
+        code_files.remove_segments([part.directory])  # their codes are in the recorded index now
         return manifest
-    return _finish_shards(directory, n, trained_index, factory, spec.index.nprobe, processes)
+    return _finish_shards(directory, n, trained_index, factory, spec, processes)
+
+
+def _code_store(part: "_Part", trained_index, progress: int, index: IndexSpec):
+    """Where a ``--keys none`` build puts its codes: appended segments (IVF), else an index in RAM."""
+    if faiss_index.mergeable(trained_index):
+        return CodeSegments(part.directory, trained_index, first_id=part.first_entry, progress=progress,
+                            memory_mib=index.memory_mib)
+    return CodeIndex(part.directory, trained_index, first_id=part.first_entry, progress=progress)
+
+
+def _finish_codes(codes, part: "_Part", trained_index, factory: str, spec: BuildSpec, processes) -> dict:
+    """The index record of a finished ``--keys none`` part. One process assembles its segments into
+    its index now; a shard's segments wait for the datastore's one index (:func:`_finish_shards`)."""
+    info = dict(factory=factory, metric="l2", nprobe=int(spec.index.nprobe), keys="none")
+    if isinstance(codes, CodeIndex):
+        codes.finish(spec.index.nprobe)
+        return dict(info, file=INDEX, ntotal=int(codes.index.ntotal),
+                    id_offset=0 if codes.with_ids else part.first_entry)
+    paths = codes.close()
+    if processes.multi:
+        return dict(info, ntotal=codes.ntotal, segments=len(paths), codes="merged")  # searched in the one index
+    trained = faiss_index.copy_index(trained_index)
+    faiss_index.set_nprobe(trained, spec.index.nprobe)
+    lists = code_files.assemble(trained, paths, part.directory, memory_mib=spec.index.memory_mib,
+                                progress=spec.progress)
+    return dict(info, file=INDEX, id_offset=0, **lists)
 
 
 def _complete_shard(part: "_Part") -> bool:
@@ -201,7 +227,7 @@ def _rejoin(directory, trained, signature, tokens_N, eos, spec: BuildSpec, part:
         all_windows = windows(n, spec.windows.length, spec.windows.context)
         trained_index = train_for_codes(directory, computer, all_windows, part.span, factory, processes,
                                         progress=spec.progress, log=log)
-    return _finish_shards(directory, n, trained_index, factory, spec.index.nprobe, processes)
+    return _finish_shards(directory, n, trained_index, factory, spec, processes)
 
 
 def _header(spec: BuildSpec, trained, signature: ModelSignature, n: int) -> dict:
@@ -281,19 +307,27 @@ def _compute_batches(computer: KeyComputer, windows_Wx3, first: int, capacities,
         commit(pending)
 
 
-def _finish_shards(directory, n: int, trained_index, factory: str, nprobe: int, processes) -> dict:
-    """After every shard is written: process 0 writes the top manifest (and, ``--keys none``, merges the
-    shards' codes into one index on disk); returns the top manifest."""
+def _finish_shards(directory, n: int, trained_index, factory: str, spec: BuildSpec, processes) -> dict:
+    """After every shard is written: ``--keys none`` shards' codes become the datastore's one index
+    (assembled by all processes together), then process 0 marks the datastore complete (with that
+    index, in the same write) and removes the segments; returns the top manifest."""
     distributed.barrier(f"built {directory}")
+    count = processes.count
+    shards = [os.path.join(directory, shard_name(p, count)) for p in range(count)]
+    index = None
+    if trained_index is not None:
+        index = dict(file=INDEX, factory=factory, metric="l2", ntotal=n, nprobe=int(spec.index.nprobe),
+                     keys="none", shards=count, merged=faiss_index.mergeable(trained_index))
+        if index["merged"]:
+            trained = faiss_index.copy_index(trained_index)
+            faiss_index.set_nprobe(trained, spec.index.nprobe)
+            paths = [path for shard in shards for _, _, path in code_files.segment_paths(shard)]
+            index.update(code_files.assemble(trained, paths, directory, memory_mib=spec.index.memory_mib,
+                                             progress=spec.progress and processes.is_main, processes=processes))
     if processes.is_main:
-        top = finish_sharded(directory)
-        if trained_index is not None:
-            count = processes.count
-            paths = [os.path.join(directory, shard_name(p, count), INDEX) for p in range(count)]
-            merged = merge_shards(directory, trained_index, paths, nprobe)
-            top["index"] = dict(file=INDEX, factory=factory, metric="l2", ntotal=n, nprobe=int(nprobe), keys="none",
-                                shards=count, merged=merged)
-            write_manifest(directory, top)
+        finish_sharded(directory, **({} if index is None else dict(index=index)))
+        if index is not None and index["merged"]:
+            code_files.remove_segments(shards)
     distributed.barrier(f"finished {directory}")
     return read_manifest(directory)
 

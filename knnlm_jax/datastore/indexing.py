@@ -37,20 +37,6 @@ def share_trained(local_SxD: np.ndarray, factory: str, dim: int, processes: Proc
     return trained, len(gathered)
 
 
-def merge_shards(directory: str, trained, shard_paths: list[str], nprobe: int) -> bool:
-    """Process 0: keep ``trained.faiss``; merge IVF shard indexes into ``index.faiss`` + ``index.ivfdata``.
-
-    Flat and FastScan shards are not merged (``False``): they are searched apart.
-    """
-    faiss_index.write_index(trained, os.path.join(directory, TRAINED))
-    if not faiss_index.mergeable(trained):
-        return False
-    merged = faiss_index.faiss.clone_index(trained)
-    faiss_index.set_nprobe(merged, nprobe)
-    index_shards.merge_on_disk(merged, shard_paths, os.path.join(directory, INDEX), os.path.join(directory, IVFDATA))
-    return True
-
-
 def index_datastore(store: Datastore, factory: str | None = None, nprobe: int = faiss_index.DEFAULT_NPROBE,
                     progress: bool = True) -> dict:
     """Build, write and record the FAISS index of a complete datastore; returns the index info."""

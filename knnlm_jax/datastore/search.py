@@ -50,15 +50,18 @@ class ShardSearcher:
 
     kind = "faiss"
 
-    def __init__(self, shards: list[tuple[object, int]], dim: int, ntotal: int, processes: Processes):
+    def __init__(self, shards: list[tuple[object, int, tuple[int, int] | None]], dim: int, ntotal: int,
+                 processes: Processes):
+        """``shards``: ``(index, id offset, id range)`` each; an id range restricts a search of the
+        datastore's one index to a shard's entries (``--keys none`` shards keep no index of their own)."""
         self.shards, self.dim, self.ntotal, self.processes = shards, dim, ntotal, processes
-        self.lists = max((index_lists(ix) for ix, _ in shards), default=0)
+        self.lists = max((index_lists(ix) for ix, _, _ in shards), default=0)
         self.searches = 0
 
     def _local(self, queries_BxD: np.ndarray, k: int, nprobe: int | None):
         dists, ids = [], []
-        for ix, offset in self.shards:
-            d, i = faiss_index.search(ix, queries_BxD, k, nprobe if self.lists else None)
+        for ix, offset, id_range in self.shards:
+            d, i = faiss_index.search(ix, queries_BxD, k, nprobe if self.lists else None, id_range=id_range)
             dists.append(d)
             ids.append(np.where(i >= 0, i + offset, -1))
         return index_shards.merge_results(dists, ids, k)
@@ -139,19 +142,25 @@ def open_searcher(store: Datastore, processes: Processes = Processes(), *, mode:
                              f"launch has {processes.count}: launch {count} processes, or search its merged index "
                              "with one process")
     mine = [processes.index] if processes.multi else list(range(count))
-    shards = []
+    shards, merged = [], None
     for p in mine:
         shard = store.shards[p]
+        lo, hi = store.manifest["shard_entries"][p]
+        if (shard.manifest.get("index") or {}).get("codes") == "merged":  # its codes are in the one index
+            if merged is None:  # memory-mapped, on the host: FAISS's GPUs do not select by id
+                merged = faiss_index.read_index(os.path.join(store.directory, INDEX), nprobe, mmap=True)
+                _check_index(store, merged)
+            shards.append((merged, 0, (lo, hi)))
+            continue
         path = os.path.join(shard.directory, INDEX)
         if not os.path.isfile(path):
             raise DatastoreError(f"datastore {store.name}: shard {shard_name(p, count)} has no {INDEX}; re-index "
                                  f"it with: {build_command(store.directory, '--index-only')}")
         ix = faiss_index.read_index(path, nprobe, mmap=True)
-        lo, hi = store.manifest["shard_entries"][p]
         if ix.ntotal != hi - lo:
             raise DatastoreError(f"datastore {store.name}: shard {shard_name(p, count)}'s index holds {ix.ntotal} "
                                  f"keys, the shard {hi - lo}; re-index it with --index-only")
-        shards.append((ix, int((shard.manifest.get("index") or {}).get("id_offset", 0))))
+        shards.append((ix, int((shard.manifest.get("index") or {}).get("id_offset", 0)), None))
     return ShardSearcher(shards, store.dim, store.size, processes)
 
 

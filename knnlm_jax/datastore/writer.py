@@ -235,8 +235,9 @@ def begin_sharded(directory: str, header: dict, entry_ranges, *, overwrite: bool
     return manifest
 
 
-def finish_sharded(directory: str) -> dict:
-    """Mark a sharded datastore complete once every shard is (process 0, after all shards finished)."""
+def finish_sharded(directory: str, **fields) -> dict:
+    """Mark a sharded datastore complete once every shard is (process 0, after all shards finished),
+    with ``fields`` (e.g. its index) in the same write."""
     top = read_manifest(directory)
     count = int(top["num_shards"])
     total = 0.0
@@ -246,7 +247,7 @@ def finish_sharded(directory: str) -> dict:
             raise DatastoreError(f"datastore {os.path.basename(directory)}: shard {shard_name(p, count)} "
                                  "is not complete")
         total += float(m["lm_nll_sum"])
-    top.update(status="complete", lm_nll_sum=total)
+    top.update(status="complete", lm_nll_sum=total, **fields)
     write_manifest(directory, top)
     return top
 

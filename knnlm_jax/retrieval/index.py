@@ -296,8 +296,32 @@ def read_index(path: str, nprobe: int | None = None, mmap: bool = False) -> fais
     return index
 
 
-def search(index: faiss.Index, queries_BxD: np.ndarray, k: int, nprobe: int | None = None):
-    """``(dists BxK float32 squared L2, ids BxK int64)``; ids are -1 where fewer than ``k`` were found."""
+def search(index: faiss.Index, queries_BxD: np.ndarray, k: int, nprobe: int | None = None,
+           id_range: tuple[int, int] | None = None):
+    """``(dists BxK float32 squared L2, ids BxK int64)``; ids are -1 where fewer than ``k`` were found.
+
+    ``id_range`` ``(lo, hi)`` (IVF indexes): only entries with ids in ``[lo, hi)`` are candidates,
+    i.e. the results a shard index holding exactly those entries would give.
+    """
     if nprobe is not None:
         set_nprobe(index, nprobe)
-    return index.search(np.ascontiguousarray(queries_BxD, dtype=np.float32), int(k))
+    queries_BxD = np.ascontiguousarray(queries_BxD, dtype=np.float32)
+    if id_range is None:
+        return index.search(queries_BxD, int(k))
+    params = faiss.SearchParametersIVF()
+    selector = faiss.IDSelectorRange(int(id_range[0]), int(id_range[1]))
+    params.sel = selector
+    params.nprobe = int(faiss.extract_index_ivf(index).nprobe)
+    return index.search(queries_BxD, int(k), params=params)
+
+
+def encode_codes(index: faiss.Index, keys_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(inverted list N int64, codes NxC uint8)``: what adding ``keys_NxD`` to a trained IVF
+    ``index`` would store, without adding them (FAISS's standalone codes, list number split off)."""
+    ivf = faiss.extract_index_ivf(index)
+    sa_NxS = index.sa_encode(np.ascontiguousarray(keys_NxD, np.float32))
+    coarse = ivf.coarse_code_size()
+    lists_N = np.zeros(len(sa_NxS), np.int64)
+    for byte in range(coarse):  # FAISS writes the list number little-endian in ``coarse`` bytes
+        lists_N |= sa_NxS[:, byte].astype(np.int64) << (8 * byte)
+    return lists_N, np.ascontiguousarray(sa_NxS[:, coarse:])

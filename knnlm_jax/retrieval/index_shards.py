@@ -88,15 +88,62 @@ def merge_on_disk(trained_index: faiss.Index, shard_index_paths: list[str], inde
     lists.filename = os.path.basename(ivfdata_path)  # what the index file records
     faiss_index.faiss_write(merged, index_tmp)
     del merged, ivf, lists, parts, shards  # unmaps the lists
-    with open(ivfdata_tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    if os.path.exists(index_path):
-        os.remove(index_path)  # never an old index over new lists
-    os.replace(ivfdata_tmp, ivfdata_path)
-    os.replace(index_tmp, index_path)
+    publish(index_tmp, ivfdata_tmp, index_path, ivfdata_path)
     return dict(file=os.path.basename(index_path), ivfdata=os.path.basename(ivfdata_path), ntotal=int(ntotal),
                 shards=len(shard_index_paths), index_bytes=os.path.getsize(index_path),
                 ivfdata_bytes=os.path.getsize(ivfdata_path), seconds=round(time.time() - t0, 3))
+
+
+def publish(index_tmp: str, ivfdata_tmp: str, index_path: str, ivfdata_path: str) -> None:
+    """Move a finished on-disk index into place: lists synced and renamed first, the index last
+    (an existing index is removed first: never an old index over new lists)."""
+    with open(ivfdata_tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    if os.path.exists(index_path):
+        os.remove(index_path)
+    os.replace(ivfdata_tmp, ivfdata_path)
+    os.replace(index_tmp, index_path)
+
+
+def ondisk_layout(trained_index: faiss.Index, sizes_L: np.ndarray, index_tmp: str, ivfdata_tmp: str,
+                  ivfdata_name: str) -> np.ndarray:
+    """Write ``index_tmp``: the trained, empty IVF index with lists of ``sizes_L`` entries in a new
+    zero-filled (sparse) ``ivfdata_tmp``, laid out as FAISS's ``set_all_lists_sizes`` lays them:
+    list ``l`` at byte ``offsets[l]``, its codes (``size x code_size``) then its int64 ids.
+
+    Returns ``offsets`` (L+1 int64). The caller writes the lists' bytes there with plain file
+    writes (nothing mapped, so nothing counts towards its memory), then publishes them (:func:`publish`).
+    """
+    ivf_ref = faiss.try_extract_index_ivf(trained_index)
+    if ivf_ref is None or not trained_index.is_trained or trained_index.ntotal != 0:
+        raise InputError("ondisk_layout needs a trained, empty IVF index")
+    if isinstance(faiss.downcast_index(ivf_ref), faiss.IndexIVFFastScan):
+        raise InputError("FastScan indexes (…x4fs) keep their lists in blocks, not on disk")
+    sizes = np.ascontiguousarray(sizes_L, dtype=np.uint64)
+    if sizes.shape != (ivf_ref.nlist,) or not sizes.sum():
+        raise InputError(f"ondisk_layout needs {ivf_ref.nlist} list sizes, not all zero")
+    for stale in (index_tmp, ivfdata_tmp):
+        if os.path.exists(stale):
+            os.remove(stale)
+    index = faiss.deserialize_index(faiss.serialize_index(trained_index))
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, ivfdata_tmp)
+    offsets = list_offsets(sizes, ivf.code_size)
+    with _stdout_to_stderr():
+        lists.set_all_lists_sizes(faiss.swig_ptr(sizes))
+        lists.update_totsize(int(offsets[-1]))  # creates the file (sparse: nothing written yet)
+    index.ntotal = ivf.ntotal = int(sizes.sum())
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    lists.filename = ivfdata_name  # what the index file records
+    faiss_index.faiss_write(index, index_tmp)
+    del index, ivf, lists  # unmaps the (untouched) lists
+    return offsets
+
+
+def list_offsets(sizes_L: np.ndarray, code_size: int) -> np.ndarray:
+    """``L+1`` byte offsets of lists of ``sizes_L`` entries laid out by :func:`ondisk_layout`."""
+    return np.concatenate([[0], np.cumsum(np.asarray(sizes_L, np.int64) * (int(code_size) + 8))])
 
 
 def shift_ids(ids_QxK: np.ndarray, offset: int) -> np.ndarray:

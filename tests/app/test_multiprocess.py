@@ -190,6 +190,17 @@ def test_two_process_codes_only_build_merges_the_same_index(project):
             assert same_neighbours(d0[q], i0[q], d1[q], i1[q])
     results = ok(launch("build.py", ["--workdir", workdir, "--check", "codes2", "--sample", "8"], 2, root))
     assert "ok" in results[0][1]
+    # the codes are stored once: no shard index, no segment left; each process searches its id range
+    # of the one index, which gives what the one index gives
+    leftovers = [name for p in range(2) for name in os.listdir(os.path.join(two, f"shard-{p:05d}-of-00002"))
+                 if name.startswith(("index.", "codes-"))]
+    assert not leftovers and m["index"]["ivfdata_bytes"] == os.path.getsize(os.path.join(two, "index.ivfdata"))
+    whole, _ = evaluation(root, workdir, "codes1", 1)
+    ranged, _ = evaluation(root, workdir, "codes2", 2)
+    local, _ = evaluation(root, workdir, "codes2", 1, "--search", "shards")
+    ppl = [r["table"][1]["ppl"] if "table" in r else r["rows"][1]["ppl"] for r in (whole, ranged, local)]
+    assert ppl[0] > 0
+    np.testing.assert_allclose(ppl, ppl[0], rtol=1e-6)
 
 
 def test_resuming_with_another_process_count_is_refused(project):
@@ -229,7 +240,8 @@ def test_a_relaunch_after_a_peer_died_keeps_the_finished_shard_and_completes(pro
     """As a build leaves it when process 1 dies after process 0's shard is complete: shard 0 complete, shard 1
     unfinished, the top manifest building. Relaunching the same two commands keeps shard 0 (byte for byte,
     untouched), finishes shard 1 and the top manifest: the same bytes (keys and values, or values and the
-    shard's index of codes) as an uninterrupted build."""
+    one index of codes) as an uninterrupted build. With ``--keys none`` the state is made by a real
+    failure of process 1 as it finishes its shard, shard 0's codes still in segments."""
     import shutil
 
     from knnlm_jax.datastore.format import update_manifest
@@ -241,20 +253,33 @@ def test_a_relaunch_after_a_peer_died_keeps_the_finished_shard_and_completes(pro
     done = os.path.join(workdir, "datastores", name)
     whole = {p: manifest(os.path.join(done, f"shard-{p:05d}-of-00002")) for p in range(2)}
     reference = os.path.join(str(root), f"reference-{keys}")
-    shutil.copytree(done, reference)
+    shutil.move(done, reference)
     shard0, shard1 = (os.path.join(done, f"shard-{p:05d}-of-00002") for p in range(2))
-    unfinish(shard1)
-    update_manifest(done, status="building", index=None)
+    if keys == "fp16":
+        shutil.copytree(reference, done)
+        unfinish(shard1)
+        update_manifest(done, status="building", index=None)
+    else:  # a real failure of process 1 at the very end of its shard (the file it writes last is a directory)
+        os.makedirs(os.path.join(shard1, "sampled_keys.npz.tmp"))
+        shutil.copy(os.path.join(reference, "manifest.json"), done)  # a started build: its directory is kept
+        update_manifest(done, status="building", index=None, lm_nll_sum=0.0)
+        results = launch("build.py", args, 2, root)
+        assert results[0][0] == 3 and results[1][0] != 0, [r[2][-2000:] for r in results]
+        os.rmdir(os.path.join(shard1, "sampled_keys.npz.tmp"))
+        assert manifest(shard0)["status"] == "complete" and manifest(shard1)["status"] == "building"
+        assert manifest(done)["status"] == "building" and not os.path.exists(os.path.join(done, "index.faiss"))
     before = os.stat(os.path.join(shard0, "vals.npy")).st_mtime_ns
     results = ok(launch("build.py", args, 2, root))
     assert "shard 0: complete, kept" in results[0][2]
     assert os.stat(os.path.join(shard0, "vals.npy")).st_mtime_ns == before
     assert manifest(done)["status"] == "complete" and manifest(shard1)["status"] == "complete"
+    files = {"fp16": [(f"shard-{p:05d}-of-00002", f) for p in range(2) for f in ("vals.npy", "keys.npy")],
+             "none": [(".", "index.faiss"), (".", "index.ivfdata")]
+             + [(f"shard-{p:05d}-of-00002", "vals.npy") for p in range(2)]}[keys]
+    for where, file in files:
+        with open(os.path.join(done, where, file), "rb") as a, open(os.path.join(reference, where, file), "rb") as b:
+            assert a.read() == b.read(), (where, file)
     for p in range(2):
-        for file in ("vals.npy",) + (("keys.npy",) if keys == "fp16" else ("index.faiss",)):
-            shard = f"shard-{p:05d}-of-00002"
-            with open(os.path.join(done, shard, file), "rb") as a, open(os.path.join(reference, shard, file), "rb") as b:
-                assert a.read() == b.read(), (shard, file)
         assert manifest(os.path.join(done, f"shard-{p:05d}-of-00002"))["content"] == whole[p]["content"]
 
 
@@ -311,3 +336,53 @@ def test_a_process_whose_peers_never_connect_says_so_in_one_line(project, tmp_pa
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 3 and len(lines) == 1, out.stderr
     assert lines[0].startswith("build.py: error: process 1: the launch's processes did not all reach the coordinator")
+
+
+ENCODE = """
+import sys
+from knnlm_jax import runs
+from knnlm_jax.core import distributed
+from knnlm_jax.core.distributed import Launch
+from knnlm_jax.data import token_cache
+from knnlm_jax.data.corpus import read_split
+
+workdir, corpus, port, p = sys.argv[1:5]
+processes = distributed.initialize(Launch(f"127.0.0.1:{port}", 2, int(p)))
+calls = []
+vocab = runs.load_vocab(workdir)
+encode = vocab.encode
+vocab.encode = lambda lines: calls.append(len(lines)) or encode(lines)
+share = token_cache.Share(processes.index, processes.count, distributed.allgather, distributed.barrier, block_lines=7)
+cache = sys.argv[5]
+tokens = token_cache.load_tokens(cache, read_split(corpus, "train", cache_dir=cache), vocab, share)
+print("encoded", len(calls), sum(calls), len(tokens))
+distributed.leave(0)
+"""
+
+
+def test_two_processes_encode_a_corpus_in_shares_to_the_one_process_bytes(project, tmp_path):
+    """Each process encodes every other block of 7 lines; the array is the one a single process writes."""
+    from knnlm_jax import runs
+    from knnlm_jax.data import token_cache
+    from knnlm_jax.data.corpus import read_split
+
+    _, workdir = project
+    corpus = write_corpus(tmp_path / "fresh", n_train=60)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    reference = token_cache.load_tokens(one, read_split(corpus, "train", cache_dir=one), runs.load_vocab(workdir))
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", ENCODE, workdir, corpus, str(port), str(p), two],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+             for p in range(2)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
+    counts = [tuple(int(x) for x in line.split()[1:]) for out, _ in outs for line in out.splitlines()
+              if line.startswith("encoded ")]
+    with open(os.path.join(corpus, "train.txt")) as f:
+        blocks = [len(b) for b in np.array_split(np.arange(sum(1 for _ in f)), range(7, 10**6, 7)) if len(b)]
+    assert len(blocks) >= 4  # process 0 encodes blocks 0, 2, ...; process 1 blocks 1, 3, ...
+    assert counts == [(len(blocks[p::2]), sum(blocks[p::2]), len(reference)) for p in range(2)]
+    (written,) = [name for name in os.listdir(two) if name.endswith(".npy")]
+    assert written == next(n for n in os.listdir(one) if n.endswith(".npy"))  # same split, text hash, vocabulary
+    assert open(os.path.join(two, written), "rb").read() == open(os.path.join(one, written), "rb").read()
+    assert not [name for name in os.listdir(two) if ".part" in name or name.startswith(".")]

@@ -59,7 +59,7 @@ def test_a_killed_codes_only_build_resumes_to_the_same_index(built, tmp_path, mo
         build_store(built, killed, keys="none", index_factory=FACTORY, nprobe=4, on_chunk=die)
     m = read_manifest(str(killed))
     assert m["status"] == "building" and 0 < m["progress"] < built.store.size
-    assert os.path.isfile(killed / f"codes-{m['progress']}.faiss")
+    assert codes.segment_paths(str(killed))[-1][1] == m["progress"]  # saved codes end where progress does
     messages = []
     build_store(built, killed, keys="none", index_factory=FACTORY, nprobe=4, log=messages.append)
     assert any("resuming" in msg for msg in messages)
@@ -70,9 +70,51 @@ def test_a_killed_codes_only_build_resumes_to_the_same_index(built, tmp_path, mo
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(np.load(whole / "vals.npy"), np.load(killed / "vals.npy"))
     assert not any(name.startswith("codes-") for name in os.listdir(killed))
+    for name in ("index.faiss", "index.ivfdata"):  # the lists' layout depends on nothing but the codes
+        assert (whole / name).read_bytes() == (killed / name).read_bytes()
     with np.load(whole / codes.SAMPLED) as f, np.load(killed / codes.SAMPLED) as g:
         np.testing.assert_array_equal(f["ids"], g["ids"])
         np.testing.assert_array_equal(f["keys"], g["keys"])
+
+
+def test_bounded_codes_memory_writes_the_same_index_from_many_segments(built, tmp_path):
+    """A few hundred entries per segment and lists assembled a few at a time: the same two files."""
+    whole, small = tmp_path / "whole", tmp_path / "small"
+    build_store(built, whole, keys="none", index_factory=FACTORY, nprobe=4)
+    segments = []
+    m = build_store(built, small, keys="none", index_factory=FACTORY, nprobe=4, memory_mib=0.01,
+                    on_chunk=lambda progress: segments.append(len(codes.segment_paths(str(small)))))
+    assert max(segments) >= 4 and m["index"]["segments"] >= 4 and m["index"]["ntotal"] == built.store.size
+    for name in ("index.faiss", "index.ivfdata"):
+        assert (whole / name).read_bytes() == (small / name).read_bytes()
+    assert not any(name.startswith("codes-") for name in os.listdir(small))
+
+
+def test_a_segment_past_progress_is_dropped_and_a_missing_one_refused(built, tmp_path):
+    import shutil
+
+    def interrupted(directory):
+        def stop(progress):
+            if len(codes.segment_paths(str(directory))) >= 3:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            build_store(built, directory, keys="none", index_factory=FACTORY, nprobe=4, memory_mib=0.01,
+                        on_chunk=stop)
+        return read_manifest(str(directory))["progress"]
+
+    whole, ahead, gap = tmp_path / "whole", tmp_path / "ahead", tmp_path / "gap"
+    build_store(built, whole, keys="none", index_factory=FACTORY, nprobe=4)
+    progress = interrupted(ahead)
+    # killed after a segment was written, before progress advanced: that segment is not trusted
+    shutil.copy(codes.segment_paths(str(ahead))[-1][2], ahead / f"codes-{progress}-{progress + 100}.seg")
+    build_store(built, ahead, keys="none", index_factory=FACTORY, nprobe=4, memory_mib=0.01)
+    for name in ("index.faiss", "index.ivfdata"):
+        assert (whole / name).read_bytes() == (ahead / name).read_bytes()
+    interrupted(gap)
+    os.remove(codes.segment_paths(str(gap))[1][2])  # a lost segment: its codes cannot be recovered
+    with pytest.raises(DatastoreError, match="--overwrite"):
+        build_store(built, gap, keys="none", index_factory=FACTORY, nprobe=4, memory_mib=0.01)
 
 
 def test_a_codes_only_build_refuses_a_resume_as_a_keyed_build(built, tmp_path):
