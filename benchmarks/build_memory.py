@@ -9,7 +9,7 @@ assembles its index from them a group of lists at a time.
 
   python benchmarks/build_memory.py --workdir runs/wt2s --data_dir ../shared/data/wikitext-2
   python benchmarks/build_memory.py --workdir runs/wt2 --keys none --fraction 0.1 --codes-memory 16 \
-      --index IVF2048,PQ64 --out results/build_memory_codes_wt2.json
+      --index IVF2048,PQ64 --train-keys 200000
 """
 
 import argparse
@@ -85,6 +85,7 @@ def main() -> int:
                         help="fp16: keys and values, no index; none: codes only, index assembled")
     parser.add_argument("--codes-memory", default=None, help="build.py --codes-memory (with --keys none)")
     parser.add_argument("--index", default=None, help="FAISS factory for both builds (with --keys none)")
+    parser.add_argument("--train-keys", default=None, help="build.py --train-keys: the same training sample in both")
     parser.add_argument("--out", default=None, help="default results/build_memory_wt2.json, or "
                                                     "results/build_memory_codes_wt2.json with --keys none")
     args = parser.parse_args()
@@ -95,6 +96,7 @@ def main() -> int:
     extra = ["--no-index"] if args.keys == "fp16" else ["--keys", "none"]
     extra += ["--codes-memory", args.codes_memory] if args.codes_memory else []
     extra += ["--index", args.index] if args.index else []
+    extra += ["--train-keys", args.train_keys] if args.train_keys else []
     with open(os.path.join(args.data_dir, "train.txt")) as f:
         lines = f.readlines()
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +106,8 @@ def main() -> int:
             f.writelines(lines[: round(len(lines) * args.fraction)])
         full = timed_build(args.workdir, "memory-full", os.path.abspath(args.data_dir), extra)
         part = timed_build(args.workdir, "memory-part", part_dir, extra)
-    kind = "no index" if args.keys == "fp16" else f"--keys none, index assembled, --codes-memory {args.codes_memory}"
+    kind = "no index" if args.keys == "fp16" else (f"--keys none, index assembled, --codes-memory {args.codes_memory}, "
+                                                   f"--train-keys {args.train_keys}")
     payload = dict(what=f"peak RSS of a datastore build ({kind}): WikiText-2 train against its first "
                         f"{args.fraction:g} of lines (max_rss_kb: the whole build, wait4's ru_maxrss; codes_phase: "
                         "the peak after the trained index is written, VmHWM reset then)",

@@ -43,6 +43,7 @@ class BuildOptions:
     nprobe: int | None = None
     keys: str = "fp16"  # fp16 | none
     codes_memory: float | None = None  # MiB of codes a --keys none build holds at once
+    train_keys: int | None = None  # --keys none: keys its index is trained on
     no_index: bool = False
     check: str | None = None  # a datastore to verify instead
     sample: int = 64
@@ -181,7 +182,7 @@ def build_entries(args, run: RunContext, directory: str, processes, text):
         CorpusInfo(data.corpus, data.sha256, data.split, options), windows,
         batch_size=config.eval_batch_size if args.batch_size is None else args.batch_size,
         index=IndexSpec(args.keys, args.index, args.nprobe or DEFAULT_NPROBE,
-                        args.codes_memory or IndexSpec.memory_mib),
+                        args.codes_memory or IndexSpec.memory_mib, args.train_keys),
         score_lm=not runs.is_pretrained(config), overwrite=args.overwrite, progress=not args.no_progress)
     manifest = build_datastore(
         directory, trained, runs.signature(config, vocab, trained.fingerprint, trained.step), tokens, vocab.eos,

@@ -22,6 +22,13 @@ def _positive_mib(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     from knnlm_jax.cli import add_config_args
     from knnlm_jax.core.distributed import add_process_args
@@ -50,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
                    help="--keys none: MiB of codes held at once (default 256; about twice that at peak); each "
                         "process appends its codes to disk in segments of this size and assembles the index "
                         "from them as many lists at a time")
+    p.add_argument("--train-keys", type=_positive_int, default=None, metavar="N",
+                   help="--keys none: keys the index is trained on, from evenly spread batches (default "
+                        "max(1M, 64 per list), at most the datastore)")
     p.add_argument("--no-index", "--no_index", dest="no_index", action="store_true", help="build keys and values only (index later with "
                                                                 "--index-only)")
     p.add_argument("--check", default=None, metavar="NAME",

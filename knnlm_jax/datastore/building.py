@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from knnlm_jax.retrieval import index as faiss_index
 from knnlm_jax.models.adaptive import band_edges, build_capacities
+from knnlm_jax.core.memory import release_free_memory
 from knnlm_jax.datastore import codes as code_files
 from knnlm_jax.datastore.codes import SAMPLED, CodeIndex, CodeSegments, load_sampled, sample_batches
 from knnlm_jax.core import distributed
@@ -110,6 +111,7 @@ class IndexSpec:
     factory: str | None = None
     nprobe: int = faiss_index.DEFAULT_NPROBE
     memory_mib: float = code_files.MEMORY_MIB  # codes a --keys none build holds at once
+    train_keys: int | None = None  # --keys none: keys its index is trained on (None: index.train_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +164,7 @@ def build_datastore(directory: str, trained, signature: ModelSignature, tokens_N
     trained_index = codes = None
     if spec.index.keys == "none":
         trained_index = train_for_codes(directory, computer, all_windows, part.span, factory, processes,
-                                        progress=spec.progress, log=log)
+                                        progress=spec.progress, log=log, train_keys=spec.index.train_keys)
         codes = _code_store(part, trained_index, writer.progress, spec.index)
     bar = tqdm(total=writer.n, initial=writer.progress, disable=not spec.progress, unit="tok", unit_scale=True,
                dynamic_ncols=True, desc=f"datastore {os.path.basename(directory)}"
@@ -226,7 +228,7 @@ def _rejoin(directory, trained, signature, tokens_N, eos, spec: BuildSpec, part:
                                score=bool(spec.score_lm))
         all_windows = windows(n, spec.windows.length, spec.windows.context)
         trained_index = train_for_codes(directory, computer, all_windows, part.span, factory, processes,
-                                        progress=spec.progress, log=log)
+                                        progress=spec.progress, log=log, train_keys=spec.index.train_keys)
     return _finish_shards(directory, n, trained_index, factory, spec, processes)
 
 
@@ -360,12 +362,13 @@ def _begin_shards(directory, header, windows_Wx3, batch_size, processes, overwri
 
 
 def train_for_codes(directory, computer: KeyComputer, windows_Wx3, own: tuple[int, int], factory: str, processes,
-                    *, progress=True, log=print, seed: int = 0):
+                    *, progress=True, log=print, seed: int = 0, train_keys: int | None = None):
     """The trained, empty index of a ``--keys none`` build (``trained.faiss``, kept for a resume).
 
-    Its sample is every entry of evenly spread batches (about :func:`index.train_size`
-    entries); each process computes the sampled batches among its windows ``own`` (``[w0, w1)``),
-    process 0 trains.
+    Its sample is every entry of evenly spread batches (about ``train_keys`` entries, default
+    :func:`index.train_size`); each process computes the sampled batches among its windows
+    ``own`` (``[w0, w1)``), process 0 trains. The memory the sample took is handed back before
+    the codes are computed.
     """
     batch_size = computer.batch_size
     path = os.path.join(directory, TRAINED)
@@ -381,15 +384,19 @@ def train_for_codes(directory, computer: KeyComputer, windows_Wx3, own: tuple[in
         return candidate
     n = int(windows_Wx3[-1, 2])
     n_batches = -(-len(windows_Wx3) // batch_size)
-    chosen = sample_batches(n_batches, n // n_batches, faiss_index.train_size(n, factory))
+    wanted = min(n, train_keys) if train_keys else faiss_index.train_size(n, factory)
+    chosen = sample_batches(n_batches, n // n_batches, wanted)
     w0, w1 = own
     rows = []
     for b in chosen[(chosen * batch_size >= w0) & (chosen * batch_size < w1)]:
         _, keys, _, mask = computer.dispatch(windows_Wx3[b * batch_size : (b + 1) * batch_size])
         rows.append(np.asarray(keys)[mask])
     local = np.concatenate(rows) if rows else np.zeros((0, dim), np.float16)
+    del rows
     log(f"sampled {len(chosen)} of {n_batches} batches to train {factory}")
     trained, _ = share_trained(local, factory, dim, processes, seed=seed, progress=progress)
+    del local
+    release_free_memory()
     if processes.is_main:
         faiss_index.write_index(trained, path)
     distributed.barrier(f"trained {directory}")

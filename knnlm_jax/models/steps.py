@@ -118,9 +118,12 @@ def global_array(host, sharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def unigram_perplexity(train_ids: np.ndarray, target_ids: np.ndarray, vocab_size: int) -> float:
-    """Perplexity of an add-one-smoothed unigram model of ``train_ids`` on ``target_ids``."""
-    counts = np.bincount(train_ids, minlength=vocab_size).astype(np.float64) + 1.0
+def unigram_perplexity(train_ids: np.ndarray, target_ids: np.ndarray, vocab_size: int, *,
+                       counts_V: np.ndarray | None = None) -> float:
+    """Perplexity of an add-one-smoothed unigram model of ``train_ids`` (or their ``counts_V``) on ``target_ids``."""
+    if counts_V is None:
+        counts_V = np.bincount(train_ids, minlength=vocab_size)
+    counts = np.asarray(counts_V, np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(np.exp(-logp[target_ids].mean()))
 

@@ -24,10 +24,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from knnlm_jax.core import distributed
-from knnlm_jax.models.adaptive import band_edges, block_band_counts, capacities_for_batches
+from knnlm_jax.models.adaptive import band_edges, capacities_for_batches
 from knnlm_jax.core.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like
 from knnlm_jax.configs import validate
 from knnlm_jax.data.blocks import BatchOrder, lm_blocks
+from knnlm_jax.data.token_file import TokenFile, TrainBlocks
+from knnlm_jax.training.input import StepRows, step_batches
 from knnlm_jax.models.transformer import ModelConfig
 from knnlm_jax.training.optim import lr_schedule, make_optimizer
 from knnlm_jax.training.run_data import check_run_config, prepare_data, resolved_config
@@ -85,8 +87,7 @@ class _Setup:
     data: object  # :func:`prepare_data`'s vocabulary and token ids
     cfg: ModelConfig
     mesh: Mesh
-    train_in_NxL: np.ndarray
-    train_tgt_NxL: np.ndarray
+    train_blocks: TrainBlocks  # read from the token file, a step's rows at a time
     train_counts_NxH: np.ndarray  # tail-band token counts of each training block
     valid_blocks: tuple  # inputs, targets, mask
     order: BatchOrder
@@ -102,13 +103,13 @@ def _prepare(config, workdir: str, corpus_options: dict | None, main: bool) -> _
     if config.batch_size % n_dev or config.eval_batch_size % n_dev:
         raise InputError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
     L = config.tokens_per_sample
-    train_in, train_tgt, _ = lm_blocks(data.train_ids, L, data.vocab.eos, pad_last=False)
-    train_counts = block_band_counts(train_tgt, band_edges(cfg.vocab_size, cfg.cutoffs))
-    valid_blocks = lm_blocks(data.valid_ids, L, data.vocab.eos, pad_last=True)
-    order = BatchOrder(len(train_in), config.batch_size * config.update_freq, config.seed)
+    blocks = TrainBlocks(TokenFile(data.train_ids), L, data.vocab.eos)
+    order = BatchOrder(len(blocks), config.batch_size * config.update_freq, config.seed)  # checks the size first
+    train_counts = blocks.band_counts(band_edges(cfg.vocab_size, cfg.cutoffs))
+    valid_blocks = lm_blocks(data.valid_ids, L, data.vocab.eos, pad_last=True)  # a small split, held whole
     check_run_config(workdir, resolved, write=main)  # every process refuses alike; process 0 writes
     distributed.barrier("run config")
-    return _Setup(data, cfg, mesh, train_in, train_tgt, train_counts, valid_blocks, order)
+    return _Setup(data, cfg, mesh, blocks, train_counts, valid_blocks, order)
 
 
 def _initial_state(config, setup: _Setup):
@@ -199,6 +200,11 @@ class _Loop:
         bar = tqdm(total=c.max_steps, initial=start_step, disable=not progress, unit="upd", dynamic_ncols=True)
         self.t_last, self.tokens_since = time.time(), 0
         valid_ppl = None
+        processes = distributed.current()
+        setup = self.setup
+        rows = StepRows(setup.train_blocks, BatchOrder(setup.order.n_blocks, setup.order.per_update, c.seed),
+                        c.update_freq, c.batch_size, processes.index, processes.count)
+        self.batches = step_batches(rows, start_step, c.max_steps)  # its own order: read in another thread
         for step in range(start_step, c.max_steps):
             metrics = self._update(step)
             done = step + 1
@@ -224,11 +230,10 @@ class _Loop:
     def _update(self, step: int) -> dict:
         """One update: ``update_freq`` micro-batches of ``batch_size`` blocks."""
         setup, F, B, L = self.setup, self.config.update_freq, self.config.batch_size, self.config.tokens_per_sample
-        idx = setup.order.indices(step)
-        targets_np = setup.train_tgt_NxL[idx].reshape(F, B, L)
+        inputs_local, targets_local = next(self.batches)
         caps = epoch_capacities(setup.order, setup.train_counts_NxH, setup.order.position(step)[0], B, L)
-        inputs = global_array(setup.train_in_NxL[idx].reshape(F, B, L), self.batch_sharding)
-        targets = global_array(targets_np, self.batch_sharding)
+        inputs = jax.make_array_from_process_local_data(self.batch_sharding, inputs_local, (F, B, L))
+        targets = jax.make_array_from_process_local_data(self.batch_sharding, targets_local, (F, B, L))
         self.state, metrics = self.train_step(self.state, inputs, targets, caps)
         self.tokens_since += F * B * L
         return metrics
@@ -290,7 +295,9 @@ class _Loop:
 def _finish(config, setup: _Setup, files: _RunFiles, state: dict, meta: dict, valid_ppl: float) -> dict:
     """Close the checkpoints; the run's final metrics, also the last record of ``metrics.jsonl``."""
     _, valid_targets, valid_mask = setup.valid_blocks
-    unigram = unigram_perplexity(setup.data.train_ids, valid_targets[valid_mask], len(setup.data.vocab))
+    vocab_size = len(setup.data.vocab)
+    unigram = unigram_perplexity(None, valid_targets[valid_mask], vocab_size,
+                                 counts_V=setup.train_blocks.tokens.bincount(vocab_size))
     files.close()
     result = {
         "config": config.name,
