@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from knnlm_jax.core import distributed
 from knnlm_jax.core.distributed import Processes
+from knnlm_jax.core.memory import release_free_memory
 from knnlm_jax.retrieval import index as faiss_index
 from knnlm_jax.retrieval import index_shards
 from knnlm_jax.datastore.format import INDEX, DatastoreError
@@ -242,6 +243,8 @@ class CodeSegments:
             with open(path + ".tmp", "wb") as f:
                 f.write(_MAGIC + head.tobytes() + starts.tobytes() + ids.tobytes() + codes.tobytes())
             os.replace(path + ".tmp", path)
+            del lists_n, order, starts, ids, codes
+            release_free_memory()  # the segment's buffers, so that the heap does not creep up over a long build
         self.saved, self.lists, self.codes, self.pending, self.last = progress, [], [], 0, time.monotonic()
 
     def drop_older(self) -> None:

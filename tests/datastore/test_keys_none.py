@@ -117,6 +117,17 @@ def test_a_segment_past_progress_is_dropped_and_a_missing_one_refused(built, tmp
         build_store(built, gap, keys="none", index_factory=FACTORY, nprobe=4, memory_mib=0.01)
 
 
+def test_train_keys_sets_the_training_sample(built, tmp_path):
+    logs = {}
+    for name, train_keys in (("default", None), ("small", 300)):
+        messages = []
+        build_store(built, tmp_path / name, keys="none", index_factory=FACTORY, nprobe=4, train_keys=train_keys,
+                    log=messages.append)
+        logs[name] = next(int(m.split()[1]) for m in messages if m.startswith("sampled "))
+    per_batch = built.store.size / logs["default"]  # the default samples every batch of this small store
+    assert logs["small"] == pytest.approx(300 / per_batch, abs=1) and logs["small"] < logs["default"]
+
+
 def test_a_codes_only_build_refuses_a_resume_as_a_keyed_build(built, tmp_path):
     directory = tmp_path / "mixed"
 

@@ -52,10 +52,10 @@ def make_run(data_dir, workdir, layout="best", **overrides):
 
 
 def build_store(b, directory, *, batch_size=4, keys="fp16", index_factory=None, nprobe=IndexSpec.nprobe,
-                memory_mib=IndexSpec.memory_mib, **kw):
+                memory_mib=IndexSpec.memory_mib, train_keys=None, **kw):
     """A datastore of the tiny run ``b`` at ``directory`` (no index unless asked): build_datastore's manifest."""
     spec = BuildSpec(CorpusInfo(b.split.corpus, b.split.sha256, "train"), WindowSpec(b.window, b.context), batch_size,
-                     IndexSpec(keys, index_factory, nprobe, memory_mib), progress=False)
+                     IndexSpec(keys, index_factory, nprobe, memory_mib, train_keys), progress=False)
     args = dict(log=lambda *a: None)
     args.update(kw)
     return build_datastore(str(directory), b.trained, b.signature, b.tokens, b.vocab.eos, spec, **args)
