@@ -202,10 +202,8 @@ def _finish_codes(codes, part: "_Part", trained_index, factory: str, spec: Build
     paths = codes.close()
     if processes.multi:
         return dict(info, ntotal=codes.ntotal, segments=len(paths), codes="merged")  # searched in the one index
-    trained = faiss_index.copy_index(trained_index)
-    faiss_index.set_nprobe(trained, spec.index.nprobe)
-    lists = code_files.assemble(trained, paths, part.directory, memory_mib=spec.index.memory_mib,
-                                progress=spec.progress)
+    lists = code_files.assemble(trained_index, paths, part.directory, nprobe=spec.index.nprobe,
+                                memory_mib=spec.index.memory_mib, progress=spec.progress)
     return dict(info, file=INDEX, id_offset=0, **lists)
 
 
@@ -321,10 +319,9 @@ def _finish_shards(directory, n: int, trained_index, factory: str, spec: BuildSp
         index = dict(file=INDEX, factory=factory, metric="l2", ntotal=n, nprobe=int(spec.index.nprobe),
                      keys="none", shards=count, merged=faiss_index.mergeable(trained_index))
         if index["merged"]:
-            trained = faiss_index.copy_index(trained_index)
-            faiss_index.set_nprobe(trained, spec.index.nprobe)
             paths = [path for shard in shards for _, _, path in code_files.segment_paths(shard)]
-            index.update(code_files.assemble(trained, paths, directory, memory_mib=spec.index.memory_mib,
+            index.update(code_files.assemble(trained_index, paths, directory, nprobe=spec.index.nprobe,
+                                             memory_mib=spec.index.memory_mib,
                                              progress=spec.progress and processes.is_main, processes=processes))
     if processes.is_main:
         finish_sharded(directory, **({} if index is None else dict(index=index)))

@@ -290,8 +290,8 @@ def _read_group(path: str, head, a: int, b: int):
     return np.repeat(np.arange(a, b), np.diff(starts)), ids, codes
 
 
-def assemble(trained, paths: list[str], directory: str, *, memory_mib: float = MEMORY_MIB, progress: bool = True,
-             processes: Processes = Processes()) -> dict:
+def assemble(trained, paths: list[str], directory: str, *, nprobe: int | None = None, memory_mib: float = MEMORY_MIB,
+             progress: bool = True, processes: Processes = Processes()) -> dict:
     """Write ``index.faiss`` + ``index.ivfdata`` in ``directory`` from code segments (in entry order).
 
     Lists are written a group at a time (about ``memory_mib`` of codes): each segment's part of
@@ -299,7 +299,7 @@ def assemble(trained, paths: list[str], directory: str, *, memory_mib: float = M
     list, as if every key had been added in order) and written at their place in the lists file,
     with plain file writes. Under several processes every process calls this and writes its
     share of the groups; process 0 lays the files out first and renames them last (written
-    under ``.tmp`` names, :func:`index_shards.publish`). Returns what the manifest records.
+    under ``.tmp`` names, :func:`index_shards.publish`), its ``nprobe`` set. Returns what the manifest records.
     """
     t0 = time.time()
     heads = [_segment_head(p) for p in paths]
@@ -312,7 +312,7 @@ def assemble(trained, paths: list[str], directory: str, *, memory_mib: float = M
     index_path, ivfdata_path = os.path.join(directory, INDEX), os.path.join(directory, IVFDATA)
     offsets = index_shards.list_offsets(sizes, code_size)
     if processes.is_main:
-        index_shards.ondisk_layout(trained, sizes, index_path + ".tmp", ivfdata_path + ".tmp", IVFDATA)
+        index_shards.ondisk_layout(trained, sizes, index_path + ".tmp", ivfdata_path + ".tmp", IVFDATA, nprobe=nprobe)
     distributed.barrier(f"laid out {ivfdata_path}")
     groups = _list_groups(sizes * (code_size + 8), int(memory_mib * 2**18))  # parts, sorted copies, output
     mine = groups[processes.index :: processes.count] if processes.multi else groups

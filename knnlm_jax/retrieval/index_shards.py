@@ -106,7 +106,7 @@ def publish(index_tmp: str, ivfdata_tmp: str, index_path: str, ivfdata_path: str
 
 
 def ondisk_layout(trained_index: faiss.Index, sizes_L: np.ndarray, index_tmp: str, ivfdata_tmp: str,
-                  ivfdata_name: str) -> np.ndarray:
+                  ivfdata_name: str, *, nprobe: int | None = None) -> np.ndarray:
     """Write ``index_tmp``: the trained, empty IVF index with lists of ``sizes_L`` entries in a new
     zero-filled (sparse) ``ivfdata_tmp``, laid out as FAISS's ``set_all_lists_sizes`` lays them:
     list ``l`` at byte ``offsets[l]``, its codes (``size x code_size``) then its int64 ids.
@@ -125,7 +125,9 @@ def ondisk_layout(trained_index: faiss.Index, sizes_L: np.ndarray, index_tmp: st
     for stale in (index_tmp, ivfdata_tmp):
         if os.path.exists(stale):
             os.remove(stale)
-    index = faiss.deserialize_index(faiss.serialize_index(trained_index))
+    index = _clone_without_tables(trained_index)
+    if nprobe is not None:
+        faiss_index.set_nprobe(index, nprobe)
     ivf = faiss.extract_index_ivf(index)
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, ivfdata_tmp)
     offsets = list_offsets(sizes, ivf.code_size)
@@ -139,6 +141,17 @@ def ondisk_layout(trained_index: faiss.Index, sizes_L: np.ndarray, index_tmp: st
     faiss_index.faiss_write(index, index_tmp)
     del index, ivf, lists  # unmaps the (untouched) lists
     return offsets
+
+
+def _clone_without_tables(index: faiss.Index) -> faiss.Index:
+    """A copy of ``index`` to write, without IVF-PQ's precomputed search tables (lists x M x 256 floats:
+    128 MiB at 2,048 lists, more than the codes a bounded build holds), which writing does not need."""
+    limit = faiss.cvar.precomputed_table_max_bytes
+    faiss.cvar.precomputed_table_max_bytes = 0
+    try:
+        return faiss.deserialize_index(faiss.serialize_index(index))
+    finally:
+        faiss.cvar.precomputed_table_max_bytes = limit
 
 
 def list_offsets(sizes_L: np.ndarray, code_size: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 import os
 
+import faiss
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from knnlm_jax.datastore import codes
 from knnlm_jax.datastore.building import check_datastore
 from knnlm_jax.datastore.format import DatastoreError, open_datastore, read_manifest
 from knnlm_jax.retrieval.index import make_index, read_index, search
+from knnlm_jax.retrieval.searcher import index_lists
 
 FACTORY = "IVF4,PQ4"
 
@@ -23,7 +25,7 @@ def neighbours(index, queries, k=16, nprobe=4):
 
 def test_codes_only_build_indexes_the_same_codes_as_the_stored_keys(built, tmp_path):
     directory = tmp_path / "codes"
-    m = build_store(built, directory, keys="none", index_factory=FACTORY, nprobe=4)
+    m = build_store(built, directory, keys="none", index_factory=FACTORY, nprobe=2)
     assert m["status"] == "complete" and m["keys"] == "none" and m["index"]["ntotal"] == built.store.size
     assert not os.path.exists(directory / "keys.npy") and os.path.isfile(directory / "index.faiss")
     store = open_datastore(str(directory), built.signature)
@@ -31,6 +33,7 @@ def test_codes_only_build_indexes_the_same_codes_as_the_stored_keys(built, tmp_p
     np.testing.assert_array_equal(np.asarray(store.vals), np.asarray(built.store.vals))
     # the same trained index filled from the fp16 keys holds the same codes: same neighbours, same distances
     index = read_index(str(directory / "index.faiss"))
+    assert index_lists(index) == 4 and faiss.extract_index_ivf(index).nprobe == 2  # as built with nprobe 2
     reference = read_index(str(directory / "trained.faiss"))
     reference.add(np.asarray(built.store.keys, np.float32))
     queries = np.asarray(built.store.keys[::7][:60], np.float32)
