@@ -25,6 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from corpus_part import first_lines  # noqa: E402
 from knnlm_jax.core.hashing import file_sha256  # noqa: E402
 
 
@@ -97,13 +98,8 @@ def main() -> int:
     extra += ["--codes-memory", args.codes_memory] if args.codes_memory else []
     extra += ["--index", args.index] if args.index else []
     extra += ["--train-keys", args.train_keys] if args.train_keys else []
-    with open(os.path.join(args.data_dir, "train.txt")) as f:
-        lines = f.readlines()
     with tempfile.TemporaryDirectory() as tmp:
-        part_dir = os.path.join(tmp, "part")
-        os.makedirs(part_dir)
-        with open(os.path.join(part_dir, "train.txt"), "w") as f:
-            f.writelines(lines[: round(len(lines) * args.fraction)])
+        part_dir = first_lines(args.data_dir, args.fraction, os.path.join(tmp, "part"))
         full = timed_build(args.workdir, "memory-full", os.path.abspath(args.data_dir), extra)
         part = timed_build(args.workdir, "memory-part", part_dir, extra)
     kind = "no index" if args.keys == "fp16" else (f"--keys none, index assembled, --codes-memory {args.codes_memory}, "

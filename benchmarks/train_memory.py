@@ -46,18 +46,12 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=10000)
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "train_memory_wt2.json"))
     args = parser.parse_args()
+    from corpus_part import first_lines
     from knnlm_jax.core.report import write_json
 
     data_dir = os.path.abspath(args.data_dir)
-    with open(os.path.join(data_dir, "train.txt")) as f:
-        lines = f.readlines()
     with tempfile.TemporaryDirectory() as tmp:
-        part = os.path.join(tmp, "part")
-        os.makedirs(part)
-        with open(os.path.join(part, "train.txt"), "w") as f:
-            f.writelines(lines[: round(len(lines) * args.fraction)])
-        for split in ("valid", "test"):
-            os.symlink(os.path.join(data_dir, f"{split}.txt"), os.path.join(part, f"{split}.txt"))
+        part = first_lines(data_dir, args.fraction, os.path.join(tmp, "part"))
         full = timed_train(data_dir, os.path.join(tmp, "run-full"), args.steps, args.vocab)
         small = timed_train(part, os.path.join(tmp, "run-part"), args.steps, args.vocab)
     payload = dict(what=f"peak RSS of {args.steps} training updates and the final validation (wt2 config, "

@@ -146,6 +146,13 @@ def already_built(args, run: RunContext, directory: str, done: dict, data, proce
     if not same or args.no_index or (args.index and args.index != index) or done.get("keys", "fp16") != args.keys:
         check_writable(directory, False)  # refuses, with the hints
     open_checked(directory, run.config, run.vocab)  # built for this run's model and vocabulary
+    if processes.is_main and (done.get("index") or {}).get("ivfdata") and done.get("keys") == "none":
+        from knnlm_jax.datastore.codes import remove_segments
+        from knnlm_jax.datastore.format import shard_name
+
+        count = int(done.get("num_shards", 1)) if done.get("shard_entries") else 1
+        shards = [os.path.join(directory, shard_name(p, count)) for p in range(count)] if count > 1 else []
+        remove_segments([directory, *shards])  # left if stopped between recording the index and removing them
     if processes.is_main:
         args.say(f"datastore {os.path.basename(directory)} is already complete ({done['num_entries']} entries, "
                  f"index {index}): nothing to do (--overwrite rebuilds it, --index-only re-indexes it)")

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` from the symbols already loaded (no library search), or None."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def release_free_memory() -> bool:
@@ -12,10 +21,8 @@ def release_free_memory() -> bool:
     glibc keeps freed chunks of its heap for reuse, so a process that held a large sample for a
     while (e.g. an index's training keys) keeps that much resident afterwards; trimming returns it.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError, TypeError):
+    trim = _malloc_trim()
+    if trim is None:
         return False
     trim(0)
     return True

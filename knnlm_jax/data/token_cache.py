@@ -81,7 +81,8 @@ def _blocks(lines: Iterable[str], size: int):
 def _encode_shared(cache_dir: str, data: Split, vocab: Vocab, share: Share) -> str:
     """Encode ``data`` together (see the module docstring); returns the cache path (process 0 renamed it)."""
     fp, h = vocab.fingerprint(), hashlib.sha256()
-    tmp = os.path.join(cache_dir, f".{data.split}-{fp[:8]}-{share.count}")
+    source = hashlib.sha256(data.identity.encode("utf-8")).hexdigest()[:16]  # another text: another name
+    tmp = os.path.join(cache_dir, f".{data.split}-{source}-{fp[:8]}-{share.count}")
     lengths = []
     with open(f"{tmp}.part{share.index}", "wb") as part:
         for b, block in enumerate(_blocks(hashing(data.lines(), h), share.block_lines)):

@@ -130,10 +130,13 @@ class _Sample:
 
     def __init__(self, first_id: int):
         self.first_id, self.ids, self.keys = int(first_id), [], []
+        self._chosen = (None, None)  # (n_local, its sorted sample): drawn once, not per chunk
 
     def keep(self, keys_nxD: np.ndarray, start: int, n_local: int) -> None:
-        rng = np.random.default_rng([self.first_id, n_local])
-        chosen = np.sort(rng.choice(n_local, size=min(n_local, SAMPLE_SIZE), replace=False))
+        if self._chosen[0] != n_local:
+            rng = np.random.default_rng([self.first_id, n_local])
+            self._chosen = (n_local, np.sort(rng.choice(n_local, size=min(n_local, SAMPLE_SIZE), replace=False)))
+        chosen = self._chosen[1]
         here = chosen[(chosen >= start) & (chosen < start + len(keys_nxD))]
         self.ids += [self.first_id + int(i) for i in here]
         self.keys += [np.asarray(keys_nxD[i - start], np.float16) for i in here]
@@ -194,7 +197,9 @@ class CodeSegments:
                 for stale in (path, path + ".npz"):
                     if os.path.exists(stale):
                         os.remove(stale)
-            elif start == covered:
+            elif start != covered:  # a gap or an overlap: the segments no longer say which codes are whose
+                break
+            else:
                 covered = end
         if covered != progress:
             raise DatastoreError(f"{self.directory}: the code segments of this unfinished build cover entries "

@@ -70,7 +70,7 @@ def merge_on_disk(trained_index: faiss.Index, shard_index_paths: list[str], inde
         raise InputError("merge_on_disk needs at least one shard index")
     t0 = time.time()
     shards = [_read_shard(path, ivf_ref) for path in shard_index_paths]
-    merged = faiss.deserialize_index(faiss.serialize_index(trained_index))
+    merged = _clone_without_tables(trained_index)
     ivf = faiss.extract_index_ivf(merged)
     index_tmp, ivfdata_tmp = index_path + ".tmp", ivfdata_path + ".tmp"
     for stale in (index_tmp, ivfdata_tmp):

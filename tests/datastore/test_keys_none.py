@@ -118,6 +118,12 @@ def test_a_segment_past_progress_is_dropped_and_a_missing_one_refused(built, tmp
     os.remove(codes.segment_paths(str(gap))[1][2])  # a lost segment: its codes cannot be recovered
     with pytest.raises(DatastoreError, match="--overwrite"):
         build_store(built, gap, keys="none", index_factory=FACTORY, nprobe=4, memory_mib=0.01)
+    overlap = tmp_path / "overlap"
+    interrupted(overlap)
+    (first, _, path), (_, end, _) = codes.segment_paths(str(overlap))[:2]
+    shutil.copy(path, overlap / f"codes-{first}-{end}.seg")  # a stray segment over two others: refused, not merged
+    with pytest.raises(DatastoreError, match="--overwrite"):
+        build_store(built, overlap, keys="none", index_factory=FACTORY, nprobe=4, memory_mib=0.01)
 
 
 def test_train_keys_sets_the_training_sample(built, tmp_path):
@@ -162,6 +168,10 @@ def test_cli_keys_none_evaluates_approximately_and_refuses_exact(tmp_path):
     assert "codes only" in out.stdout
     out = build_py("--workdir", workdir, "--check", "codes", "--sample", "8", cwd=tmp_path)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    stray = os.path.join(workdir, "datastores", "codes", "codes-0-8.seg")  # as a build stopped just after recording
+    open(stray, "wb").close()
+    out = build_py("--workdir", workdir, "--datastore", "codes", "--keys", "none", "--index", FACTORY, cwd=tmp_path)
+    assert out.returncode == 0 and "nothing to do" in out.stdout and not os.path.exists(stray), out.stderr
     out = build_py("--workdir", workdir, "--datastore", "codes", "--index-only", cwd=tmp_path)
     assert out.returncode == 2 and "--keys none" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
