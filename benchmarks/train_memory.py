@@ -61,7 +61,7 @@ def main() -> int:
                    difference_mib=round((full["max_rss_kb"] - small["max_rss_kb"]) / 1024, 1))
     write_json(args.out, payload)
     print(f"full {full['train_tokens']:,} tokens: {full['max_rss_kb']:,} kB; part {small['train_tokens']:,}: "
-          f"{small['max_rss_kb']:,} kB; +{payload['difference_mib']} MiB -> {args.out}")
+          f"{small['max_rss_kb']:,} kB; {payload['difference_mib']:+.1f} MiB -> {args.out}")
     return 0
 
 

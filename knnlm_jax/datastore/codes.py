@@ -139,7 +139,7 @@ class _Sample:
         chosen = self._chosen[1]
         here = chosen[(chosen >= start) & (chosen < start + len(keys_nxD))]
         self.ids += [self.first_id + int(i) for i in here]
-        self.keys += [np.asarray(keys_nxD[i - start], np.float16) for i in here]
+        self.keys += [np.array(keys_nxD[i - start], np.float16) for i in here]  # a copy: a view keeps the chunk
 
     def load(self, path: str) -> None:
         with np.load(path) as f:

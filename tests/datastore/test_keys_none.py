@@ -186,3 +186,19 @@ def test_cli_keys_none_evaluates_approximately_and_refuses_exact(tmp_path):
     out = evaluate()
     assert out.returncode == 0, out.stderr
     assert "+kNN-LM" in out.stdout
+
+
+def test_the_check_sample_holds_copies_not_the_chunks_it_came_from():
+    """A kept key that viewed its chunk would keep every sampled chunk alive: memory growing with N."""
+    import gc
+    import weakref
+
+    sample = codes._Sample(first_id=0)
+    chunk = np.random.default_rng(0).normal(size=(1000, 16)).astype(np.float16)
+    alive = weakref.ref(chunk)
+    sample.keep(chunk, 0, 1000)
+    first = int(np.sort(np.random.default_rng([0, 1000]).choice(1000, size=256, replace=False))[0])
+    np.testing.assert_array_equal(sample.keys[0], chunk[first])
+    del chunk
+    gc.collect()
+    assert alive() is None and len(sample.keys) == 256
