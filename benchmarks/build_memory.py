@@ -115,8 +115,8 @@ def main() -> int:
             (full["codes_phase"]["peak_rss_kb"] - part["codes_phase"]["peak_rss_kb"]) / 1024, 1)
     write_json(out, payload)
     print(f"full {full['entries']:,} entries: {full['max_rss_kb']:,} kB; part {part['entries']:,}: "
-          f"{part['max_rss_kb']:,} kB; +{payload['difference_mib']} MiB"
-          + (f"; codes phase +{payload['codes_phase_difference_mib']} MiB" if "codes_phase_difference_mib" in payload
+          f"{part['max_rss_kb']:,} kB; {payload['difference_mib']:+.1f} MiB"
+          + (f"; codes phase {payload['codes_phase_difference_mib']:+.1f} MiB" if "codes_phase_difference_mib" in payload
              else "") + f" -> {out}")
     return 0
 
