@@ -80,7 +80,8 @@ class Scores:
 
     def neighbours(self, i: int, context: int = 8) -> list[tuple]:
         """Target ``i``'s neighbours, nearest first: ``(datastore id, distance, value, datastore text)``
-        where the text is the ``context`` tokens before the entry and its value in brackets."""
+        where the text is the ``context`` tokens before the entry and its value in brackets, on one line
+        (a subword text's newlines and the value's spaces shown as marks)."""
         if self.files.ids is None:
             return []
         vals = self.store.datastore.vals
@@ -89,8 +90,8 @@ class Scores:
             if entry < 0:
                 continue
             value = self.vocab.words[int(vals[entry])]
-            before = self.vocab.decode(vals[max(0, int(entry) - context) : int(entry)])
-            out.append((int(entry), float(dist), value, f"{before} [{value}]"))
+            before = self.vocab.shown(vals[max(0, int(entry) - context) : int(entry)])
+            out.append((int(entry), float(dist), value, f"{before} [{self.vocab.shown_token(vals[entry])}]"))
         return out
 
 

@@ -68,7 +68,7 @@ def explanation(vocab, steps, mixing) -> str:
     """Per token: p_LM, p_kNN, the mixture, which share was larger, and the nearest neighbours' values."""
     import math
 
-    shown = (lambda t: repr(vocab.words[t])) if hasattr(vocab, "encode_text") else (lambda t: vocab.words[t])  # noqa: E731
+    shown = vocab.shown_token
     lines = [f"\n# per token: p_LM, p_kNN, the mixture (lambda {mixing.lmbda:g}, kNN temperature "
              f"{mixing.temperature:.4g}); source: the larger share of the mixture"]
     for s in steps:

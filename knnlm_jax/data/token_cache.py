@@ -1,15 +1,15 @@
 """A split's int32 token array: encoded in chunks into a cached ``.npy``, returned memory-mapped.
 
 Under several processes (:class:`Share`) each encodes every P-th block of lines and writes it
-at its place in the one array: the same bytes as one process encoding it all, since every
-vocabulary here encodes a line on its own.
+at its place in the one array: the same bytes as one process encoding it all, since a block
+ends only where the vocabulary's encoding may restart (any line for words; see
+:func:`~knnlm_jax.data.subword.restartable` for a subword text).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import os
 import struct
 import tempfile
@@ -19,7 +19,7 @@ import numpy as np
 
 from knnlm_jax.data.corpus import Split, hashing
 from knnlm_jax.core.interrupts import cleanup_on_interrupt
-from knnlm_jax.data.vocab import CHUNK_LINES, Vocab
+from knnlm_jax.data.vocab import CHUNK_LINES, Vocab, line_runs
 
 _NPY_HEADER_BYTES = 128  # fixed, so the provisional header can be rewritten in place
 
@@ -46,8 +46,11 @@ def _write_tokens(path: str, chunks: Iterable[np.ndarray]) -> int:
     return n
 
 
-def _token_path(cache_dir: str, split: str, sha256: str, vocab_fingerprint: str) -> str:
-    return os.path.join(cache_dir, f"{split}-{sha256[:16]}-{vocab_fingerprint[:8]}.npy")
+def _token_path(cache_dir: str, split: str, sha256: str, vocab) -> str:
+    """The cache's name: the text, the vocabulary and, for a subword one, that the text was encoded whole
+    (an array of lines encoded one by one, as before, is not reused)."""
+    tag = "-text" if hasattr(vocab, "encode_text") else ""
+    return os.path.join(cache_dir, f"{split}-{sha256[:16]}-{vocab.fingerprint()[:8]}{tag}.npy")
 
 
 def _load_cached(path: str) -> np.ndarray | None:
@@ -72,12 +75,6 @@ class Share:
     block_lines: int = CHUNK_LINES
 
 
-def _blocks(lines: Iterable[str], size: int):
-    it = iter(lines)
-    while block := list(itertools.islice(it, size)):
-        yield block
-
-
 def _encode_shared(cache_dir: str, data: Split, vocab: Vocab, share: Share) -> str:
     """Encode ``data`` together (see the module docstring); returns the cache path (process 0 renamed it)."""
     fp, h = vocab.fingerprint(), hashlib.sha256()
@@ -85,7 +82,7 @@ def _encode_shared(cache_dir: str, data: Split, vocab: Vocab, share: Share) -> s
     tmp = os.path.join(cache_dir, f".{data.split}-{source}-{fp[:8]}-{share.count}")
     lengths = []
     with open(f"{tmp}.part{share.index}", "wb") as part:
-        for b, block in enumerate(_blocks(hashing(data.lines(), h), share.block_lines)):
+        for b, block in enumerate(line_runs(hashing(data.lines(), h), share.block_lines, vocab.starts_fresh)):
             ids = vocab.encode(block) if b % share.count == share.index else np.zeros(0, np.int32)
             part.write(np.ascontiguousarray(ids, "<i4").tobytes())
             lengths.append(len(ids))
@@ -104,7 +101,7 @@ def _encode_shared(cache_dir: str, data: Split, vocab: Vocab, share: Share) -> s
         os.fsync(out.fileno())
     os.remove(f"{tmp}.part{share.index}")
     share.barrier(f"encoded {tmp}")
-    path = _token_path(cache_dir, data.split, h.hexdigest(), fp)
+    path = _token_path(cache_dir, data.split, h.hexdigest(), vocab)
     if share.index == 0:
         if h.hexdigest() != data.known_sha256():
             data.record_sha256(h.hexdigest())
@@ -122,9 +119,8 @@ def load_tokens(cache_dir: str, data: Split, vocab: Vocab, share: Share | None =
     by all of them together (every process must call this).
     """
     os.makedirs(cache_dir, exist_ok=True)
-    fp = vocab.fingerprint()
     known = data.known_sha256()
-    cached = None if known is None else _load_cached(_token_path(cache_dir, data.split, known, fp))
+    cached = None if known is None else _load_cached(_token_path(cache_dir, data.split, known, vocab))
     if share is not None and share.count > 1:
         everyone = np.asarray(share.allgather(np.asarray([cached is not None], np.int64)))
         if everyone.all():
@@ -140,7 +136,7 @@ def load_tokens(cache_dir: str, data: Split, vocab: Vocab, share: Share | None =
             _write_tokens(tmp, vocab.encode_chunks(hashing(data.lines(), h)))
         if h.hexdigest() != known:  # unknown until now (or a stale fingerprint entry)
             data.record_sha256(h.hexdigest())
-        path = _token_path(cache_dir, data.split, data.sha256, fp)
+        path = _token_path(cache_dir, data.split, data.sha256, vocab)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -30,6 +30,20 @@ def chunks(lines: Iterable[str], size: int | None = None) -> Iterator[list[str]]
         yield chunk
 
 
+def line_runs(lines: Iterable[str], size: int, fresh=lambda previous, line: True) -> Iterator[list[str]]:
+    """``lines`` in runs of at least ``size`` (the last may be shorter), each run ending just before
+    a line where ``fresh(previous line, line)``: where a vocabulary's encoding may start afresh (see
+    ``starts_fresh``). A run grows without bound where no such line comes."""
+    run: list[str] = []
+    for line in lines:
+        if len(run) >= size and fresh(run[-1], line):
+            yield run
+            run = []
+        run.append(line)
+    if run:
+        yield run
+
+
 class Vocab:
     """An immutable word <-> id mapping."""
 
@@ -104,6 +118,18 @@ class Vocab:
 
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(self.words[int(i)] for i in ids)
+
+    @staticmethod
+    def starts_fresh(previous: str, line: str) -> bool:
+        """Every line is encoded on its own: an encoding may restart at any line."""
+        return True
+
+    def shown(self, ids: Iterable[int]) -> str:
+        """Text for a reader: the words, spaced."""
+        return self.decode(ids)
+
+    def shown_token(self, i: int) -> str:
+        return self.words[int(i)]
 
     def fingerprint(self) -> str:
         """sha256 of the ordered word list: identifies the vocabulary in manifests and caches."""

@@ -56,25 +56,27 @@ function show(i, span) {{
   for (const s of box.querySelectorAll(".sel")) s.classList.remove("sel");
   span.classList.add("sel");
   const t = D.tokens[i];
-  let h = `<h3>${{esc(t.w)}}</h3><table><tr><th>p_LM</th><th>p_kNN</th><th>mixed</th><th>log gain</th></tr>` +
+  let h = `<h3>${{esc(t.s)}}</h3><table><tr><th>p_LM</th><th>p_kNN</th><th>mixed</th><th>log gain</th></tr>` +
     `<tr><td>${{t.lm.toExponential(3)}}</td><td>${{t.knn.toExponential(3)}}</td><td>${{t.mix.toExponential(3)}}</td>` +
     `<td>${{t.g.toFixed(3)}}</td></tr></table>` +
-    `<p>context: <span class="ctx">${{esc(t.ctx)}}</span> <b>${{esc(t.w)}}</b></p>`;
+    `<p>context: <span class="ctx">${{esc(t.ctx)}}</span> <b>${{esc(t.s)}}</b></p>`;
   h += `<h4>nearest neighbours (λ ${{D.lmbda}}, T ${{D.temperature.toPrecision(4)}})</h4>` +
     `<table class="nb"><tr><th>#</th><th>distance</th><th>weight</th><th>datastore text → value</th></tr>`;
   t.nb.forEach((n, j) => {{
-    h += `<tr class="${{n.v === t.w ? "hit" : ""}}"><td>${{j + 1}}</td><td>${{n.d.toFixed(2)}}</td>` +
+    h += `<tr class="${{n.v === t.s ? "hit" : ""}}"><td>${{j + 1}}</td><td>${{n.d.toFixed(2)}}</td>` +
       `<td>${{n.p.toFixed(3)}}</td><td><span class="ctx">${{esc(n.c)}}</span> → <b>${{esc(n.v)}}</b></td></tr>`;
   }});
   detail.innerHTML = h + "</table>";
 }}
 D.tokens.forEach((t, i) => {{
-  if (t.w === "</s>" || t.w === "\\n") {{ box.appendChild(document.createElement("br")); return; }}
+  if (t.w === "</s>") {{ box.appendChild(document.createElement("br")); return; }}
   const s = document.createElement("span");
-  s.className = "t"; s.dataset.i = i; s.textContent = t.w; s.title = `log gain ${{t.g.toFixed(3)}}`;
+  s.className = "t"; s.dataset.i = i; s.title = `log gain ${{t.g.toFixed(3)}}`;
+  s.textContent = D.subword ? t.w.replace(/\\n/g, "\u21b5") : t.w;  // a newline token stays clickable
   s.addEventListener("click", () => show(i, s));
   box.appendChild(s);
   if (!D.subword) box.appendChild(document.createTextNode(" "));  // subword tokens carry their own spaces
+  else for (const _ of t.w.matchAll(/\\n/g)) box.appendChild(document.createElement("br"));
 }});
 document.getElementById("skipunk").addEventListener("change", paint);
 paint();
@@ -93,12 +95,12 @@ def token_records(files, logp_knn_N, logp_mixed_N, vocab, vals_N, temperature: f
     for p in range(n):
         d, ids, weights = dists_NxK[p], ids_NxK[p], weights_NxK[p]
         found = np.flatnonzero(ids >= 0)[:neighbours]
-        nb = [dict(d=float(d[j]), p=float(weights[j]), v=vocab.words[int(vals_N[ids[j]])],
-                   c=vocab.decode(vals_N[max(0, int(ids[j]) - before) : int(ids[j])])) for j in found]
+        nb = [dict(d=float(d[j]), p=float(weights[j]), v=vocab.shown_token(vals_N[ids[j]]),
+                   c=vocab.shown(vals_N[max(0, int(ids[j]) - before) : int(ids[j])])) for j in found]
         lm, mixed = float(files.logp_lm[p]), float(logp_mixed_N[p])
         records.append(dict(w=vocab.words[int(tokens[p])], lm=float(np.exp(lm)), knn=float(np.exp(logp_knn_N[p])),
-                            mix=float(np.exp(mixed)), g=mixed - lm,
-                            ctx=vocab.decode(tokens[max(0, p - before) : p]), nb=nb))
+                            mix=float(np.exp(mixed)), g=mixed - lm, s=vocab.shown_token(tokens[p]),
+                            ctx=vocab.shown(tokens[max(0, p - before) : p]), nb=nb))
     return records
 
 

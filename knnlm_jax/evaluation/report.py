@@ -29,11 +29,11 @@ def helped_most(files: TokenFiles, logp_knn_N, logp_mixed_N, tokens_N, vocab, va
         found = []
         for j in np.flatnonzero(ids >= 0)[:neighbours]:
             i = int(ids[j])
-            found.append(dict(id=i, distance=float(d[j]), weight=float(weights[j]), value=vocab.words[int(vals_N[i])],
-                              hit=bool(files.hit[p, j]), before=vocab.decode(vals_N[max(0, i - before) : i]),
-                              after=vocab.decode(vals_N[i + 1 : i + 1 + after])))
-        examples.append(dict(position=p, context=vocab.decode(tokens_N[max(0, p - before) : p]),
-                             target=vocab.words[int(tokens_N[p])], after=vocab.decode(tokens_N[p + 1 : p + 1 + after]),
+            found.append(dict(id=i, distance=float(d[j]), weight=float(weights[j]), value=vocab.shown_token(vals_N[i]),
+                              hit=bool(files.hit[p, j]), before=vocab.shown(vals_N[max(0, i - before) : i]),
+                              after=vocab.shown(vals_N[i + 1 : i + 1 + after])))
+        examples.append(dict(position=p, context=vocab.shown(tokens_N[max(0, p - before) : p]),
+                             target=vocab.shown_token(tokens_N[p]), after=vocab.shown(tokens_N[p + 1 : p + 1 + after]),
                              gain=float(gain[p]),
                              p_lm=float(np.exp(files.logp_lm[p])), p_knn=float(np.exp(logp_knn_N[p])),
                              p_mixed=float(np.exp(logp_mixed_N[p])), neighbours=found))

