@@ -186,7 +186,8 @@ def build_entries(args, run: RunContext, directory: str, processes, text):
     windows = WindowSpec.from_config(config, "build")
     window, context = windows.length, windows.context
     spec = BuildSpec(
-        CorpusInfo(data.corpus, data.sha256, data.split, options), windows,
+        CorpusInfo(data.corpus, data.sha256, data.split, options, "text" if hasattr(vocab, "encode_text") else None),
+        windows,
         batch_size=config.eval_batch_size if args.batch_size is None else args.batch_size,
         index=IndexSpec(args.keys, args.index, args.nprobe or DEFAULT_NPROBE,
                         args.codes_memory or IndexSpec.memory_mib, args.train_keys),

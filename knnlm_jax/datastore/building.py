@@ -99,6 +99,7 @@ class CorpusInfo:
     sha256: str
     split: str
     options: dict = dataclasses.field(default_factory=dict)  # tfds_data_dir, text_feature
+    encoding: str | None = None  # "text": a subword vocabulary's encoding of the whole text (None: word by word)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +234,7 @@ def _rejoin(directory, trained, signature, tokens_N, eos, spec: BuildSpec, part:
 def _header(spec: BuildSpec, trained, signature: ModelSignature, n: int) -> dict:
     """The manifest fields of a build of ``n`` entries."""
     return dict(signature_fields(signature), corpus=spec.corpus.corpus, corpus_sha256=spec.corpus.sha256,
-                split=spec.corpus.split, num_entries=n, window=spec.windows.length, context=spec.windows.context,
+                split=spec.corpus.split, text_encoding=spec.corpus.encoding, num_entries=n, window=spec.windows.length, context=spec.windows.context,
                 batch_size=spec.batch_size, keys=spec.index.keys, checkpoint=trained.source,
                 corpus_options=dict(spec.corpus.options or {}), lm_scored=bool(spec.score_lm))
 

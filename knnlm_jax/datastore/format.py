@@ -31,7 +31,7 @@ KEY_DTYPE, VAL_DTYPE = np.float16, np.int32
 KEY_MODES = ("fp16", "none")  # keys stored for exact re-ranking, or only as the index's codes
 # what must be equal for a partial build to be resumed rather than started afresh
 BUILD_IDENTITY = ("model_fingerprint", "key_type", "dim", "vocab_fingerprint", "corpus_sha256", "split",
-                  "num_entries", "window", "context", "batch_size")
+                  "text_encoding", "num_entries", "window", "context", "batch_size")
 
 
 class DatastoreError(KnnlmError, ValueError):

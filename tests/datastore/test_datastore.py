@@ -198,6 +198,9 @@ def test_complete_datastores_are_kept_and_unfinished_ones_must_match(built, tmp_
     del writer
     with pytest.raises(DatastoreError, match="unfinished build with another corpus_sha256"):
         DatastoreWriter(directory, dict(header, corpus_sha256="0" * 64))
+    # a subword text encoded line by line (a manifest without text_encoding) is not resumed as a whole-text one
+    with pytest.raises(DatastoreError, match="unfinished build with another text_encoding"):
+        DatastoreWriter(directory, dict(header, text_encoding="text"))
 
 
 def test_unfinished_builds_of_another_format_or_key_mode_are_refused_one_process_or_sharded(built, tmp_path):
