@@ -20,6 +20,7 @@ from knnlm_jax.evaluation.settings import perplexity
 from knnlm_jax.evaluation.token_files import TokenFiles
 
 BLOCK_TOKENS = 1024  # tokens per resampled block: about an article's paragraph run at WikiText's scale
+MIN_BLOCKS = 30  # fewer tokens than this many blocks: smaller blocks (an interval needs blocks to resample)
 BOOTSTRAP_SAMPLES = 2000
 FREQUENCY_EDGES = (1, 10, 100, 1_000, 10_000)  # training counts that bound the buckets
 
@@ -80,11 +81,13 @@ def share_of_gain(base_ppl: float, at_k_ppl: float, at_max_ppl: float) -> float:
 def paired_bootstrap(logp_a_N, logp_b_N, block: int = BLOCK_TOKENS, samples: int = BOOTSTRAP_SAMPLES,
                      seed: int = 0, level: float = 0.95) -> dict:
     """The relative perplexity change from system a to b on the same tokens (``ppl_b / ppl_a - 1``) and
-    its ``level`` interval: contiguous blocks of ``block`` tokens resampled with replacement (the last,
-    shorter block too), both systems on the same draw. ``within_noise`` when the interval covers 0."""
+    its ``level`` interval: contiguous blocks of ``block`` tokens (fewer where that leaves under
+    ``MIN_BLOCKS`` blocks) resampled with replacement (the last, shorter block too), both systems on the
+    same draw. ``within_noise`` when the interval covers 0."""
     a, b = np.asarray(logp_a_N, np.float64), np.asarray(logp_b_N, np.float64)
     if a.shape != b.shape or a.ndim != 1 or not len(a):
         raise ValueError(f"paired_bootstrap needs two equal, non-empty 1-d arrays (got {a.shape}, {b.shape})")
+    block = max(1, min(int(block), len(a) // MIN_BLOCKS))
     starts = np.arange(0, len(a), block)
     diff_B = np.add.reduceat(b - a, starts)  # summed log-prob gain per block
     count_B = np.diff(np.append(starts, len(a)))

@@ -17,7 +17,7 @@ from helpers import ROOT, synthetic_lines
 pytestmark = pytest.mark.slow(2)
 
 EXPERIMENTS = ("table1", "precision", "table5", "table3", "table4", "figure7", "figure8")
-FIGURES = ("fig2_datastore_size.png", "fig4_k.png", "fig5_lambda.png", "fig7_ngram.png")
+FIGURES = ("fig2_datastore_size.png", "fig4_k.png", "fig5_lambda.png", "fig7_ngram.png", "fig_frequency.png")
 
 
 def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
@@ -55,7 +55,14 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
         assert (root / run / "vocab.txt").read_text() == wiki_vocab
 
     text = doc.read_text()
-    assert "Pending" not in text and "| claim | paper | ours | holds here |" in text
+    assert "Pending" not in text and "| claim | paper | ours | ours at T = 1 | change, 95% interval | holds here |" in text
+    claims = [c for name in EXPERIMENTS[:-1] for c in json.loads((results / f"{name}.json").read_text())["claims"]]
+    intervals = [c["interval"] for c in claims if "interval" in c]
+    assert len(intervals) >= 10 and all(i["low"] <= i["change"] <= i["high"] for i in intervals)
+    assert sum("t1" in c for c in claims) >= 10  # the paper's T = 1 beside the tuned T
+    table1 = json.loads((results / "table1.json").read_text())["table"]
+    assert table1["t1"]["lmbda"] >= 0 and [r["k"] for r in table1["k_retuned"]] == [1, 2, 4, 8]
+    assert abs(sum(b["share"] for b in table1["frequency"]) - 1) < 1e-9 and all(b["tokens"] for b in table1["frequency"])
     for name in EXPERIMENTS:
         payload = json.loads((results / f"{name}.json").read_text())
         assert payload["command"] == "python benchmarks/replicate.py --scale tiny"

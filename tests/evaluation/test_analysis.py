@@ -65,6 +65,8 @@ def test_the_bootstrap_interval_holds_the_change_and_says_when_it_is_noise():
     assert not steady["within_noise"] and steady["blocks"] == 50
     noise = analysis.paired_bootstrap(a, a + rng.normal(0, 1, 5000), block=100)
     assert noise["low"] < noise["change"] < noise["high"] and noise["within_noise"]
+    short = analysis.paired_bootstrap(a[:300], a[:300] + rng.normal(0, 1, 300))  # 1,024-token blocks: would be 1
+    assert short["block_tokens"] == 10 and short["blocks"] == 30 and short["low"] < short["high"]
     same = analysis.paired_bootstrap(a, a)
     assert same["change"] == 0 and same["low"] == same["high"] == 0 and same["within_noise"]
     with pytest.raises(ValueError, match="equal, non-empty"):

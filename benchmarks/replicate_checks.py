@@ -1,0 +1,94 @@
+"""What the replication report adds to each headline number from the saved per-token files: the
+paper's T = 1 beside our tuned T, λ and T re-tuned per k, paired bootstrap intervals, and the gain
+by the target's training frequency (``knnlm_jax.evaluation.analysis`` does the arithmetic)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+UNK = 3  # <unk>'s id in every word-level vocabulary here
+
+
+def token_files(eval_dir: str, split: str):
+    from knnlm_jax.evaluation.token_files import open_token_files
+
+    files = open_token_files(os.path.join(eval_dir, f"tokens-{split}"))
+    if files is None:
+        raise FileNotFoundError(f"{eval_dir}/tokens-{split}: no complete per-token files (run the suite again)")
+    return files
+
+
+def per_token(results: dict) -> dict:
+    """The evaluation's saved per-token log-probs on its split: ``lm``, ``mixed`` (the kNN-LM), ``cache``,
+    ``knn_cache`` where it had a cache."""
+    with np.load(results["files"]["logprobs"]) as saved:
+        return {name: np.asarray(saved[name], np.float64) for name in saved.files}
+
+
+def temperatures(eval_dir: str, results: dict) -> dict:
+    """The kNN-LM tuned as the evaluation did and at T = 1, on test when the evaluation scored test
+    (λ tuned on valid), else on valid alone (λ tuned and reported there, as the evaluation did)."""
+    from knnlm_jax.evaluation import analysis
+    from knnlm_jax.evaluation.mixing import tune_knn
+
+    valid = token_files(eval_dir, "valid")
+    k = int(results["knn"]["k"])
+    if results["split"] == "valid":
+        if results["tokens"] < valid.n:
+            valid = valid.head(int(results["tokens"]))
+        at_1 = tune_knn(valid, temperatures=(1.0,), k=k)
+        return dict(t1=dict(lmbda=float(at_1["lmbda"]), ppl=float(at_1["ppl"])))
+    test = token_files(eval_dir, "test")
+    at_1 = analysis.at_temperature(valid, test, 1.0, k)
+    return dict(t1=dict(lmbda=at_1.lmbda, ppl=at_1.test_ppl, valid_ppl=at_1.valid_ppl), t1_logp_N=at_1.test_logp_N)
+
+
+def interval(a_N, b_N) -> dict:
+    """The relative change from a to b on the same tokens with its 95% block-bootstrap interval."""
+    from knnlm_jax.evaluation import analysis
+
+    return analysis.paired_bootstrap(a_N, b_N)
+
+
+def interval_text(gap: dict) -> str:
+    return f"{percent(gap['change'])} [{percent(gap['low'])[:-1]}, {percent(gap['high'])[:-1]}]"
+
+
+def verdict(claim: dict) -> str:
+    """``yes``, ``**no**``, ``within noise`` (an interval covering 0) or ``yes, at the tuned T only``."""
+    gap = claim.get("interval")
+    if gap is not None and gap["within_noise"]:
+        return "within noise"
+    if not claim["holds"]:
+        return "**no**"
+    return "yes, at the tuned T only" if claim.get("holds_t1") is False else "yes"
+
+
+def per_k(eval_dir: str, results: dict, ks) -> list[dict]:
+    """Figure 4 with λ and T re-tuned on valid for each k (valid perplexity, as the figure)."""
+    from knnlm_jax.evaluation import analysis
+
+    valid = token_files(eval_dir, "valid")
+    return analysis.per_k(valid, [k for k in ks if k <= valid.k])
+
+
+def frequency(eval_dir: str, results: dict, counts_V) -> list[dict]:
+    """Test perplexity of the LM and the kNN-LM by the target's training count, <unk> apart."""
+    from knnlm_jax.evaluation import analysis
+
+    test, saved = token_files(eval_dir, "test"), per_token(results)
+    return analysis.frequency_buckets(test.targets, counts_V, saved["lm"], saved["mixed"], unk=UNK)
+
+
+def vocab_counts(workdir: str) -> np.ndarray:
+    """Each word's training count, from the run's vocabulary."""
+    from knnlm_jax import runs
+
+    vocab = runs.load_vocab(workdir, runs.run_config(workdir))
+    return np.asarray(vocab.counts, np.int64)
+
+
+def percent(change: float) -> str:
+    return f"{100 * change:+.1f}%".replace("-", "−")
