@@ -158,17 +158,18 @@ def plan(scale: Scale, data: str, root: str, suite: tuple = ()) -> list[Step]:
     steps.append(Step("eval-table3", "Table 3: the quarter LM with the whole train datastore, on test",
                       tool("evaluate.py", "--workdir", quarter, "--datastore", "wt2-all", "--split", "test", *k,
                            "--out", os.path.join(quarter, "eval", "table3"))))
+    wikitext = ("--tokenize", "wikitext")  # domain text read as the Wikipedia LM's corpus was tokenised
     for domain in DOMAINS:  # Table 4 and Figure 5: the Wikipedia LM with another domain's datastore
         corpus, own = os.path.join(data, domain), os.path.join(root, domain)
         steps += [
             Step(f"build-wiki-{domain}", f"the Wikipedia LM's datastore over {domain} train",
-                 **build(wiki, domain, "--corpus", corpus)),
+                 **build(wiki, domain, "--corpus", corpus, *wikitext)),
             Step(f"eval-wiki-{domain}", f"Table 4: the Wikipedia LM + {domain} datastore on {domain} test",
-                 tool("evaluate.py", "--workdir", wiki, "--datastore", domain, "--corpus", corpus, "--split", "test",
-                      *k, "--out", os.path.join(wiki, "eval", domain))),
+                 tool("evaluate.py", "--workdir", wiki, "--datastore", domain, "--corpus", corpus, *wikitext,
+                      "--split", "test", *k, "--out", os.path.join(wiki, "eval", domain))),
             Step(f"train-{domain}", f"Table 4: an in-domain LM on {domain}, in the Wikipedia vocabulary",
                  tool("train.py", *scale.lm, "--set", f"max_steps={scale.domain_steps}", "--workdir", own,
-                      "--data_dir", corpus, "--vocab", vocab)),
+                      "--data_dir", corpus, *wikitext, "--vocab", vocab)),
             Step(f"build-{domain}", f"the in-domain LM's datastore over {domain} train", **build(own, "train")),
             Step(f"eval-{domain}", f"Table 4 and Figure 5: the in-domain LM (+ its datastore) on {domain} test",
                  tool("evaluate.py", "--workdir", own, "--datastore", "train", "--split", "test", *k,

@@ -20,8 +20,8 @@ from knnlm_jax.data.windows import WindowSpec
 
 
 def corpus_options(args, recorded: dict | None = None) -> dict:
-    """``tfds_data_dir`` and ``text_feature``: the options given, else ``recorded``, else the defaults."""
-    options = dict(tfds_data_dir=None, text_feature="text")
+    """``tfds_data_dir``, ``text_feature`` and ``tokenize``: the options given, else ``recorded``, else the defaults."""
+    options = dict(tfds_data_dir=None, text_feature="text", tokenize=None)
     options.update({k: v for k, v in (recorded or {}).items() if k in options and v is not None})
     options.update({k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
     return options
@@ -37,6 +37,7 @@ class BuildOptions:
     data_dir: str | None = None  # where the run's corpus is now
     tfds_data_dir: str | None = None
     text_feature: str | None = None
+    tokenize: str | None = None
     overwrite: bool = False
     index_only: bool = False
     index: str | None = None  # a FAISS factory string

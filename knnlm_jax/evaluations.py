@@ -13,7 +13,7 @@ from knnlm_jax import runs
 from knnlm_jax.datastore.format import DatastoreError, build_command
 from knnlm_jax.evaluation.settings import EvaluationError, Settings
 
-CORPUS_OPTIONS = ("tfds_data_dir", "text_feature")  # how a tfds: or wiki3b corpus is read
+CORPUS_OPTIONS = ("tfds_data_dir", "text_feature", "tokenize")  # how a corpus is read
 
 
 def settings_for_store(settings: Settings, datastore, exact: bool | None, search: str) -> Settings:
@@ -60,13 +60,15 @@ def check_store(ds, searcher, settings: Settings) -> None:
 
 
 def with_datastore_options(manifest: dict, source: str, given: dict, log) -> dict:
-    """``given`` completed by the options the datastore was built with when ``source`` reads the same TFDS
-    dataset (its text feature, its data directory); a given option that differs is said, not silently used."""
+    """``given`` completed by the options the datastore was built with when ``source`` is the datastore's
+    corpus (the same directory or file, or the same TFDS dataset: its text feature, its data directory, its
+    tokenisation); a given option that differs is said, not silently used."""
     from knnlm_jax.data.tfds_source import dataset_of
 
     built = manifest.get("corpus_options") or {}
-    dataset = dataset_of(source)
-    if dataset is None or dataset != dataset_of(manifest.get("corpus")):
+    dataset, corpus = dataset_of(source), manifest.get("corpus")
+    same_text = bool(corpus) and os.path.exists(source) and os.path.abspath(source) == os.path.abspath(corpus)
+    if not same_text and (dataset is None or dataset != dataset_of(corpus)):
         return given
     for key in CORPUS_OPTIONS:
         if built.get(key) and given.get(key) and given[key] != built[key]:

@@ -186,22 +186,24 @@ def run_corpus(config) -> str:
 
 
 def corpus_options(config) -> dict:
-    """The corpus options (``tfds_data_dir``, ``text_feature``) the run was trained with."""
+    """The corpus options (``tfds_data_dir``, ``text_feature``, ``tokenize``) the run was trained with."""
     return dict(config.derived.get("corpus_options") or {}) if "derived" in config else {}
 
 
 def split_tokens(workdir: str, vocab: Vocab, source: str, split: str, *, tfds_data_dir: str | None = None,
-                 text_feature: str = "text", share=None):
+                 text_feature: str = "text", tokenize: str | None = None, share=None):
     """``(Split, int32 tokens memory-mapped)`` of a corpus split in the run's vocabulary.
 
     Token arrays and the corpus fingerprint cache live in ``<workdir>/tokens/``; ``tfds_data_dir`` and
-    ``text_feature`` (see :func:`cli.corpus_options`) apply to ``tfds:`` and ``wiki3b`` sources. A
+    ``text_feature`` (see :func:`cli.corpus_options`) apply to ``tfds:`` and ``wiki3b`` sources; ``tokenize``
+    (``"wikitext"``) to every source. A
     ``share`` (:class:`~knnlm_jax.data.token_cache.Share`) encodes it with every process of a launch.
     """
     from knnlm_jax.data import token_cache  # NumPy
 
     cache = os.path.join(workdir, "tokens")
-    data = read_split(source, split, tfds_data_dir=tfds_data_dir, text_feature=text_feature, cache_dir=cache)
+    data = read_split(source, split, tfds_data_dir=tfds_data_dir, text_feature=text_feature, tokenize=tokenize,
+                      cache_dir=cache)
     return data, token_cache.load_tokens(cache, data, vocab, share)
 
 

@@ -37,6 +37,10 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = "tiny
     parser.add_argument("--text-feature", "--text_feature", dest="text_feature", default=None, metavar="NAME",
                         help="the text feature of tfds: corpora (default text, or what the run was trained "
                              "with); split on newlines into lines")
+    parser.add_argument("--tokenize", default=None, choices=("wikitext",),
+                        help="split each line's punctuation off as WikiText is (@-@, @,@, @.@), for raw text read "
+                             "by a model of WikiText's vocabulary (default: as the run or datastore was made; "
+                             "recorded in the manifest)")
 
 
 def corpus_options(args, recorded: dict | None = None) -> dict:

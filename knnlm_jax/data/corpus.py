@@ -171,18 +171,34 @@ def _open_source(source: str, split: str, tfds_data_dir: str | None, text_featur
     raise CorpusError(f"{source}: no such data directory or file")
 
 
+TOKENIZERS = ("wikitext",)  # what ``tokenize`` may name
+
+
+def _tokenized(open_lines: Callable[[], Iterable[str]], identity: str, tokenize: str | None):
+    """``open_lines`` with each line tokenised as ``tokenize`` says (``None``: as it is), and its identity."""
+    if tokenize is None:
+        return open_lines, identity
+    if tokenize not in TOKENIZERS:
+        raise CorpusError(f"tokenize {tokenize!r}: choose one of {', '.join(TOKENIZERS)}")
+    from knnlm_jax.data.wikitext import wikitext_tokenize
+
+    return (lambda: (wikitext_tokenize(line) for line in open_lines())), f"{identity}:tokenize={tokenize}"
+
+
 def read_split(source: str, split: str, *, tfds_data_dir: str | None = None, text_feature: str = "text",
-               cache_dir: str | None = None) -> Split:
+               tokenize: str | None = None, cache_dir: str | None = None) -> Split:
     """``split`` of ``source`` as a :class:`Split` (streamed; nothing is read whole).
 
     ``source``: ``""``/``wiki-offline``, a WikiText directory, a text file, ``tfds:NAME[/CONFIG][:SPLIT]``
     or ``wiki3b``. ``tfds_data_dir`` (default: env ``TFDS_DATA_DIR``, else TFDS's default) and
-    ``text_feature`` apply to TFDS sources; ``cache_dir`` holds the fingerprint cache.
+    ``text_feature`` apply to TFDS sources; ``tokenize="wikitext"`` splits each line's punctuation off as
+    WikiText is (its sha256 is of the tokenised text); ``cache_dir`` holds the fingerprint cache.
     A split without a non-blank line is an error (found without a full pass).
     """
     if split not in SPLITS:
         raise CorpusError(f"unknown split {split!r}; choose one of {SPLITS}")
     name, open_lines, identity = _open_source(source, split, tfds_data_dir, text_feature)
+    open_lines, identity = _tokenized(open_lines, identity, tokenize)
     if not any(line.strip() for line in open_lines()):
         raise CorpusError(f"{name}: the {split} split is empty")
     return Split(name, split, open_lines, identity, cache_dir)

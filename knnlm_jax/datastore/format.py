@@ -235,7 +235,8 @@ def resume_flags(manifest: dict) -> list[str]:
     """The build flags that recreate an unfinished build's identity (its corpus, split and key mode)."""
     flags = ["--corpus", str(manifest["corpus"]), "--split", str(manifest["split"])] if manifest.get("corpus") else []
     options = manifest.get("corpus_options") or {}
-    for key, flag in (("tfds_data_dir", "--tfds-data-dir"), ("text_feature", "--text-feature")):
+    for key, flag in (("tfds_data_dir", "--tfds-data-dir"), ("text_feature", "--text-feature"),
+                      ("tokenize", "--tokenize")):
         if options.get(key) is not None:
             flags += [flag, str(options[key])]
     if manifest.get("keys", "fp16") != "fp16":

@@ -101,6 +101,25 @@ def test_any_text_file_in_the_models_vocabulary(project):
     assert vals[4] == 3 and vals[6] == vals[11] == 2  # zebra is <unk>; each line ends with </s>
 
 
+def test_raw_text_tokenised_as_wikitext_is_recorded_and_followed_by_evaluation(project):
+    from knnlm_jax.evaluations import with_datastore_options
+
+    root, _ = project
+    text = root / "raw.txt"
+    text.write_text("The cat sat, on the mat.\nA dog-like cat ran 1,000 miles.\n")
+    plain = build_py("--corpus", str(text), "--datastore", "raw-plain", cwd=root)
+    tokenised = build_py("--corpus", str(text), "--datastore", "raw-wt", "--tokenize", "wikitext", cwd=root)
+    assert plain.returncode == 0 and tokenised.returncode == 0, plain.stderr + tokenised.stderr
+    m_plain, m_wt = (manifest(root / "runs" / "tiny" / "datastores" / n) for n in ("raw-plain", "raw-wt"))
+    assert m_plain["num_entries"] == 7 + 7 and m_wt["num_entries"] == 9 + 12  # "sat," vs "sat ,"; "dog @-@ like"
+    assert m_wt["corpus_options"]["tokenize"] == "wikitext" and m_plain["corpus_options"]["tokenize"] is None
+    assert m_wt["corpus_sha256"] != m_plain["corpus_sha256"]  # the sha256 is of the text as tokenised
+    notes = []
+    assert with_datastore_options(m_wt, str(text), {}, notes.append)["tokenize"] == "wikitext"
+    assert with_datastore_options(m_wt, str(root / "other.txt"), {}, notes.append) == {}  # another text: as given
+    assert with_datastore_options(m_wt, str(text), {"tokenize": "x"}, notes.append)["tokenize"] == "x" and notes
+
+
 def test_bad_input_is_one_line_on_stderr(project, tmp_path):
     root, _ = project
     stores = root / "runs" / "tiny" / "datastores"

@@ -49,6 +49,16 @@ def test_missing_split_empty_corpus_and_missing_dir_are_errors(tmp_path, wikitex
         corpus.read_split(str(tmp_path / "nowhere"), "train")
 
 
+def test_a_tokenised_split_is_another_text_with_its_own_identity(tmp_path):
+    path = tmp_path / "raw.txt"
+    path.write_text("Hello, world.\n\nIt's 3.5 km-long.\n")
+    raw, tokenised = corpus.read_split(str(path), "test"), corpus.read_split(str(path), "test", tokenize="wikitext")
+    assert list(tokenised.lines()) == ["Hello , world .", "", "It 's 3 @.@ 5 km @-@ long ."]
+    assert tokenised.identity != raw.identity and tokenised.sha256 != raw.sha256
+    with pytest.raises(corpus_error.CorpusError, match="tokenize 'moses': choose one of wikitext"):
+        corpus.read_split(str(path), "test", tokenize="moses")
+
+
 def test_token_cache_is_reused_and_rebuilt_when_the_text_changes(tmp_path, wikitext_dir):
     cache = str(tmp_path / "cache")
     data = corpus.read_split(wikitext_dir, "train", cache_dir=cache)
