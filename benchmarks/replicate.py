@@ -37,6 +37,8 @@ WIKI = "wikitext-2"
 DOMAINS = ("tinyshakespeare", "python-docs")
 KEY_TYPES = ("ffn_input_after_ln", "ffn_input_before_ln", "attn_output", "block_output", "final_output")
 FRACTIONS = (("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2), ("all", 1.0))
+LM_FRACTIONS = (("1_16", 1 / 16), ("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2))  # Table 3 as a mechanism
+MEMORISED = "1_8"  # Figure 8: the slice a dropout-free LM memorises
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +55,18 @@ class Scale:
     key_types: tuple  # Table 5's key types (the first is the default, with the main datastore)
     pq_factory: str  # the index at the paper's code precision (16 key dimensions per byte)
     pq_tokens: int  # valid and test tokens of that comparison
+    memorise_steps: int  # updates of Figure 8's dropout-free LM on its slice (valid scored only at the end)
 
 
 FULL = Scale("full", ("--config", "wt2"), quarter_steps=1000, domain_steps=600, k=1024, sweep_tokens=50_000,
-             ngram_orders=(2, 3, 4, 5), key_types=KEY_TYPES, pq_factory="IVF2048,PQ16", pq_tokens=40_000)
+             ngram_orders=(2, 3, 4, 5), key_types=KEY_TYPES, pq_factory="IVF2048,PQ16", pq_tokens=40_000,
+             memorise_steps=4000)
 TINY = Scale("tiny", ("--config", "tiny", "--set", "num_layers=1", "--set", "d_model=16", "--set", "num_heads=2",
                       "--set", "d_ff=32", "--set", "cutoffs=8,20", "--set", "tokens_per_sample=16", "--set",
                       "batch_size=4", "--set", "eval_batch_size=4", "--set", "max_steps=4", "--set", "warmup_steps=2",
                       "--set", "eval_every=4", "--set", "checkpoint_every=4", "--set", "log_every=1"),
              quarter_steps=2, domain_steps=2, k=8, sweep_tokens=300, ngram_orders=(2, 3), key_types=KEY_TYPES[:2],
-             pq_factory="PQ1", pq_tokens=300)  # the test's: every step kind, fewer of some
+             pq_factory="PQ1", pq_tokens=300, memorise_steps=4)  # the test's: every step kind, fewer of some
 SCALES = {s.name: s for s in (FULL, TINY)}
 
 
@@ -179,7 +183,79 @@ def plan(scale: Scale, data: str, root: str, suite: tuple = ()) -> list[Step]:
                       func=lambda: ngram_experiment(wiki, os.path.join(wiki, "eval", "table1"), scale.ngram_orders,
                                                     os.path.join(root, "ngram.json")),
                       shown=alone("ngram")))
+    steps += mechanism_steps(scale, data, root, alone)
     return steps
+
+
+def mechanism_steps(scale: Scale, data: str, root: str, alone) -> list[Step]:
+    """Table 3 as a mechanism (LMs on 1/16 ... 1/2 of WikiText-2 train, each to its best valid, each with
+    the all-train datastore) and Figure 8 (a dropout-free LM memorising a slice, interpolated with the
+    Wikipedia LM, against the Wikipedia LM with a datastore of that slice)."""
+    wiki = os.path.join(root, "wiki")
+    vocab, k = os.path.join(wiki, "vocab.txt"), ("--k", scale.k)
+    steps = [Step("data-lm-fractions", "prefixes of WikiText-2 train for the LM sweep (1/16 ... 1/2)",
+                  func=lambda: write_fractions(os.path.join(data, WIKI), os.path.join(root, "data"), LM_FRACTIONS),
+                  shown=alone("data-lm-fractions"))]
+    for tag, _ in LM_FRACTIONS:
+        run = os.path.join(root, f"wiki-lm-{tag}")
+        steps += [
+            Step(f"train-lm-{tag}", f"Table 3 sweep: an LM on {tag.replace('_', '/')} of WikiText-2 train, kept at "
+                 "its best valid", tool("train.py", *scale.lm, "--workdir", run, "--data_dir",
+                                        fraction_dir(data, root, tag), "--vocab", vocab)),
+            Step(f"build-lm-{tag}", "its datastore over all of WikiText-2 train",
+                 **build(run, "wt2-all", "--corpus", os.path.join(data, WIKI))),
+            Step(f"eval-lm-{tag}", "Table 3 sweep: it with and without that datastore on test (tuned on valid)",
+                 tool("evaluate.py", "--workdir", run, "--datastore", "wt2-all", "--split", "test", *k,
+                      "--out", os.path.join(run, "eval", "table3"))),
+        ]
+    memorise, part = os.path.join(root, "memorise"), fraction_dir(data, root, MEMORISED)
+    no_dropout = ("--set", "dropout=0", "--set", "adaptive_softmax_dropout=0", "--set",
+                  f"max_steps={scale.memorise_steps}", "--set", f"eval_every={scale.memorise_steps}")
+    steps += [
+        Step("train-memorise", f"Figure 8: an LM without dropout memorising {MEMORISED.replace('_', '/')} of "
+             "WikiText-2 train (its last checkpoint: valid is scored only at the end)",
+             tool("train.py", *scale.lm, *no_dropout, "--workdir", memorise, "--data_dir", part, "--vocab", vocab)),
+        Step("build-memorise", "its datastore over that slice (for its per-token files)", **build(memorise, "slice")),
+        Step("eval-memorise", "Figure 8: the memorising LM on valid and test",
+             tool("evaluate.py", "--workdir", memorise, "--datastore", "slice", "--split", "test", *k,
+                  "--out", os.path.join(memorise, "eval", "slice"))),
+        Step("build-wiki-slice", "the Wikipedia LM's datastore over the same slice",
+             **build(wiki, f"wt2-{MEMORISED}", "--corpus", part)),
+        Step("eval-wiki-slice", "Figure 8: the Wikipedia LM + that datastore on test (tuned on valid)",
+             tool("evaluate.py", "--workdir", wiki, "--datastore", f"wt2-{MEMORISED}", "--split", "test", *k,
+                  "--out", os.path.join(wiki, "eval", "slice"))),
+        Step("memorise", "Figure 8: the Wikipedia LM interpolated with the memorising LM (λ tuned on valid)",
+             func=lambda: memorise_experiment(os.path.join(wiki, "eval", "table1"), os.path.join(memorise, "eval",
+                                              "slice"), os.path.join(root, "memorise.json")),
+             shown=alone("memorise")),
+    ]
+    return steps
+
+
+def memorise_experiment(wiki_eval: str, memorise_eval: str, out: str) -> None:
+    """Figure 8: ``(1 - λ) p_wiki + λ p_memorised`` with λ tuned on valid, from both LMs' per-token files."""
+    import numpy as np
+
+    from knnlm_jax.evaluation.mixing import mix, nll_table
+    from knnlm_jax.evaluation.settings import LAMBDAS, perplexity
+    from knnlm_jax.evaluation.token_files import open_token_files
+
+    wiki = {s: open_token_files(os.path.join(wiki_eval, f"tokens-{s}")) for s in ("valid", "test")}
+    memo = {s: open_token_files(os.path.join(memorise_eval, f"tokens-{s}")) for s in ("valid", "test")}
+    for s in wiki:
+        if not np.array_equal(wiki[s].targets, memo[s].targets):
+            raise RuntimeError(f"the two LMs scored other {s} tokens")
+    table = nll_table(wiki["valid"].logp_lm, np.asarray(memo["valid"].logp_lm)[None], LAMBDAS)[0]
+    best = float(LAMBDAS[int(np.argmin(table))])
+    result = dict(lmbda=best, valid_ppl=float(np.exp(table.min())),
+                  test_ppl=perplexity(mix(wiki["test"].logp_lm, memo["test"].logp_lm, best)),
+                  wiki_valid_ppl=perplexity(wiki["valid"].logp_lm), wiki_test_ppl=perplexity(wiki["test"].logp_lm),
+                  memorised_valid_ppl=perplexity(memo["valid"].logp_lm),
+                  memorised_test_ppl=perplexity(memo["test"].logp_lm),
+                  lambda_grid=dict(lmbda=[float(x) for x in LAMBDAS], valid_ppl=np.exp(table).tolist()))
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(out + ".tmp", out)
 
 
 def _exact_vs_approximate():
@@ -192,11 +268,11 @@ def fraction_dir(data: str, root: str, tag: str) -> str:
     return os.path.join(data, WIKI) if tag == "all" else os.path.join(root, "data", f"{WIKI}-{tag}")
 
 
-def write_fractions(source: str, out_root: str) -> None:
+def write_fractions(source: str, out_root: str, fractions=FRACTIONS) -> None:
     """``<out_root>/wikitext-2-<tag>/``: the first fraction of train's lines; valid and test as they are."""
     with open(os.path.join(source, "train.txt"), encoding="utf-8") as f:
         lines = f.readlines()
-    for tag, fraction in FRACTIONS:
+    for tag, fraction in fractions:
         if fraction == 1.0:
             continue
         directory = os.path.join(out_root, f"{WIKI}-{tag}")

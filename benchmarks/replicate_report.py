@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 import replicate_checks as checks
+import replicate_mechanism as mechanism
 from knnlm_jax.evaluation import analysis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -474,11 +475,21 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                "Interpolated Kneser-Ney n-gram LMs (knnlm_jax/evaluation/ngram.py) fitted on the Wikipedia LM's training "
                "tokens, interpolated with that LM (λ tuned on valid), beside the kNN-LM; the figure shows test.",
                ["ngram"], ngram)
-    out.append(dict(name="figure8", title="Figure 8: a memorising LM", pending=[],
-                    not_run="not run: it needs an LM trained without dropout to near-zero training loss. The wt2 "
-                            "model (2 layers, d 256, 3.1M parameters) ends its 2,000 updates (4 epochs, about 1.5 "
-                            "hours here) at a training loss of 5.1 nats; memorising WikiText-2's 2.1M tokens would "
-                            "take tens of epochs, and a model with more capacity, beyond this CPU's budget."))
+    experiment("table3_sweep", "Table 3 as a mechanism: LMs on less data, each with the all-train datastore",
+               "LMs of the Wikipedia LM's architecture and vocabulary trained on the first 1/16, 1/8, 1/4 and 1/2 "
+               "of WikiText-2 train for the config's updates, each kept at its best valid checkpoint (their valid "
+               "curves below), each with a datastore over all of train; test, λ and T tuned on valid. The ratio "
+               "is the datastore's tokens over the LM's training tokens: the paper's Table 3 point is 30× (WIKI-3B "
+               "over WIKI-100M).",
+               ["data-lm-fractions", "train-lm-", "build-lm-", "eval-lm-", "eval-table1"],
+               lambda: mechanism.table3_sweep(root, doc_dir, _rows, _load, _plot))
+    experiment("figure8", "Figure 8: a memorising LM",
+               "An LM of the same architecture without dropout, trained on the first 1/8 of WikiText-2 train for "
+               f"{scale.memorise_steps:,} updates (its last checkpoint), interpolated with the Wikipedia LM (λ "
+               "tuned on valid), against the Wikipedia LM with a datastore over the same 1/8 (λ, T tuned on valid); "
+               "test.", ["train-memorise", "build-memorise", "eval-memorise", "build-wiki-slice", "eval-wiki-slice",
+                         "memorise"],
+               lambda: mechanism.figure8(root, _rows, _load))
     return out
 
 

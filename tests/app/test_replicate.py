@@ -16,8 +16,9 @@ from helpers import ROOT, synthetic_lines
 
 pytestmark = pytest.mark.slow(2)
 
-EXPERIMENTS = ("table1", "precision", "table5", "table3", "table4", "figure7", "figure8")
-FIGURES = ("fig2_datastore_size.png", "fig4_k.png", "fig5_lambda.png", "fig7_ngram.png", "fig_frequency.png")
+EXPERIMENTS = ("table1", "precision", "table5", "table3", "table4", "figure7", "table3_sweep", "figure8")
+FIGURES = ("fig2_datastore_size.png", "fig4_k.png", "fig5_lambda.png", "fig7_ngram.png", "fig_frequency.png",
+           "fig_table3_sweep.png")
 
 
 def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
@@ -56,7 +57,7 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
 
     text = doc.read_text()
     assert "Pending" not in text and "| claim | paper | ours | ours at T = 1 | change, 95% interval | holds here |" in text
-    claims = [c for name in EXPERIMENTS[:-1] for c in json.loads((results / f"{name}.json").read_text())["claims"]]
+    claims = [c for name in EXPERIMENTS for c in json.loads((results / f"{name}.json").read_text())["claims"]]
     intervals = [c["interval"] for c in claims if "interval" in c]
     assert len(intervals) >= 10 and all(i["low"] <= i["change"] <= i["high"] for i in intervals)
     assert sum("t1" in c for c in claims) >= 10  # the paper's T = 1 beside the tuned T
@@ -66,10 +67,14 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     for name in EXPERIMENTS:
         payload = json.loads((results / f"{name}.json").read_text())
         assert payload["command"] == "python benchmarks/replicate.py --scale tiny"
-        if name != "figure8":
-            assert payload["claims"] and all(c["ours"] and isinstance(c["holds"], bool) for c in payload["claims"])
-            assert payload["commands"] and all(c.startswith("python ") for c in payload["commands"])
-            assert payload["setup"] in text
+        assert payload["claims"] and all(c["ours"] and isinstance(c["holds"], bool) for c in payload["claims"])
+        assert payload["commands"] and all(c.startswith("python ") for c in payload["commands"])
+        assert payload["setup"] in text
+    sweep = json.loads((results / "table3_sweep.json").read_text())["table"]["points"]
+    assert [p["ratio"] for p in sweep] == [16, 8, 4, 2]
+    memorised = json.loads((results / "figure8.json").read_text())["table"]["memorise"]
+    assert 0 <= memorised["lmbda"] <= 1 and memorised["test_ppl"] <= max(memorised["wiki_test_ppl"],
+                                                                         memorised["memorised_test_ppl"])
     for figure in FIGURES:
         assert (doc.parent / figure).stat().st_size > 1000 and f"]({figure})" in text
 
