@@ -39,6 +39,8 @@ KEY_TYPES = ("ffn_input_after_ln", "ffn_input_before_ln", "attn_output", "block_
 FRACTIONS = (("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2), ("all", 1.0))
 LM_FRACTIONS = (("1_16", 1 / 16), ("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2))  # Table 3 as a mechanism
 MEMORISED = "1_8"  # Figure 8: the slice a dropout-free LM memorises
+STRONG_DOMAIN = "ptb"  # the strong LM's domain: Penn Treebank as the LM benchmark ships it (lower case, no
+# punctuation, <unk> and N for numbers), a form of text web pretraining rarely holds even where its news does
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +58,21 @@ class Scale:
     pq_factory: str  # the index at the paper's code precision (16 key dimensions per byte)
     pq_tokens: int  # valid and test tokens of that comparison
     memorise_steps: int  # updates of Figure 8's dropout-free LM on its slice (valid scored only at the end)
+    strong_tokens: int  # the strong LM's evaluations: valid tokens tuned on and test tokens scored (0: all)
+    strong_window: tuple  # its long-context evaluation: (window, context), the context at least the cache's 1,024
+    strong_pq: str  # its index at the paper's code precision (16 key dimensions per byte: PQ36 for 576)
 
 
 FULL = Scale("full", ("--config", "wt2"), quarter_steps=1000, domain_steps=600, k=1024, sweep_tokens=50_000,
              ngram_orders=(2, 3, 4, 5), key_types=KEY_TYPES, pq_factory="IVF2048,PQ16", pq_tokens=40_000,
-             memorise_steps=4000)
+             memorise_steps=4000, strong_tokens=100_000, strong_window=(2048, 1024), strong_pq="IVF4096,PQ36")
 TINY = Scale("tiny", ("--config", "tiny", "--set", "num_layers=1", "--set", "d_model=16", "--set", "num_heads=2",
                       "--set", "d_ff=32", "--set", "cutoffs=8,20", "--set", "tokens_per_sample=16", "--set",
                       "batch_size=4", "--set", "eval_batch_size=4", "--set", "max_steps=4", "--set", "warmup_steps=2",
                       "--set", "eval_every=4", "--set", "checkpoint_every=4", "--set", "log_every=1"),
              quarter_steps=2, domain_steps=2, k=8, sweep_tokens=300, ngram_orders=(2, 3), key_types=KEY_TYPES[:2],
-             pq_factory="PQ1", pq_tokens=300, memorise_steps=4)  # the test's: every step kind, fewer of some
+             pq_factory="PQ1", pq_tokens=300, memorise_steps=4, strong_tokens=300, strong_window=(32, 16),
+             strong_pq="PQ1")  # the test's: every step kind, fewer of some
 SCALES = {s.name: s for s in (FULL, TINY)}
 
 
@@ -111,9 +117,10 @@ def key_types(scale: Scale) -> tuple:
     return tuple(k for k in scale.key_types if not (same and k == "final_output"))
 
 
-def plan(scale: Scale, data: str, root: str, suite: tuple = ()) -> list[Step]:
+def plan(scale: Scale, data: str, root: str, suite: tuple = (), strong: tuple | None = None) -> list[Step]:
     """Every step, in an order that meets their dependencies; ``suite``: the options that name this suite on a
-    command line (``--scale``, ``--data``, ``--root``), for the commands shown for its function steps."""
+    command line (``--scale``, ``--data``, ``--root``), for the commands shown for its function steps;
+    ``strong``: ``(model, workdir)`` of the strong LM's experiments (``None``: none)."""
 
     def alone(name: str) -> list:  # a function step's command: the suite running that step only
         return ["benchmarks/replicate.py", *suite, "--step", name]
@@ -184,7 +191,46 @@ def plan(scale: Scale, data: str, root: str, suite: tuple = ()) -> list[Step]:
                                                     os.path.join(root, "ngram.json")),
                       shown=alone("ngram")))
     steps += mechanism_steps(scale, data, root, alone)
+    if strong is not None:
+        steps += strong_steps(scale, data, root, *strong, alone)
     return steps
+
+
+def strong_steps(scale: Scale, data: str, root: str, model: str, run: str, alone) -> list[Step]:
+    """A pretrained LM (``model``, run directory ``run``) with a WikiText-2 datastore: Table 1 with a context
+    at least as long as the cache and with the default one, exact vs approximate at the default index and
+    at the paper's precision, Figure 7 over its tokens, and domain adaptation to ``STRONG_DOMAIN``."""
+    wt2, domain = os.path.join(data, WIKI), os.path.join(data, STRONG_DOMAIN)
+    budget = ("--max-tokens", scale.strong_tokens, "--tune-tokens", scale.strong_tokens) if scale.strong_tokens else ()
+    test = ("--corpus", wt2, "--split", "test", "--k", scale.k, *budget)
+    window, context = scale.strong_window
+    long = ("--set", f"eval_window={window}", "--set", f"eval_context={context}")
+    pq = ["--workdir", run, "--data_dir", wt2, "--factory", scale.strong_pq, "--max-tokens", str(scale.strong_tokens),
+          "--k", str(scale.k), "--out", os.path.join(root, "exact_vs_approximate_strong.json")]
+    exact_vs_approximate = _exact_vs_approximate()
+    return [
+        Step("build-strong-train", f"the strong LM ({model}) and its datastore over WikiText-2 train",
+             **build(run, "train", "--model", model, "--corpus", wt2)),
+        Step("eval-strong-table1", f"Table 1, strong LM: test with the kNN-LM and the cache, context {context} "
+             "(at least the cache's)", tool("evaluate.py", "--workdir", run, "--datastore", "train", *test, "--cache",
+                                            *long, "--out", os.path.join(run, "eval", "table1-long"))),
+        Step("eval-strong-table1-short", "the same with the default context (the cache reaches beyond it)",
+             tool("evaluate.py", "--workdir", run, "--datastore", "train", *test, "--cache",
+                  "--out", os.path.join(run, "eval", "table1-short"))),
+        Step("eval-strong-approx", "exact vs approximate, strong LM: FAISS's own distances at the default index",
+             tool("evaluate.py", "--workdir", run, "--datastore", "train", *test, "--approximate",
+                  "--out", os.path.join(run, "eval", "table1-approx"))),
+        Step("exact-vs-approx-strong", f"exact vs approximate, strong LM, at {scale.strong_pq}",
+             func=lambda: exact_vs_approximate.main(pq), shown=["benchmarks/exact_vs_approximate.py", *pq]),
+        Step("ngram-strong", "Figure 7, strong LM: Kneser-Ney n-grams over its tokens of WikiText-2 train",
+             func=lambda: ngram_experiment(run, os.path.join(run, "eval", "table1-short"), scale.ngram_orders,
+                                           os.path.join(root, "ngram-strong.json"), wt2), shown=alone("ngram-strong")),
+        Step("build-strong-domain", f"the strong LM's datastore over {STRONG_DOMAIN} train",
+             **build(run, STRONG_DOMAIN, "--corpus", domain)),
+        Step("eval-strong-domain", f"domain adaptation, strong LM: + {STRONG_DOMAIN} datastore on its test",
+             tool("evaluate.py", "--workdir", run, "--datastore", STRONG_DOMAIN, "--corpus", domain, "--split", "test",
+                  "--k", scale.k, *budget, "--out", os.path.join(run, "eval", STRONG_DOMAIN))),
+    ]
 
 
 def mechanism_steps(scale: Scale, data: str, root: str, alone) -> list[Step]:
@@ -284,8 +330,9 @@ def write_fractions(source: str, out_root: str, fractions=FRACTIONS) -> None:
         os.replace(os.path.join(directory, "train.txt.tmp"), os.path.join(directory, "train.txt"))
 
 
-def ngram_experiment(workdir: str, eval_dir: str, orders, out: str) -> None:
-    """Figure 7: the LM interpolated with an n-gram LM of each order (λ tuned on valid), beside the kNN-LM."""
+def ngram_experiment(workdir: str, eval_dir: str, orders, out: str, corpus: str | None = None) -> None:
+    """Figure 7: the LM interpolated with an n-gram LM of each order (λ tuned on valid), beside the kNN-LM;
+    the n-grams are counted over ``corpus``'s train split (default: the run's corpus) in the LM's tokens."""
     import numpy as np
 
     from knnlm_jax import runs
@@ -296,7 +343,7 @@ def ngram_experiment(workdir: str, eval_dir: str, orders, out: str) -> None:
 
     config = runs.run_config(workdir)
     vocab = runs.load_vocab(workdir, config)
-    _, train = runs.split_tokens(workdir, vocab, runs.run_corpus(config), "train")
+    _, train = runs.split_tokens(workdir, vocab, corpus or runs.run_corpus(config), "train")
     files = {s: open_token_files(os.path.join(eval_dir, f"tokens-{s}")) for s in ("valid", "test")}
     lm = {s: np.asarray(f.logp_lm, np.float64) for s, f in files.items()}
     rows = []
@@ -381,6 +428,12 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=default_data,
                         help="the shared corpora (default ../shared/data)")
     parser.add_argument("--root", default=None, help="where runs, datastores and logs go (default runs/replicate)")
+    parser.add_argument("--strong-lm", default=None, metavar="MODEL",
+                        help="the strong LM's experiments with this pretrained LM (--model of build.py; default: "
+                             "smollm2 at --scale full, none at tiny; 'none' leaves them out)")
+    parser.add_argument("--strong-workdir", default=None, metavar="DIR",
+                        help="its run directory (default runs/smollm2 for smollm2, shared with "
+                             "benchmarks/eval_smollm2.sh and its datastore; else <root>/strong)")
     parser.add_argument("--results", default=os.path.join(ROOT, "results", "replicate"),
                         help="where the experiments' JSON go")
     parser.add_argument("--doc", default=os.path.join(ROOT, "docs", "RESULTS.md"), help="the report (figures beside it)")
@@ -394,7 +447,9 @@ def main(argv=None) -> int:
     os.chdir(ROOT)  # paths near the checkout are given relative to it: the commands shown are the ones run
     root = near(args.root or os.path.join(ROOT, "runs", "replicate" if scale is FULL else "replicate-tiny"))
     data = near(args.data)
-    missing = [c for c in (WIKI, *DOMAINS) if not os.path.isfile(os.path.join(data, c, "train.txt"))]
+    wanted = (WIKI, *DOMAINS) + ((STRONG_DOMAIN,) if (args.strong_lm or ("smollm2" if scale is FULL else "none"))
+                                 != "none" else ())
+    missing = [c for c in wanted if not os.path.isfile(os.path.join(data, c, "train.txt"))]
     if missing:
         print(f"replicate.py: error: {data} lacks {', '.join(missing)} (train.txt, valid.txt, test.txt each)",
               file=sys.stderr)
@@ -402,7 +457,13 @@ def main(argv=None) -> int:
     suite = ["--scale", args.scale] if scale is not FULL else []  # the options a pasted command needs
     suite += ["--data", data] if args.data != default_data else []
     suite += ["--root", root] if args.root else []
-    steps = plan(scale, data, root, tuple(suite))
+    model = args.strong_lm or ("smollm2" if scale is FULL else "none")
+    strong = None if model == "none" else (
+        model, near(args.strong_workdir or (os.path.join(ROOT, "runs", "smollm2") if model == "smollm2"
+                                            else os.path.join(root, "strong"))))
+    suite += ["--strong-lm", model] if args.strong_lm else []
+    suite += ["--strong-workdir", strong[1]] if args.strong_workdir and strong else []
+    steps = plan(scale, data, root, tuple(suite), strong)
     unknown = sorted(set(args.step or ()) - {s.name for s in steps})
     if unknown:
         print(f"replicate.py: error: no step {', '.join(unknown)} (python benchmarks/replicate.py --list names them)",

@@ -13,23 +13,26 @@ import time
 import pytest
 
 from helpers import ROOT, synthetic_lines
+from helpers.llama_fixture import tiny_weights, write_gguf
 
 pytestmark = pytest.mark.slow(2)
 
-EXPERIMENTS = ("table1", "precision", "table5", "table3", "table4", "figure7", "table3_sweep", "figure8")
+EXPERIMENTS = ("table1", "precision", "table5", "table3", "table4", "figure7", "table3_sweep", "figure8", "strong")
 FIGURES = ("fig2_datastore_size.png", "fig4_k.png", "fig5_lambda.png", "fig7_ngram.png", "fig_frequency.png",
            "fig_table3_sweep.png")
 
 
 def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     data = tmp_path / "data"
-    for i, corpus in enumerate(("wikitext-2", "tinyshakespeare", "python-docs")):
+    for i, corpus in enumerate(("wikitext-2", "tinyshakespeare", "python-docs", "ptb")):
         (data / corpus).mkdir(parents=True)
         for j, (split, n) in enumerate((("train", 300), ("valid", 30), ("test", 30))):
             (data / corpus / f"{split}.txt").write_text("\n".join(synthetic_lines(n, 10 * i + j)) + "\n")
     root, results, doc = tmp_path / "root", tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
+    strong = tmp_path / "strong.gguf"  # the strong LM's experiments with a tiny Llama in place of SmolLM2
+    write_gguf(strong, tiny_weights())
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "replicate.py"), "--scale", "tiny", "--data", str(data),
-           "--root", str(root), "--results", str(results), "--doc", str(doc)]
+           "--root", str(root), "--results", str(results), "--doc", str(doc), "--strong-lm", str(strong)]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
 
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -81,8 +84,9 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     # a function step's command, as the report shows it, reruns that step alone
     again = json.loads((results / "figure7.json").read_text())["commands"][-1]
     shown = [os.path.relpath(p, ROOT) if str(p).startswith(os.path.dirname(ROOT) + os.sep) else str(p)
-             for p in (data, root)]  # beside the checkout (as under /tmp): relative, as the report prints it
-    assert again == f"python benchmarks/replicate.py --scale tiny --data {shown[0]} --root {shown[1]} --step ngram"
+             for p in (data, root, strong)]  # beside the checkout (as under /tmp): relative, as the report prints it
+    assert again == (f"python benchmarks/replicate.py --scale tiny --data {shown[0]} --root {shown[1]} "
+                     f"--strong-lm {shown[2]} --step ngram")
     done = {p.name: p.stat().st_mtime_ns for p in (root / "done").glob("*.json")}
     (root / "done" / "ngram.json").unlink()
     rerun = subprocess.run([sys.executable, *again.split()[1:]], capture_output=True, text=True, env=env,
