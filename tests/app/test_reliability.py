@@ -213,7 +213,8 @@ def test_the_sampled_check_finds_one_damaged_block_of_many(tmp_path):
 
     n, d = 3 * HASH_BLOCK + 5, 2
     header = dict(model_fingerprint="m", key_type="k", dim=d, vocab_fingerprint="v", vocab_size=9, corpus="c",
-                  corpus_sha256="s", split="train", num_entries=n, window=4, context=2, batch_size=1)
+                  corpus_sha256="s", split="train", text_encoding=None, num_entries=n, window=4, context=2,
+                  batch_size=1)
     directory = str(tmp_path / "store")
     writer = DatastoreWriter(directory, header)
     rng = np.random.default_rng(0)
