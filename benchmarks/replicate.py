@@ -190,10 +190,9 @@ def plan(scale: Scale, data: str, root: str, suite: tuple = (), strong: tuple | 
                       func=lambda: ngram_experiment(wiki, os.path.join(wiki, "eval", "table1"), scale.ngram_orders,
                                                     os.path.join(root, "ngram.json")),
                       shown=alone("ngram")))
-    steps += mechanism_steps(scale, data, root, alone)
-    if strong is not None:
+    if strong is not None:  # before the mechanism experiments: the strong LM tests more of the paper's claims
         steps += strong_steps(scale, data, root, *strong, alone)
-    return steps
+    return steps + mechanism_steps(scale, data, root, alone)
 
 
 def strong_steps(scale: Scale, data: str, root: str, model: str, run: str, alone) -> list[Step]:
