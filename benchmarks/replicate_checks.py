@@ -82,6 +82,18 @@ def frequency(eval_dir: str, results: dict, counts_V) -> list[dict]:
     return analysis.frequency_buckets(test.targets, counts_V, saved["lm"], saved["mixed"], unk=UNK)
 
 
+def repeats(eval_dir: str, results: dict) -> dict:
+    """Test perplexity of the LM, the cache and the kNN-LM on the targets that occurred among the cache's
+    last ``size`` targets (what a cache can copy) and on the rest."""
+    from knnlm_jax.evaluation import analysis
+
+    test, saved = token_files(eval_dir, "test"), per_token(results)
+    size = int(results["cache"]["cache"]["size"])
+    split = analysis.perplexity_by(analysis.repeats_within(test.targets, size),
+                                   {name: saved[name] for name in ("lm", "cache", "mixed")})
+    return dict(split, window=size)
+
+
 def vocab_counts(workdir: str) -> np.ndarray:
     """Each word's training count, from the run's vocabulary."""
     from knnlm_jax import runs

@@ -5,6 +5,8 @@
 - :func:`paired_bootstrap`: an interval for the relative perplexity gap of two systems scored on
   the same tokens, resampling contiguous blocks (tokens within an article are not independent);
 - :func:`frequency_buckets`: the gain by how often the target occurs in the training data.
+- :func:`repeats_within` and :func:`perplexity_by`: the gain on tokens a cache of a given size could copy
+  and on the rest.
 
 Everything reads the files an evaluation already wrote: no forward pass, no search.
 """
@@ -122,3 +124,30 @@ def frequency_buckets(targets_N, counts_V, logp_lm_N, logp_knn_lm_N, unk: int | 
             rows.append(dict(bucket=label, tokens=int(m.sum()), share=float(m.mean()), lm_ppl=base,
                              knn_lm_ppl=knn_ppl, change=knn_ppl / base - 1))
     return rows
+
+
+def repeats_within(targets_N, window: int) -> np.ndarray:
+    """For each position, whether its target already occurred among the ``window`` targets before it in the
+    same stream: the tokens a continuous cache of that size can point at."""
+    targets = np.asarray(targets_N)
+    order = np.argsort(targets, kind="stable")  # positions grouped by token, ascending within each
+    pos = order.astype(np.int64)
+    same = np.zeros(len(targets), bool)
+    same[1:] = targets[order[1:]] == targets[order[:-1]]
+    gap = np.full(len(targets), np.iinfo(np.int64).max)
+    gap[1:] = pos[1:] - pos[:-1]
+    repeat_N = np.zeros(len(targets), bool)
+    repeat_N[pos] = same & (gap <= window)
+    return repeat_N
+
+
+def perplexity_by(mask_N, logp_by_system: dict) -> dict:
+    """Each system's perplexity on the masked tokens and on the rest, with the mask's share:
+    ``{"share": ..., "in": {system: ppl}, "out": {system: ppl}}`` (a side with no token is left out)."""
+    mask = np.asarray(mask_N, bool)
+    sides = {"in": mask, "out": ~mask}
+    out = dict(share=float(mask.mean()))
+    for side, m in sides.items():
+        if m.any():
+            out[side] = {name: perplexity(np.asarray(logp, np.float64)[m]) for name, logp in logp_by_system.items()}
+    return out
