@@ -83,15 +83,16 @@ def frequency(eval_dir: str, results: dict, counts_V) -> list[dict]:
 
 
 def repeats(eval_dir: str, results: dict) -> dict:
-    """Test perplexity of the LM, the cache and the kNN-LM on the targets that occurred among the cache's
-    last ``size`` targets (what a cache can copy) and on the rest."""
+    """Test perplexity of the LM, the cache and the kNN-LM by where the target last occurred: within the
+    context every scored token sees, only beyond it but within the cache's reach, or not in the cache."""
     from knnlm_jax.evaluation import analysis
 
     test, saved = token_files(eval_dir, "test"), per_token(results)
-    size = int(results["cache"]["cache"]["size"])
-    split = analysis.perplexity_by(analysis.repeats_within(test.targets, size),
-                                   {name: saved[name] for name in ("lm", "cache", "mixed")})
-    return dict(split, window=size)
+    size, context = int(results["cache"]["cache"]["size"]), int(results["context"])
+    gap_N = analysis.previous_gap(test.targets)
+    masks = {"context": gap_N <= context, "cache": (gap_N > context) & (gap_N <= size), "neither": gap_N > size}
+    rows = analysis.perplexity_by(masks, {name: saved[name] for name in ("lm", "cache", "mixed")})
+    return dict(context=context, size=size, rows={row.pop("label"): row for row in rows})
 
 
 def vocab_counts(workdir: str) -> np.ndarray:

@@ -5,8 +5,8 @@
 - :func:`paired_bootstrap`: an interval for the relative perplexity gap of two systems scored on
   the same tokens, resampling contiguous blocks (tokens within an article are not independent);
 - :func:`frequency_buckets`: the gain by how often the target occurs in the training data.
-- :func:`repeats_within` and :func:`perplexity_by`: the gain on tokens a cache of a given size could copy
-  and on the rest.
+- :func:`previous_gap` and :func:`perplexity_by`: the gain on tokens whose target recurs within the LM's context,
+  only within a cache's reach, or not at all.
 
 Everything reads the files an evaluation already wrote: no forward pass, no search.
 """
@@ -126,28 +126,31 @@ def frequency_buckets(targets_N, counts_V, logp_lm_N, logp_knn_lm_N, unk: int | 
     return rows
 
 
-def repeats_within(targets_N, window: int) -> np.ndarray:
-    """For each position, whether its target already occurred among the ``window`` targets before it in the
-    same stream: the tokens a continuous cache of that size can point at."""
+
+def previous_gap(targets_N) -> np.ndarray:
+    """For each position, how many positions back its target last occurred in the same stream (``inf``: never):
+    a continuous cache of ``size`` can copy the target where the gap is at most ``size``."""
     targets = np.asarray(targets_N)
     order = np.argsort(targets, kind="stable")  # positions grouped by token, ascending within each
-    pos = order.astype(np.int64)
-    same = np.zeros(len(targets), bool)
-    same[1:] = targets[order[1:]] == targets[order[:-1]]
-    gap = np.full(len(targets), np.iinfo(np.int64).max)
-    gap[1:] = pos[1:] - pos[:-1]
-    repeat_N = np.zeros(len(targets), bool)
-    repeat_N[pos] = same & (gap <= window)
-    return repeat_N
+    same = targets[order[1:]] == targets[order[:-1]]
+    gap_N = np.full(len(targets), np.inf)
+    gap_N[order[1:][same]] = (order[1:] - order[:-1])[same]
+    return gap_N
 
 
-def perplexity_by(mask_N, logp_by_system: dict) -> dict:
-    """Each system's perplexity on the masked tokens and on the rest, with the mask's share:
-    ``{"share": ..., "in": {system: ppl}, "out": {system: ppl}}`` (a side with no token is left out)."""
-    mask = np.asarray(mask_N, bool)
-    sides = {"in": mask, "out": ~mask}
-    out = dict(share=float(mask.mean()))
-    for side, m in sides.items():
+def repeats_within(targets_N, window: int) -> np.ndarray:
+    """Whether each target already occurred among the ``window`` targets before it."""
+    return previous_gap(targets_N) <= window
+
+
+def perplexity_by(masks: dict, logp_by_system: dict) -> list[dict]:
+    """Each system's perplexity on each labelled set of tokens: one row per non-empty mask,
+    ``dict(label, tokens, share, ppl={system: perplexity})``."""
+    rows = []
+    for label, mask_N in masks.items():
+        m = np.asarray(mask_N, bool)
         if m.any():
-            out[side] = {name: perplexity(np.asarray(logp, np.float64)[m]) for name, logp in logp_by_system.items()}
-    return out
+            rows.append(dict(label=label, tokens=int(m.sum()), share=float(m.mean()),
+                             ppl={name: perplexity(np.asarray(logp, np.float64)[m])
+                                  for name, logp in logp_by_system.items()}))
+    return rows

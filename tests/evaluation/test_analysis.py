@@ -97,22 +97,23 @@ def test_frequency_buckets_partition_the_tokens_with_unk_apart():
     assert by["10-99"]["knn_lm_ppl"] == pytest.approx(5.0) and by["10,000+"]["tokens"] == 3
 
 
-@pytest.mark.parametrize("window", [1, 3, 50])
-def test_repeats_within_a_window_match_a_loop_over_the_previous_targets(window):
-    targets = np.random.default_rng(window).integers(0, 12, 300)
-    ref = np.array([t in targets[max(0, i - window):i] for i, t in enumerate(targets)])
-    got = analysis.repeats_within(targets, window)
-    np.testing.assert_array_equal(got, ref)
-    assert got.any() and not got.all()
+
+def test_the_previous_gap_matches_a_loop_over_the_earlier_targets():
+    targets = np.random.default_rng(5).integers(0, 12, 300)
+    ref = [next((i - j for j in range(i - 1, -1, -1) if targets[j] == t), np.inf) for i, t in enumerate(targets)]
+    np.testing.assert_array_equal(analysis.previous_gap(targets), ref)
+    for window in (1, 3, 50):
+        within = analysis.repeats_within(targets, window)
+        np.testing.assert_array_equal(within, [t in targets[max(0, i - window):i] for i, t in enumerate(targets)])
 
 
-def test_perplexity_by_a_mask_splits_every_system_on_the_same_tokens():
+def test_perplexity_by_masks_scores_every_system_on_the_same_tokens():
     rng = np.random.default_rng(3)
     logp = {"lm": np.log(rng.uniform(0.01, 1, 200)), "cache": np.log(rng.uniform(0.01, 1, 200))}
     mask = rng.random(200) < 0.3
-    got = analysis.perplexity_by(mask, logp)
-    assert got["share"] == pytest.approx(mask.mean())
-    for name, lp in logp.items():
-        assert got["in"][name] == pytest.approx(perplexity(lp[mask]))
-        assert got["out"][name] == pytest.approx(perplexity(lp[~mask]))
-    assert "out" not in analysis.perplexity_by(np.ones(200, bool), logp)
+    rows = analysis.perplexity_by({"in": mask, "out": ~mask, "none": np.zeros(200, bool)}, logp)
+    assert [r["label"] for r in rows] == ["in", "out"]  # an empty set has no row
+    assert sum(r["tokens"] for r in rows) == 200 and rows[0]["share"] == pytest.approx(mask.mean())
+    for row, m in zip(rows, (mask, ~mask)):
+        for name, lp in logp.items():
+            assert row["ppl"][name] == pytest.approx(perplexity(lp[m]))
