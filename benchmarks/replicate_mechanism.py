@@ -11,15 +11,17 @@ from replicate_checks import percent
 PAPER_RATIO, PAPER_GAP = 30, 13.73 / 15.17 - 1  # WIKI-3B datastore over WIKI-100M LM data; vs the WIKI-3B LM
 
 
-def _valid_curve(run: str) -> tuple[list, list]:
-    steps, ppl = [], []
+def valid_curve(run: str) -> tuple[list, list]:
+    """A run's valid perplexity by update: one point per update (a resumed run logs some twice; the end
+    record repeats the last)."""
+    by_step = {}
     with open(os.path.join(run, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
-            if "valid_ppl" in row:
-                steps.append(row["step"])
-                ppl.append(row["valid_ppl"])
-    return steps, ppl
+            if "valid_ppl" in row and "event" not in row:
+                by_step[row["step"]] = row["valid_ppl"]
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 def table3_sweep(root: str, doc_dir: str, rows_of, load, plot) -> dict:
@@ -32,7 +34,7 @@ def table3_sweep(root: str, doc_dir: str, rows_of, load, plot) -> dict:
         run = os.path.join(root, f"wiki-lm-{tag}")
         r = load(os.path.join(run, "eval", "table3", "results.json"))
         t = rows_of(r)
-        steps, ppl = _valid_curve(run)
+        steps, ppl = valid_curve(run)
         best = min(range(len(ppl)), key=ppl.__getitem__)
         curves[tag.replace("_", "/")] = (steps, ppl)
         points.append(dict(fraction=tag.replace("_", "/"), ratio=1 / fraction, lm=t["base LM"], knn=t["+kNN-LM"],
