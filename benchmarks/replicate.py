@@ -84,6 +84,13 @@ class Step:
     func: object = None  # or a function of the suite (no arguments)
     ready: object = None  # () -> bool: its work is found done (a datastore complete and indexed)
     shown: list | None = None  # a function step's equivalent command line
+    prune: str | None = None  # an evaluation whose neighbour files the report never reads: removed once done
+
+
+def pruned(step: Step) -> Step:
+    """``step`` (an evaluate.py step) with its per-token neighbour files removed once it is done: the
+    report reads only its results.json and log-prob file, and at k = 1024 a whole split's files take ~2.5 GB."""
+    return dataclasses.replace(step, prune=step.argv[step.argv.index("--out") + 1])
 
 
 def tool(script: str, *args) -> list:
@@ -139,9 +146,9 @@ def plan(scale: Scale, data: str, root: str, suite: tuple = (), strong: tuple | 
         Step("eval-table1", "Table 1: test, + kNN-LM, + cache (tuned on valid); k and λ sweeps on valid",
              tool("evaluate.py", "--workdir", wiki, "--datastore", "train", "--split", "test", "--cache", *k,
                   "--out", os.path.join(wiki, "eval", "table1"))),
-        Step("eval-table1-approx", "exact vs approximate: FAISS's own distances, tuned on valid",
-             tool("evaluate.py", "--workdir", wiki, "--datastore", "train", "--split", "test", "--approximate", *k,
-                  "--out", os.path.join(wiki, "eval", "table1-approx"))),
+        pruned(Step("eval-table1-approx", "exact vs approximate: FAISS's own distances, tuned on valid",
+                    tool("evaluate.py", "--workdir", wiki, "--datastore", "train", "--split", "test",
+                         "--approximate", *k, "--out", os.path.join(wiki, "eval", "table1-approx")))),
         Step("exact-vs-approx-pq16", f"exact vs approximate at the paper's code precision ({scale.pq_factory})",
              func=lambda: exact_vs_approximate.main(pq16), shown=["benchmarks/exact_vs_approximate.py", *pq16]),
     ]
@@ -166,9 +173,9 @@ def plan(scale: Scale, data: str, root: str, suite: tuple = (), strong: tuple | 
         steps.append(Step(f"eval-quarter-{tag}", f"Figure 2: perplexity and λ on valid, datastore {tag}",
                           tool("evaluate.py", "--workdir", quarter, "--datastore", f"wt2-{tag}", "--split", "valid",
                                *k, *sweep, "--out", os.path.join(quarter, "eval", f"fig2-{tag}"))))
-    steps.append(Step("eval-table3", "Table 3: the quarter LM with the whole train datastore, on test",
-                      tool("evaluate.py", "--workdir", quarter, "--datastore", "wt2-all", "--split", "test", *k,
-                           "--out", os.path.join(quarter, "eval", "table3"))))
+    steps.append(pruned(Step("eval-table3", "Table 3: the quarter LM with the whole train datastore, on test",
+                             tool("evaluate.py", "--workdir", quarter, "--datastore", "wt2-all", "--split", "test",
+                                  *k, "--out", os.path.join(quarter, "eval", "table3")))))
     wikitext = ("--tokenize", "wikitext")  # domain text read as the Wikipedia LM's corpus was tokenised
     for domain in DOMAINS:  # Table 4 and Figure 5: the Wikipedia LM with another domain's datastore
         corpus, own = os.path.join(data, domain), os.path.join(root, domain)
@@ -249,9 +256,9 @@ def mechanism_steps(scale: Scale, data: str, root: str, alone) -> list[Step]:
                                         fraction_dir(data, root, tag), "--vocab", vocab)),
             Step(f"build-lm-{tag}", "its datastore over all of WikiText-2 train",
                  **build(run, "wt2-all", "--corpus", os.path.join(data, WIKI))),
-            Step(f"eval-lm-{tag}", "Table 3 sweep: it with and without that datastore on test (tuned on valid)",
-                 tool("evaluate.py", "--workdir", run, "--datastore", "wt2-all", "--split", "test", *k,
-                      "--out", os.path.join(run, "eval", "table3"))),
+            pruned(Step(f"eval-lm-{tag}", "Table 3 sweep: it with and without that datastore on test (tuned on valid)",
+                        tool("evaluate.py", "--workdir", run, "--datastore", "wt2-all", "--split", "test", *k,
+                             "--out", os.path.join(run, "eval", "table3")))),
         ]
     memorise, part = os.path.join(root, "memorise"), fraction_dir(data, root, MEMORISED)
     no_dropout = ("--set", "dropout=0", "--set", "adaptive_softmax_dropout=0", "--set",
@@ -410,6 +417,7 @@ def run_all(steps: list[Step], root: str, log=print) -> None:
         marker = done_path(root, step.name)
         if os.path.isfile(marker):
             log(f"[{i}/{len(steps)}] {step.name}: done before, skipped")
+            prune(step)
             continue
         log(f"[{i}/{len(steps)}] {step.name}: {step.what}")
         seconds = 0.0 if step.ready is not None and step.ready() else run_step(step, root)
@@ -417,7 +425,14 @@ def run_all(steps: list[Step], root: str, log=print) -> None:
             json.dump(dict(step=step.name, what=step.what, command=command_line(step), seconds=seconds,
                            finished=time.strftime("%Y-%m-%d %H:%M:%S")), f, indent=2)
         os.replace(marker + ".tmp", marker)
+        prune(step)
         log(f"    {seconds / 60:.1f} min")
+
+
+def prune(step: Step) -> None:
+    """A done step's neighbour files that nothing reads (``Step.prune``): removed, the rest of its output kept."""
+    for split in ("valid", "test") if step.prune else ():
+        shutil.rmtree(os.path.join(step.prune, f"tokens-{split}"), ignore_errors=True)
 
 
 def main(argv=None) -> int:

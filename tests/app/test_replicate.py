@@ -58,6 +58,11 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     for run in ("wiki-quarter", "tinyshakespeare", "python-docs"):  # trained with train.py --vocab
         assert (root / run / "vocab.txt").read_text() == wiki_vocab
 
+    # the evaluations whose neighbour files the report never reads keep only their results and log-probs
+    for out in ("wiki/eval/table1-approx", "wiki-quarter/eval/table3", "wiki-lm-1_16/eval/table3"):
+        assert (root / out / "results.json").is_file() and not list((root / out).glob("tokens-*")), out
+    assert (root / "wiki" / "eval" / "table1" / "tokens-test").is_dir()  # read by the report: kept
+
     text = doc.read_text()
     assert "Pending" not in text and "| claim | paper | ours | ours at T = 1 | change, 95% interval | holds here |" in text
     claims = [c for name in EXPERIMENTS for c in json.loads((results / f"{name}.json").read_text())["claims"]]
