@@ -10,6 +10,7 @@ which use gloo CPU collectives). Small arrays move between processes with
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 import threading
@@ -137,7 +138,11 @@ def initialize(launch: Launch = Launch()) -> Processes:
     if _CURRENT.multi and supervisor.is_child():
         os.write(2, supervisor.CONNECTED)  # the supervisor now knows the launch came together
     if _CURRENT.multi:
-        threading.Thread(target=_beat, args=(_CURRENT.index,), daemon=True, name="knnlm-heartbeat").start()
+        beat = threading.Thread(target=_beat, args=(_CURRENT.index,), daemon=True, name="knnlm-heartbeat")
+        beat.start()
+        # before JAX's own exit handler (registered earlier, so run later) destroys the runtime's client: a beat
+        # still calling into it then aborts the process
+        atexit.register(_stop_beat, beat)
     return _CURRENT
 
 
@@ -154,15 +159,23 @@ def _client():
     return jax_distributed.global_state.client
 
 
+_STOP_BEAT = threading.Event()
+
+
 def _beat(index: int, every_s: float = 0.5) -> None:
     beat = 0
-    while True:
+    while not _STOP_BEAT.is_set():
         beat += 1
         try:
             _client().key_value_set(f"{_ALIVE}{index}", str(beat), allow_overwrite=True)
         except Exception:  # noqa: BLE001 - the coordinator is gone: the runtime ends this process
             return
-        time.sleep(every_s)
+        _STOP_BEAT.wait(every_s)
+
+
+def _stop_beat(thread: threading.Thread) -> None:
+    _STOP_BEAT.set()
+    thread.join(timeout=5)
 
 
 def _beats() -> dict[int, str]:
