@@ -65,7 +65,10 @@ def _cache_reason(rep: dict) -> str:
     parts = [f"{REPEAT_LABELS[side].format(**rep)} ({rows[side]['share']:.0%} of test): LM "
              f"{rows[side]['ppl']['lm']:.1f}, cache {rows[side]['ppl']['cache']:.1f}, kNN-LM "
              f"{rows[side]['ppl']['mixed']:.1f}" for side in rows]
-    leads = lambda side: side in rows and rows[side]["ppl"]["cache"] < rows[side]["ppl"]["mixed"]
+
+    def leads(side: str) -> bool:
+        return side in rows and rows[side]["ppl"]["cache"] < rows[side]["ppl"]["mixed"]
+
     found = (["this LM does not copy a repeated word even from its own context (the cache beats the kNN-LM there)"]
              if leads("context") else []) + ([f"it cannot see repeats beyond its {rep['context']} tokens, which the "
                                                "cache copies"] if leads("cache") else [])

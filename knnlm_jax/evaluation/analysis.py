@@ -126,7 +126,6 @@ def frequency_buckets(targets_N, counts_V, logp_lm_N, logp_knn_lm_N, unk: int | 
     return rows
 
 
-
 def previous_gap(targets_N) -> np.ndarray:
     """For each position, how many positions back its target last occurred in the same stream (``inf``: never):
     a continuous cache of ``size`` can copy the target where the gap is at most ``size``."""
@@ -136,11 +135,6 @@ def previous_gap(targets_N) -> np.ndarray:
     gap_N = np.full(len(targets), np.inf)
     gap_N[order[1:][same]] = (order[1:] - order[:-1])[same]
     return gap_N
-
-
-def repeats_within(targets_N, window: int) -> np.ndarray:
-    """Whether each target already occurred among the ``window`` targets before it."""
-    return previous_gap(targets_N) <= window
 
 
 def perplexity_by(masks: dict, logp_by_system: dict) -> list[dict]:
