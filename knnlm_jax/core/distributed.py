@@ -201,7 +201,8 @@ def lost_peer(err: BaseException) -> str | None:
     stopped = stopped_peers()
     if not stopped:
         return "a peer process stopped"
-    return f"process{'es' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} stopped"
+    names = [f"{p} (the coordinator)" if p == 0 else str(p) for p in stopped]  # the supervisor's wording
+    return f"process{'es' if len(stopped) > 1 else ''} {', '.join(names)} stopped"
 
 
 def leave(status: int) -> None:
