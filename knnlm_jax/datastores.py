@@ -173,7 +173,18 @@ def build_tokens(args, run: RunContext, directory: str, processes):
     options = corpus_options(args, runs.corpus_options(config) if args.corpus is None else None)
     share = Share(processes.index, processes.count, distributed.allgather, distributed.barrier)
     data, tokens = runs.split_tokens(run.workdir, run.vocab, source, args.split, share=share, **options)
+    trained_on = config.derived.get("train_sha256") if "derived" in config else None
+    if args.corpus is None and args.split == "train" and source != WIKI3B and trained_on and data.sha256 != trained_on:
+        raise InputError(
+            f"{source} train, read with corpus options {_shown(options)}, is not the text the run was trained on "
+            f"(sha256 {data.sha256[:12]}, trained on {trained_on[:12]}): pass the options it was trained with "
+            "(e.g. --tokenize wikitext), or --corpus to store other text")
     return data, tokens, options
+
+
+def _shown(options: dict) -> str:
+    given = {k: v for k, v in options.items() if v is not None and (k, v) != ("text_feature", "text")}
+    return ", ".join(f"{k}={v}" for k, v in given.items()) or "none"
 
 
 def build_entries(args, run: RunContext, directory: str, processes, text):

@@ -130,6 +130,8 @@ def resolved_config(config, data: RunData) -> dict:
     resolved["derived"] = {"vocab_size": len(data.vocab), "corpus": data.corpus, "train_sha256": data.train_sha256}
     if corpus.is_spec(data.corpus):  # a catalog corpus: where it was read from, for build and evaluate
         resolved["derived"]["corpus_options"] = data.corpus_options
+    elif data.corpus_options.get("tokenize"):  # build and evaluate must read the text as the LM was trained on it
+        resolved["derived"]["corpus_options"] = {"tokenize": data.corpus_options["tokenize"]}
     return resolved
 
 

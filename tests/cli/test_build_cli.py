@@ -120,6 +120,33 @@ def test_raw_text_tokenised_as_wikitext_is_recorded_and_followed_by_evaluation(p
     assert with_datastore_options(m_wt, str(text), {"tokenize": "x"}, notes.append)["tokenize"] == "x" and notes
 
 
+def test_a_run_trained_on_wikitext_tokenised_text_stores_that_text(tmp_path):
+    """A run trained with ``--tokenize wikitext`` on a directory records it: its default build stores the
+    very text it was trained on. A run that does not record it (made before it was recorded) is refused
+    with a line naming the option, not built over the text split differently."""
+    corpus = tmp_path / "raw"
+    corpus.mkdir()
+    for split in ("train", "valid", "test"):
+        (corpus / f"{split}.txt").write_text("The cat sat, on the mat.\nA dog-like cat ran 1,000 miles.\n" * 4)
+    workdir = tmp_path / "runs" / "tiny"
+    make_run(str(corpus), str(workdir), corpus_options={"tokenize": "wikitext"})
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["derived"]["corpus_options"] == {"tokenize": "wikitext"}
+    out = build_py(cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    m = manifest(workdir / "datastores" / "train")
+    assert m["corpus_options"]["tokenize"] == "wikitext" and m["corpus_sha256"] == config["derived"]["train_sha256"]
+    assert m["num_entries"] == 4 * (9 + 12)  # "sat ,", "dog @-@ like", "1 @,@ 000"; each line and its end
+
+    del config["derived"]["corpus_options"]
+    (workdir / "config.json").write_text(json.dumps(config))
+    assert_user_error(build_py("--datastore", "old", cwd=tmp_path), "not the text the run was trained on",
+                      "--tokenize wikitext")
+    assert not (workdir / "datastores" / "old" / "manifest.json").exists()
+    again = build_py("--datastore", "old", "--tokenize", "wikitext", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
 def test_bad_input_is_one_line_on_stderr(project, tmp_path):
     root, _ = project
     stores = root / "runs" / "tiny" / "datastores"

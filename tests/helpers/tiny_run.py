@@ -23,10 +23,11 @@ from knnlm_jax.retrieval.policies import Policy
 from knnlm_jax.retrieval.index import read_index
 
 
-def make_run(data_dir, workdir, layout="best", **overrides):
+def make_run(data_dir, workdir, layout="best", corpus_options=None, **overrides):
     """A run directory laid out as train.py leaves it, with freshly initialised weights.
 
-    ``layout``: ``best`` (params only) or ``checkpoints`` (the full training state).
+    ``layout``: ``best`` (params only) or ``checkpoints`` (the full training state); ``corpus_options``
+    as ``train.py``'s flags give them (``{"tokenize": "wikitext"}``).
     Training itself is skipped: compiling the train step costs ~40 s of CPU.
     """
     from knnlm_jax.core.checkpoint import Checkpointer
@@ -36,7 +37,7 @@ def make_run(data_dir, workdir, layout="best", **overrides):
     from knnlm_jax.models.steps import init_model
 
     config = tiny_config(data_dir, **overrides)
-    data = prepare_data(config, workdir, need_valid=False)
+    data = prepare_data(config, workdir, need_valid=False, corpus_options=corpus_options)
     check_run_config(workdir, resolved_config(config, data))
     _, params = init_model(ModelConfig.from_config(config, vocab_size=len(data.vocab)), config.seed)
     if layout == "best":
