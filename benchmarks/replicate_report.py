@@ -3,7 +3,7 @@
 
 Reads only what the suite's steps wrote (evaluations' ``results.json`` and per-token files,
 ``ngram.json``); says for each claim whether it holds at this scale. Experiments whose steps
-are not all done yet are listed as pending.
+are not all done yet are listed as pending, or carried from their earlier JSON where it is complete.
 """
 
 from __future__ import annotations
@@ -560,9 +560,11 @@ def write(root: str, steps, scale, results_dir: str, doc: str) -> None:
     doc_dir = os.path.dirname(os.path.abspath(doc))
     os.makedirs(results_dir, exist_ok=True)
     os.makedirs(doc_dir, exist_ok=True)
-    exps = experiments(root, steps, scale, doc_dir)
+    exps = [carried(results_dir, e, scale) or e for e in experiments(root, steps, scale, doc_dir)]
     for e in exps:
-        payload = dict({k: v for k, v in e.items() if k != "md"}, scale=scale.name,
+        if e.get("carried"):  # its committed JSON stays as it is
+            continue
+        payload = dict(e, scale=scale.name, written=time.strftime("%Y-%m-%d"),
                        command=f"python benchmarks/replicate.py --scale {scale.name}")
         path = os.path.join(results_dir, f"{e['name']}.json")
         with open(path + ".tmp", "w") as f:
@@ -572,6 +574,18 @@ def write(root: str, steps, scale, results_dir: str, doc: str) -> None:
     with open(doc + ".tmp", "w") as f:
         f.write(text)
     os.replace(doc + ".tmp", doc)
+
+
+def carried(results_dir: str, e: dict, scale) -> dict | None:
+    """A pending experiment's complete result from an earlier report (its JSON under ``results_dir``, same
+    scale and steps), marked ``carried``: a report whose runs are gone or only partly redone (a new checkout)
+    keeps what was measured instead of overwriting it with "pending"."""
+    if not e.get("pending"):
+        return None
+    old = _load(os.path.join(results_dir, f"{e['name']}.json"))
+    if not old or old.get("pending") or "md" not in old or old.get("scale") != scale.name or old["steps"] != e["steps"]:
+        return None
+    return dict(old, carried=e["pending"])
 
 
 def markdown(exps, scale, results_dir: str, doc_dir: str) -> str:
@@ -610,6 +624,10 @@ def markdown(exps, scale, results_dir: str, doc_dir: str) -> str:
         if e.get("pending"):
             lines.append(f"Pending: steps {', '.join(e['pending'])} are not done yet (run the suite again).")
             continue
+        if e.get("carried"):
+            lines += [f"Carried from `{rel}/{e['name']}.json` (written {e.get('written', 'by an earlier report')}): "
+                      f"its steps {', '.join(e['carried'])} are not done in this suite's root now (run them to "
+                      "measure it again).", ""]
         lines += [e["setup"], ""] + e.get("md", []) + ["", f"Data: `{rel}/{e['name']}.json`."]
         for fig in e.get("figures", []):
             lines += ["", f"![{fig}]({fig})"]

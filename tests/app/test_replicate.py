@@ -119,3 +119,30 @@ def test_final_output_gets_no_datastore_of_its_own_when_it_is_block_output():
     assert "eval-key-block_output" in steps and not any(s.endswith("final_output") for s in steps)
     steps = [s.name for s in replicate.plan(with_norm, "data", "root")]
     assert {"build-key-final_output", "eval-key-final_output"} <= set(steps)
+
+
+def test_a_report_without_the_runs_keeps_the_complete_results_it_finds(tmp_path):
+    sys.path[:0] = [os.path.join(ROOT, "benchmarks")]
+    try:
+        import replicate
+        import replicate_report
+    finally:
+        del sys.path[0]
+    steps = replicate.plan(replicate.TINY, "data", str(tmp_path / "root"))  # a new checkout: no step done
+    results, doc = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
+    replicate_report.write(str(tmp_path / "root"), steps, replicate.TINY, str(results), str(doc))
+    pending = json.loads((results / "table1.json").read_text())
+    assert pending["pending"] == pending["steps"] and "Carried" not in doc.read_text()
+
+    complete = {k: v for k, v in pending.items() if k != "pending"}  # as an earlier report wrote it
+    complete.update(written="2026-01-02", md=["| our row | 1.00 |"], table={"test": {"base LM": 2.0}},
+                    claims=[dict(claim="a claim measured before", paper="p", ours="o", holds=True)])
+    (results / "table1.json").write_text(json.dumps(complete))
+    (results / "table5.json").write_text(json.dumps(dict(complete, name="table5", scale="full")))  # another scale
+    replicate_report.write(str(tmp_path / "root"), steps, replicate.TINY, str(results), str(doc))
+    assert json.loads((results / "table1.json").read_text()) == complete  # kept as it was
+    assert json.loads((results / "table5.json").read_text())["pending"]  # not this scale's: replaced
+    text = doc.read_text()
+    assert "| a claim measured before | p | o |" in text and "| our row | 1.00 |" in text
+    assert "Carried from `../results/table1.json` (written 2026-01-02): its steps train-wiki," in text
+    assert text.count("Pending: steps") == len(EXPERIMENTS) - 2  # all but table1 (and strong: none here)
