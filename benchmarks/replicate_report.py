@@ -583,7 +583,8 @@ def carried(results_dir: str, e: dict, scale) -> dict | None:
     if not e.get("pending"):
         return None
     old = _load(os.path.join(results_dir, f"{e['name']}.json"))
-    if not old or old.get("pending") or "md" not in old or old.get("scale") != scale.name or old["steps"] != e["steps"]:
+    complete = bool(old) and not old.get("pending") and "md" in old
+    if not complete or (old.get("scale"), old.get("steps")) != (scale.name, e["steps"]):
         return None
     return dict(old, carried=e["pending"])
 

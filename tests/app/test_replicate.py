@@ -139,9 +139,11 @@ def test_a_report_without_the_runs_keeps_the_complete_results_it_finds(tmp_path)
                     claims=[dict(claim="a claim measured before", paper="p", ours="o", holds=True)])
     (results / "table1.json").write_text(json.dumps(complete))
     (results / "table5.json").write_text(json.dumps(dict(complete, name="table5", scale="full")))  # another scale
+    (results / "table3.json").write_text(json.dumps({k: v for k, v in complete.items() if k != "steps"}))
     replicate_report.write(str(tmp_path / "root"), steps, replicate.TINY, str(results), str(doc))
     assert json.loads((results / "table1.json").read_text()) == complete  # kept as it was
     assert json.loads((results / "table5.json").read_text())["pending"]  # not this scale's: replaced
+    assert json.loads((results / "table3.json").read_text())["pending"]  # which steps made it unknown: replaced
     text = doc.read_text()
     assert "| a claim measured before | p | o |" in text and "| our row | 1.00 |" in text
     assert "Carried from `../results/table1.json` (written 2026-01-02): its steps train-wiki," in text
