@@ -105,12 +105,19 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert both.returncode == 2 and "not allowed with argument --report" in both.stderr
 
 
-def test_final_output_gets_no_datastore_of_its_own_when_it_is_block_output():
+def benchmarks():
+    """The suite's modules (``benchmarks/replicate.py`` and its report), imported as the suite imports them."""
     sys.path[:0] = [os.path.join(ROOT, "benchmarks")]
     try:
         import replicate
+        import replicate_report
     finally:
         del sys.path[0]
+    return replicate, replicate_report
+
+
+def test_final_output_gets_no_datastore_of_its_own_when_it_is_block_output():
+    replicate, _ = benchmarks()
     assert replicate.lm_config(replicate.FULL).final_norm is False  # wt2: final_output is block_output itself
     assert replicate.key_types(replicate.FULL) == replicate.KEY_TYPES[:4]
     with_norm = dataclasses.replace(replicate.FULL, lm=(*replicate.FULL.lm, "--set", "final_norm=true"))
@@ -122,29 +129,32 @@ def test_final_output_gets_no_datastore_of_its_own_when_it_is_block_output():
 
 
 def test_a_report_without_the_runs_keeps_the_complete_results_it_finds(tmp_path):
-    sys.path[:0] = [os.path.join(ROOT, "benchmarks")]
-    try:
-        import replicate
-        import replicate_report
-    finally:
-        del sys.path[0]
+    replicate, replicate_report = benchmarks()
     steps = replicate.plan(replicate.TINY, "data", str(tmp_path / "root"))  # a new checkout: no step done
     results, doc = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
     replicate_report.write(str(tmp_path / "root"), steps, replicate.TINY, str(results), str(doc))
     pending = json.loads((results / "table1.json").read_text())
     assert pending["pending"] == pending["steps"] and "Carried" not in doc.read_text()
 
-    complete = {k: v for k, v in pending.items() if k != "pending"}  # as an earlier report wrote it
-    complete.update(written="2026-01-02", md=["| our row | 1.00 |"], table={"test": {"base LM": 2.0}},
-                    claims=[dict(claim="a claim measured before", paper="p", ours="o", holds=True)])
-    (results / "table1.json").write_text(json.dumps(complete))
-    (results / "table5.json").write_text(json.dumps(dict(complete, name="table5", scale="full")))  # another scale
-    (results / "table3.json").write_text(json.dumps({k: v for k, v in complete.items() if k != "steps"}))
+    def complete(name: str, **change) -> dict:  # the experiment as an earlier report wrote it, changed
+        earlier = {k: v for k, v in json.loads((results / f"{name}.json").read_text()).items() if k != "pending"}
+        earlier.update(written="2026-01-02", md=["| our row | 1.00 |"], table={"test": {"base LM": 2.0}},
+                       claims=[dict(claim=f"a claim measured before ({name})", paper="p", ours="o", holds=True)])
+        earlier.update(change)
+        return {k: v for k, v in earlier.items() if v is not None}
+
+    kept, table4 = complete("table1"), complete("table4")
+    another_lm = [c.replace("--config tiny", "--config wt2") for c in table4["commands"]]
+    assert another_lm != table4["commands"]
+    written = dict(table1=kept, table5=complete("table5", scale="full"), table3=complete("table3", steps=None),
+                   table4=dict(table4, commands=another_lm))
+    for name, payload in written.items():
+        (results / f"{name}.json").write_text(json.dumps(payload))
     replicate_report.write(str(tmp_path / "root"), steps, replicate.TINY, str(results), str(doc))
-    assert json.loads((results / "table1.json").read_text()) == complete  # kept as it was
-    assert json.loads((results / "table5.json").read_text())["pending"]  # not this scale's: replaced
-    assert json.loads((results / "table3.json").read_text())["pending"]  # which steps made it unknown: replaced
+    assert json.loads((results / "table1.json").read_text()) == kept  # kept as it was
+    for name in ("table5", "table3", "table4"):  # another scale's, made by steps unknown, by other commands
+        assert json.loads((results / f"{name}.json").read_text())["pending"], name
     text = doc.read_text()
-    assert "| a claim measured before | p | o |" in text and "| our row | 1.00 |" in text
+    assert "| a claim measured before (table1) | p | o |" in text and "| our row | 1.00 |" in text
     assert "Carried from `../results/table1.json` (written 2026-01-02): its steps train-wiki," in text
     assert text.count("Pending: steps") == len(EXPERIMENTS) - 2  # all but table1 (and strong: none here)
