@@ -543,16 +543,8 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
         import replicate_strong
 
         run, model = strong.argv[strong.argv.index("--workdir") + 1], strong.argv[strong.argv.index("--model") + 1]
-        experiment("strong", f"The strong LM: {model}",
-                   f"A pretrained LM ({model}, run directory {run}) with a datastore over WikiText-2 train (its "
-                   "default index), per token of its tokenizer; λ and T (and the cache's) tuned on the first "
-                   f"{scale.strong_tokens:,} valid tokens, the first {scale.strong_tokens:,} test tokens reported, "
-                   f"with an evaluation context of {scale.strong_window[1]:,} tokens (the cache holds 1,024) and "
-                   "with the default one; exact vs approximate at the paper's code precision; Kneser-Ney n-grams "
-                   "over its tokens; and a datastore of another domain (Penn Treebank as the LM benchmark ships "
-                   "it: lower case, no punctuation, <unk> and N, a form web pretraining rarely holds).",
-                   ["build-strong-", "eval-strong-", "exact-vs-approx-strong", "ngram-strong"],
-                   lambda: replicate_strong.experiment(root, run, model, _rows, _load))
+        for name, title, setup, needs, build in replicate_strong.plan(run, model, scale):
+            experiment(name, title, setup, needs, lambda build=build: build(root, _rows, _load))
     return out
 
 

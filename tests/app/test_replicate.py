@@ -17,7 +17,8 @@ from helpers.llama_fixture import tiny_weights, write_gguf
 
 pytestmark = pytest.mark.slow(2)
 
-EXPERIMENTS = ("table1", "precision", "table5", "table3", "table4", "figure7", "table3_sweep", "figure8", "strong")
+STRONG = ("strong", "strong_approx", "strong_ngram", "strong_domain")  # the strong LM's, each reported alone
+EXPERIMENTS = ("table1", "precision", "table5", "table3", "table4", "figure7", "table3_sweep", "figure8", *STRONG)
 FIGURES = ("fig2_datastore_size.png", "fig4_k.png", "fig5_lambda.png", "fig7_ngram.png", "fig_frequency.png",
            "fig_table3_sweep.png")
 
@@ -104,6 +105,17 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     both = subprocess.run(cmd + ["--report", "--step", "ngram"], capture_output=True, text=True, env=env, timeout=60)
     assert both.returncode == 2 and "not allowed with argument --report" in both.stderr
 
+    # one strong-LM experiment's step undone: the others are reported from the runs, it is carried
+    (root / "done" / "eval-strong-domain.json").unlink()
+    written = {n: json.loads((results / f"{n}.json").read_text())["written"] for n in STRONG}
+    os.utime(results / "strong.json", ns=(0, 0))
+    report = subprocess.run(cmd + ["--report"], capture_output=True, text=True, env=env, timeout=300)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert (results / "strong.json").stat().st_mtime_ns > 0  # rewritten from the runs
+    assert {n: json.loads((results / f"{n}.json").read_text())["written"] for n in STRONG} == written
+    assert "Carried from `../results/strong_domain.json`" in doc.read_text()
+    assert doc.read_text().count("Carried from") == 1
+
 
 def benchmarks():
     """The suite's modules (``benchmarks/replicate.py`` and its report), imported as the suite imports them."""
@@ -157,4 +169,4 @@ def test_a_report_without_the_runs_keeps_the_complete_results_it_finds(tmp_path)
     text = doc.read_text()
     assert "| a claim measured before (table1) | p | o |" in text and "| our row | 1.00 |" in text
     assert "Carried from `../results/table1.json` (written 2026-01-02): its steps train-wiki," in text
-    assert text.count("Pending: steps") == len(EXPERIMENTS) - 2  # all but table1 (and strong: none here)
+    assert text.count("Pending: steps") == len(EXPERIMENTS) - 1 - len(STRONG)  # all but table1 (strong: none here)
