@@ -203,9 +203,10 @@ def plan(scale: Scale, data: str, root: str, suite: tuple = (), strong: tuple | 
 
 
 def strong_steps(scale: Scale, data: str, root: str, model: str, run: str, alone) -> list[Step]:
-    """A pretrained LM (``model``, run directory ``run``) with a WikiText-2 datastore: Table 1 with a context
-    at least as long as the cache and with the default one, exact vs approximate at the default index and
-    at the paper's precision, Figure 7 over its tokens, and domain adaptation to ``STRONG_DOMAIN``."""
+    """A pretrained LM (``model``, run directory ``run``) with a WikiText-2 datastore: Table 1 with the
+    default context (first: Figure 7 compares against it) and with one at least as long as the cache, exact
+    vs approximate at the default index and at the paper's precision, Figure 7 over its tokens, and domain
+    adaptation to ``STRONG_DOMAIN``."""
     wt2, domain = os.path.join(data, WIKI), os.path.join(data, STRONG_DOMAIN)
     budget = ("--max-tokens", scale.strong_tokens, "--tune-tokens", scale.strong_tokens) if scale.strong_tokens else ()
     test = ("--corpus", wt2, "--split", "test", "--k", scale.k, *budget)
@@ -217,20 +218,20 @@ def strong_steps(scale: Scale, data: str, root: str, model: str, run: str, alone
     return [
         Step("build-strong-train", f"the strong LM ({model}) and its datastore over WikiText-2 train",
              **build(run, "train", "--model", model, "--corpus", wt2)),
-        Step("eval-strong-table1", f"Table 1, strong LM: test with the kNN-LM and the cache, context {context} "
-             "(at least the cache's)", tool("evaluate.py", "--workdir", run, "--datastore", "train", *test, "--cache",
-                                            *long, "--out", os.path.join(run, "eval", "table1-long"))),
-        Step("eval-strong-table1-short", "the same with the default context (the cache reaches beyond it)",
+        Step("eval-strong-table1-short", "Table 1, strong LM, with the default context (the cache reaches beyond it)",
              tool("evaluate.py", "--workdir", run, "--datastore", "train", *test, "--cache",
                   "--out", os.path.join(run, "eval", "table1-short"))),
+        Step("ngram-strong", "Figure 7, strong LM: Kneser-Ney n-grams over its tokens of WikiText-2 train",
+             func=lambda: ngram_experiment(run, os.path.join(run, "eval", "table1-short"), scale.ngram_orders,
+                                           os.path.join(root, "ngram-strong.json"), wt2), shown=alone("ngram-strong")),
+        Step("eval-strong-table1", f"the same with a context of {context} (at least the cache's)",
+             tool("evaluate.py", "--workdir", run, "--datastore", "train", *test, "--cache", *long,
+                  "--out", os.path.join(run, "eval", "table1-long"))),
         Step("eval-strong-approx", "exact vs approximate, strong LM: FAISS's own distances at the default index",
              tool("evaluate.py", "--workdir", run, "--datastore", "train", *test, "--approximate",
                   "--out", os.path.join(run, "eval", "table1-approx"))),
         Step("exact-vs-approx-strong", f"exact vs approximate, strong LM, at {scale.strong_pq}",
              func=lambda: exact_vs_approximate.main(pq), shown=["benchmarks/exact_vs_approximate.py", *pq]),
-        Step("ngram-strong", "Figure 7, strong LM: Kneser-Ney n-grams over its tokens of WikiText-2 train",
-             func=lambda: ngram_experiment(run, os.path.join(run, "eval", "table1-short"), scale.ngram_orders,
-                                           os.path.join(root, "ngram-strong.json"), wt2), shown=alone("ngram-strong")),
         Step("build-strong-domain", f"the strong LM's datastore over {STRONG_DOMAIN} train",
              **build(run, STRONG_DOMAIN, "--corpus", domain)),
         Step("eval-strong-domain", f"domain adaptation, strong LM: + {STRONG_DOMAIN} datastore on its test",
