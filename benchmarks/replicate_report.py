@@ -56,29 +56,6 @@ def _unk_rate(eval_dir: str, split: str, unk: int) -> float:
     return float(np.mean(np.asarray(open_token_files(os.path.join(eval_dir, f"tokens-{split}")).targets) == unk))
 
 
-REPEAT_LABELS = {"context": "its last occurrence within {context} tokens", "cache": "only {context}–{size:,} back",
-                 "neither": "not among the last {size:,}"}
-
-
-def _cache_reason(rep: dict) -> str:
-    """Where the cache's lead over the kNN-LM comes from, measured on test by where each target last occurred."""
-    rows = rep["rows"]
-    parts = [f"{REPEAT_LABELS[side].format(**rep)} ({rows[side]['share']:.0%} of test): LM "
-             f"{rows[side]['ppl']['lm']:.1f}, cache {rows[side]['ppl']['cache']:.1f}, kNN-LM "
-             f"{rows[side]['ppl']['mixed']:.1f}" for side in rows]
-
-    def leads(side: str) -> bool:
-        return side in rows and rows[side]["ppl"]["cache"] < rows[side]["ppl"]["mixed"]
-
-    found = (["this LM does not copy a repeated word even from its own context (the cache beats the kNN-LM there)"]
-             if leads("context") else []) + ([f"it cannot see repeats beyond its {rep['context']} tokens, which the "
-                                               "cache copies"] if leads("cache") else [])
-    return (f"by where each test target last occurred: {'; '.join(parts)}. "
-            + (f"So the cache's lead is on repeated words: {', and '.join(found)}; the paper's LM (16 layers, "
-               "3,072 tokens of context) leaves the cache 2% (18.65 → 18.27)" if found else
-               "The cache's lead is not on repeated words alone"))
-
-
 def _trails_reason(row: dict, wiki_tokens: int) -> str:
     """Why a Wikipedia LM + domain datastore can beat the in-domain LM: the in-domain LM learnt little of
     its own small training text, which its datastore then supplies (measured by that datastore's gain)."""
@@ -171,7 +148,7 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                  paper="16.12 vs 18.27", ours=f"{knn:.2f} vs {t['+cache']:.2f}", holds=knn < t["+cache"],
                  t1=f"{t1['ppl']:.2f} vs {t['+cache']:.2f}", holds_t1=t1["ppl"] < t["+cache"],
                  interval=gaps["knn_vs_cache"],
-                 why=_cache_reason(rep)),
+                 why=checks.cache_reason(rep)),
             dict(claim="the continuous cache helps on top of the kNN-LM (Table 1)",
                  paper="kNN-LM 16.12 → + cache 15.79", ours=f"kNN-LM {knn:.2f} → + cache {t['+kNN-LM+cache']:.2f}",
                  holds=t["+kNN-LM+cache"] < knn, interval=gaps["cache_on_knn"]),
@@ -230,7 +207,7 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
               "Test by where the target last occurred (the cache holds the last "
               f"{rep['size']:,} targets; every scored token sees at least {rep['context']} tokens of context):", "",
               "| test tokens | share | LM | + cache | + kNN-LM |", "|---|---|---|---|---|"]
-        md += [f"| {REPEAT_LABELS[side].format(**rep)} | {row['share']:.1%} | {row['ppl']['lm']:.2f} | "
+        md += [f"| {checks.REPEAT_LABELS[side].format(**rep)} | {row['share']:.1%} | {row['ppl']['lm']:.2f} | "
                f"{row['ppl']['cache']:.2f} | {row['ppl']['mixed']:.2f} |" for side, row in rep["rows"].items()]
         md += ["", "Figure 4 twice: at the λ and T tuned for the largest k, and with λ and T re-tuned on valid for "
                "each k.",
