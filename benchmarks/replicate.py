@@ -339,7 +339,8 @@ def write_fractions(source: str, out_root: str, fractions=FRACTIONS) -> None:
 
 def ngram_experiment(workdir: str, eval_dir: str, orders, out: str, corpus: str | None = None) -> None:
     """Figure 7: the LM interpolated with an n-gram LM of each order (λ tuned on valid), beside the kNN-LM;
-    the n-grams are counted over ``corpus``'s train split (default: the run's corpus) in the LM's tokens."""
+    the n-grams are counted over ``corpus``'s train split (default: the run's corpus) in the LM's tokens.
+    Beside ``out`` (a JSON), ``<out>.npz``: the best order's interpolation per test token."""
     import numpy as np
 
     from knnlm_jax import runs
@@ -353,7 +354,7 @@ def ngram_experiment(workdir: str, eval_dir: str, orders, out: str, corpus: str 
     _, train = runs.split_tokens(workdir, vocab, corpus or runs.run_corpus(config), "train")
     files = {s: open_token_files(os.path.join(eval_dir, f"tokens-{s}")) for s in ("valid", "test")}
     lm = {s: np.asarray(f.logp_lm, np.float64) for s, f in files.items()}
-    rows = []
+    rows, logp = [], {}
     for n in orders:
         model = KneserNey.fit(np.asarray(train), n, len(vocab))
         ng = {s: model.log_probs(np.asarray(f.targets)) for s, f in files.items()}
@@ -361,10 +362,17 @@ def ngram_experiment(workdir: str, eval_dir: str, orders, out: str, corpus: str 
         best = min(grid, key=grid.get)
         rows.append(dict(n=n, ngram_valid_ppl=perplexity(ng["valid"]), ngram_test_ppl=perplexity(ng["test"]),
                          lmbda=best, valid_ppl=grid[best], test_ppl=perplexity(mix(lm["test"], ng["test"], best))))
+        if grid[best] <= min(r["valid_ppl"] for r in rows):  # the best order's, for where its gain lies
+            logp = dict(n=np.int64(n), test_mixed=mix(lm["test"], ng["test"], best))
     with open(os.path.join(eval_dir, "results.json")) as f:
         table1 = json.load(f)
+    saved = os.path.splitext(out)[0] + ".npz"
+    with open(saved + ".tmp", "wb") as f:
+        np.savez(f, **logp)
+    os.replace(saved + ".tmp", saved)
     result = dict(base_valid_ppl=perplexity(lm["valid"]), base_test_ppl=perplexity(lm["test"]),
-                  knn_test_ppl=next(r["ppl"] for r in table1["rows"] if r["name"] == "+kNN-LM"), orders=rows)
+                  knn_test_ppl=next(r["ppl"] for r in table1["rows"] if r["name"] == "+kNN-LM"), orders=rows,
+                  logprobs=saved)
     with open(out + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(out + ".tmp", out)

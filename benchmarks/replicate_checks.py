@@ -119,6 +119,31 @@ def cache_reason(rep: dict, unit: str = "word") -> str:
                f"The cache's lead is not on repeated {unit}s alone"))
 
 
+# WikiText's markup as the LM's tokens spell it (a subword LM splits "<unk>" into "<", "unk", ">" and
+# "@-@" into "@", "-", "@"): text the benchmark's preprocessing put there, not the articles' words
+MARKUP = frozenset({"<", "unk", ">", "@", "↵", "=", "<unk>", "@-@", "@,@", "@.@", "<eos>"})
+
+
+def markup(workdir: str, eval_dir: str, split: str = "test") -> np.ndarray:
+    """Which of the evaluation's targets are WikiText markup (``MARKUP``, or the piece between two "@")."""
+    from knnlm_jax import runs
+
+    vocab = runs.load_vocab(workdir, runs.run_config(workdir))
+    text = np.array([vocab.shown_token(i).replace("␣", "") for i in range(len(vocab))], dtype=object)
+    pieces = text[np.asarray(token_files(eval_dir, split).targets)]
+    at, inner = pieces == "@", np.zeros(len(pieces), bool)
+    inner[1:-1] = at[:-2] & at[2:]
+    return np.isin(pieces, list(MARKUP)) | inner
+
+
+def gain_share(mask_N: np.ndarray, lm_N, system_N) -> float:
+    """The share of a system's gain in log-likelihood over the LM that lies on the ``mask_N`` tokens (0
+    where the system gains nothing)."""
+    gain_N = np.asarray(system_N, np.float64) - np.asarray(lm_N, np.float64)
+    total = gain_N.sum()
+    return float(gain_N[mask_N].sum() / total) if total else 0.0
+
+
 def vocab_counts(workdir: str) -> np.ndarray:
     """Each word's training count, from the run's vocabulary."""
     from knnlm_jax import runs

@@ -52,6 +52,8 @@ def _short(run: str, load) -> dict:
 
 
 def table1(run: str, model: str, rows_of, load) -> dict:
+    from knnlm_jax.evaluation.settings import perplexity
+
     long_dir = os.path.join(run, "eval", "table1-long")
     r_long, r_short = load(os.path.join(long_dir, "results.json")), _short(run, load)
     t_long, t_short = rows_of(r_long), rows_of(r_short)
@@ -74,11 +76,19 @@ def table1(run: str, model: str, rows_of, load) -> dict:
           f"{r_short['context']} (default) |", "|---|---|---|"]
     md += [f"| {name} | {t_long[name]:.2f} | {t_short[name]:.2f} |"
            for name in ("base LM", "+kNN-LM", "+cache", "+kNN-LM+cache")]
+    mask_N = checks.markup(run, long_dir)
+    plain = dict(tokens=float(1 - mask_N.mean()), lm=perplexity(saved["lm"][~mask_N]),
+                 knn=perplexity(saved["mixed"][~mask_N]),
+                 share=1 - checks.gain_share(mask_N, saved["lm"], saved["mixed"]))
+    md += ["", f"Without WikiText's markup among the targets (<unk>, @-@ and its kin, line ends, headings' =; "
+               f"{plain['tokens']:.0%} of test tokens left, context {r_long['context']}): LM {plain['lm']:.2f} → "
+               f"kNN-LM {plain['knn']:.2f} ({checks.percent(plain['knn'] / plain['lm'] - 1)}); those tokens hold "
+               f"{plain['share']:.0%} of the kNN-LM's gain in test log-likelihood."]
     md += ["", f"With the default context the cache reaches {r_long['cache']['cache']['size']:,} tokens back, beyond "
                f"the LM's {r_short['context']}: the control for the cache's gain. λ {r_long['knn']['lmbda']:.2f}, "
                f"T {r_long['knn']['temperature']:.3g} (context {r_long['context']}); λ {r_short['knn']['lmbda']:.2f}, "
                f"T {r_short['knn']['temperature']:.3g} (default context)."]
-    return dict(claims=claims, md=md, table=dict(long=t_long, short=t_short, t1=t1))
+    return dict(claims=claims, md=md, table=dict(long=t_long, short=t_short, t1=t1, without_markup=plain))
 
 
 def approximate(root: str, run: str, model: str, rows_of, load) -> dict:
@@ -96,18 +106,29 @@ def approximate(root: str, run: str, model: str, rows_of, load) -> dict:
 
 
 def ngram(root: str, run: str, model: str, load) -> dict:
-    g, knn_valid = load(os.path.join(root, "ngram-strong.json")), _short(run, load)["valid"]["knn"]["ppl"]
-    best = min(g["orders"], key=lambda r: r["valid_ppl"])
+    import numpy as np
+
+    g, r_short = load(os.path.join(root, "ngram-strong.json")), _short(run, load)
+    best, knn_valid = min(g["orders"], key=lambda r: r["valid_ppl"]), r_short["valid"]["knn"]["ppl"]
     gain_ng, gain_knn = g["base_valid_ppl"] - best["valid_ppl"], g["base_valid_ppl"] - knn_valid
+    saved, short_dir = checks.per_token(r_short), os.path.join(run, "eval", "table1-short")
+    with np.load(g["logprobs"]) as ng:
+        ngram_N = ng["test_mixed"]
+    mask_N = checks.markup(run, short_dir)
+    on_markup = dict(tokens=float(mask_N.mean()), ngram=checks.gain_share(mask_N, saved["lm"], ngram_N),
+                     knn=checks.gain_share(mask_N, saved["lm"], saved["mixed"]))
+    where = (f"WikiText's markup (<unk>, @-@ and its kin, line ends, headings' =: {on_markup['tokens']:.0%} of test "
+             f"tokens) holds {on_markup['ngram']:.0%} of the n-gram's gain in test log-likelihood and "
+             f"{on_markup['knn']:.0%} of the kNN-LM's")
     claims = [dict(claim="interpolating an n-gram LM gives little next to the kNN-LM (Figure 7)" + _tag(model),
                    paper="about 0.2 vs 1.9 (dev)", ours=f"{gain_ng:.2f} (n = {best['n']}) vs {gain_knn:.2f} (valid)",
                    holds=gain_ng < gain_knn / 4,
                    why=f"the {best['n']}-gram over its tokens alone scores {best['ngram_valid_ppl']:.1f} per token on "
                        f"valid, {best['ngram_valid_ppl'] / g['base_valid_ppl']:.1f}× the LM's {g['base_valid_ppl']:.1f}, "
-                       f"and interpolating it gains {gain_ng / gain_knn:.0%} of the kNN-LM's gain")]
+                       f"and interpolating it gains {gain_ng / gain_knn:.0%} of the kNN-LM's gain; {where}")]
     md = [f"Valid perplexity per token: the LM {g['base_valid_ppl']:.2f}, + the best n-gram (n = {best['n']}) "
-          f"{best['valid_ppl']:.2f}, + its kNN-LM {knn_valid:.2f}."]
-    return dict(claims=claims, md=md, table=dict(ngram=g, knn_valid_ppl=knn_valid))
+          f"{best['valid_ppl']:.2f}, + its kNN-LM {knn_valid:.2f}. On test, {where}."]
+    return dict(claims=claims, md=md, table=dict(ngram=g, knn_valid_ppl=knn_valid, markup=on_markup))
 
 
 def domain(run: str, model: str, rows_of, load) -> dict:
