@@ -121,7 +121,8 @@ def ngram(root: str, run: str, model: str, load) -> dict:
              f"tokens) holds {on_markup['ngram']:.0%} of the n-gram's gain in test log-likelihood and "
              f"{on_markup['knn']:.0%} of the kNN-LM's")
     claims = [dict(claim="interpolating an n-gram LM gives little next to the kNN-LM (Figure 7)" + _tag(model),
-                   paper="about 0.2 vs 1.9 (dev)", ours=f"{gain_ng:.2f} (n = {best['n']}) vs {gain_knn:.2f} (valid)",
+                   paper="about 0.2 vs 1.9 (dev)", ours=f"valid perplexity per token −{gain_ng:.2f} (LM + "
+                   f"{best['n']}-gram, the best n on valid) vs −{gain_knn:.2f} (kNN-LM)",
                    holds=gain_ng < gain_knn / 4,
                    why=f"the {best['n']}-gram over its tokens alone scores {best['ngram_valid_ppl']:.1f} per token on "
                        f"valid, {best['ngram_valid_ppl'] / g['base_valid_ppl']:.1f}× the LM's {g['base_valid_ppl']:.1f}, "
