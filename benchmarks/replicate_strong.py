@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import replicate_checks as checks
 
 TRAIN = "build-strong-train"
@@ -78,12 +80,13 @@ def table1(run: str, model: str, rows_of, load) -> dict:
            for name in ("base LM", "+kNN-LM", "+cache", "+kNN-LM+cache")]
     mask_N = checks.markup(run, long_dir)
     plain = dict(tokens=float(1 - mask_N.mean()), lm=perplexity(saved["lm"][~mask_N]),
-                 knn=perplexity(saved["mixed"][~mask_N]),
+                 knn=perplexity(saved["mixed"][~mask_N]), cache=perplexity(saved["cache"][~mask_N]),
                  share=1 - checks.gain_share(mask_N, saved["lm"], saved["mixed"]))
     md += ["", f"Without WikiText's markup among the targets (<unk>, @-@ and its kin, line ends, headings' =; "
                f"{plain['tokens']:.0%} of test tokens left, context {r_long['context']}): LM {plain['lm']:.2f} → "
-               f"kNN-LM {plain['knn']:.2f} ({checks.percent(plain['knn'] / plain['lm'] - 1)}); those tokens hold "
-               f"{plain['share']:.0%} of the kNN-LM's gain in test log-likelihood."]
+               f"kNN-LM {plain['knn']:.2f} ({checks.percent(plain['knn'] / plain['lm'] - 1)}), cache alone "
+               f"{plain['cache']:.2f}; the tokens left hold {plain['share']:.0%} of the kNN-LM's gain in test "
+               "log-likelihood."]
     md += ["", f"With the default context the cache reaches {r_long['cache']['cache']['size']:,} tokens back, beyond "
                f"the LM's {r_short['context']}: the control for the cache's gain. λ {r_long['knn']['lmbda']:.2f}, "
                f"T {r_long['knn']['temperature']:.3g} (context {r_long['context']}); λ {r_short['knn']['lmbda']:.2f}, "
@@ -106,8 +109,6 @@ def approximate(root: str, run: str, model: str, rows_of, load) -> dict:
 
 
 def ngram(root: str, run: str, model: str, load) -> dict:
-    import numpy as np
-
     g, r_short = load(os.path.join(root, "ngram-strong.json")), _short(run, load)
     best, knn_valid = min(g["orders"], key=lambda r: r["valid_ppl"]), r_short["valid"]["knn"]["ppl"]
     gain_ng, gain_knn = g["base_valid_ppl"] - best["valid_ppl"], g["base_valid_ppl"] - knn_valid
