@@ -84,8 +84,10 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     memorised = json.loads((results / "figure8.json").read_text())["table"]["memorise"]
     assert 0 <= memorised["lmbda"] <= 1 and memorised["test_ppl"] <= max(memorised["wiki_test_ppl"],
                                                                          memorised["memorised_test_ppl"])
-    tables = {n: json.loads((results / f"{n}.json").read_text())["table"] for n in ("strong", "strong_ngram")}
+    tables = {n: json.loads((results / f"{n}.json").read_text())["table"] for n in ("strong", "strong_ngram",
+                                                                                   "strong_domain")}
     assert 0 <= tables["strong_ngram"]["markup"]["tokens"] <= 1 and tables["strong"]["without_markup"]["lm"] > 1
+    assert all(0 <= tables["strong_domain"][t]["lmbda"] <= 1 for t in ("t1", "wiki_t1"))  # λ at T = 1 beside
     for figure in FIGURES:
         assert (doc.parent / figure).stat().st_size > 1000 and f"]({figure})" in text
 
