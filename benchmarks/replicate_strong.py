@@ -104,7 +104,7 @@ def approximate(root: str, run: str, model: str, rows_of, load) -> dict:
                    ours=f"{q['exact']['test_knn_ppl']:.2f} vs {q['approximate']['test_knn_ppl']:.2f} (first "
                         f"{q['tokens']['test']:,} test tokens)",
                    holds=q["exact"]["test_knn_ppl"] < q["approximate"]["test_knn_ppl"])]
-    md = [f"Exact vs FAISS's distances at the default index, default context: {exact:.2f} vs {approx:.2f} per "
+    md = [f"Exact vs FAISS's distances at the default index, default context: {exact:.3f} vs {approx:.3f} per "
           "token (shown, not counted: the paper's claim is at its own code precision)."]
     return dict(claims=claims, md=md, table=dict(approximate_default=approx, exact_default=exact, paper_precision=q))
 
