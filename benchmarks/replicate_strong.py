@@ -143,7 +143,7 @@ def domain(run: str, model: str, rows_of, load) -> dict:
     d_t1, w_t1 = checks.temperatures(d_dir, d)["t1"], checks.temperatures(short_dir, r_short)["t1"]
     claims = [
         dict(claim=f"a datastore of another domain helps ({STRONG_DOMAIN}; Table 4)" + tag,
-             paper="Books: 34.84 → 20.47", ours=f"{t_d['base LM']:.2f} → {t_d['+kNN-LM']:.2f}",
+             paper="Books: 34.84 → 20.47", ours=f"{t_d['base LM']:.2f} → {t_d['+kNN-LM']:.2f} per token",
              t1=f"{t_d['base LM']:.2f} → {d_t1['ppl']:.2f}", holds=t_d["+kNN-LM"] < t_d["base LM"],
              holds_t1=d_t1["ppl"] < t_d["base LM"], interval=checks.interval(saved["lm"], saved["mixed"])),
         dict(claim=f"domain adaptation prefers a larger λ than in-domain ({STRONG_DOMAIN} vs WikiText-2; Figure 5)"
@@ -151,7 +151,8 @@ def domain(run: str, model: str, rows_of, load) -> dict:
              t1=f"{d_t1['lmbda']:.2f} vs {w_t1['lmbda']:.2f}", holds=d["knn"]["lmbda"] > r_short["knn"]["lmbda"],
              holds_t1=d_t1["lmbda"] > w_t1["lmbda"]),
     ]
-    md = [f"{STRONG_DOMAIN}: λ {d['knn']['lmbda']:.2f}, T {d['knn']['temperature']:.3g} (at T = 1: λ "
+    md = [f"{STRONG_DOMAIN} test: {d['tokens']:,} tokens ({d['words']:,} words), λ and T tuned on {d['valid']['tokens']:,} "
+          f"valid tokens. {STRONG_DOMAIN}: λ {d['knn']['lmbda']:.2f}, T {d['knn']['temperature']:.3g} (at T = 1: λ "
           f"{d_t1['lmbda']:.2f}); WikiText-2 (default context): λ {r_short['knn']['lmbda']:.2f}, T "
           f"{r_short['knn']['temperature']:.3g} (at T = 1: λ {w_t1['lmbda']:.2f})."]
     return dict(claims=claims, md=md, table=dict(rows=t_d, knn=d["knn"], t1=d_t1, wiki_t1=w_t1))
