@@ -49,8 +49,12 @@ def _tag(model: str) -> str:
     return f" — {os.path.basename(model)}"
 
 
+def _short_dir(run: str) -> str:
+    return os.path.join(run, "eval", "table1-short")
+
+
 def _short(run: str, load) -> dict:
-    return load(os.path.join(run, "eval", "table1-short", "results.json"))
+    return load(os.path.join(_short_dir(run), "results.json"))
 
 
 def table1(run: str, model: str, rows_of, load) -> dict:
@@ -113,7 +117,7 @@ def ngram(root: str, run: str, model: str, load) -> dict:
     g, r_short = load(os.path.join(root, "ngram-strong.json")), _short(run, load)
     best, knn_valid = min(g["orders"], key=lambda r: r["valid_ppl"]), r_short["valid"]["knn"]["ppl"]
     gain_ng, gain_knn = g["base_valid_ppl"] - best["valid_ppl"], g["base_valid_ppl"] - knn_valid
-    saved, short_dir = checks.per_token(r_short), os.path.join(run, "eval", "table1-short")
+    saved, short_dir = checks.per_token(r_short), _short_dir(run)
     with np.load(g["logprobs"]) as ng:
         ngram_N = ng["test_mixed"]
     mask_N = checks.markup(run, short_dir)
@@ -137,10 +141,10 @@ def ngram(root: str, run: str, model: str, load) -> dict:
 def domain(run: str, model: str, rows_of, load) -> dict:
     from replicate import STRONG_DOMAIN
 
-    d_dir, short_dir = os.path.join(run, "eval", STRONG_DOMAIN), os.path.join(run, "eval", "table1-short")
+    d_dir = os.path.join(run, "eval", STRONG_DOMAIN)
     d, r_short, tag = load(os.path.join(d_dir, "results.json")), _short(run, load), _tag(model)
     t_d, saved = rows_of(d), checks.per_token(d)
-    d_t1, w_t1 = checks.temperatures(d_dir, d)["t1"], checks.temperatures(short_dir, r_short)["t1"]
+    d_t1, w_t1 = checks.temperatures(d_dir, d)["t1"], checks.temperatures(_short_dir(run), r_short)["t1"]
     claims = [
         dict(claim=f"a datastore of another domain helps ({STRONG_DOMAIN}; Table 4)" + tag,
              paper="Books: 34.84 → 20.47", ours=f"{t_d['base LM']:.2f} → {t_d['+kNN-LM']:.2f} per token",
@@ -151,8 +155,9 @@ def domain(run: str, model: str, rows_of, load) -> dict:
              t1=f"{d_t1['lmbda']:.2f} vs {w_t1['lmbda']:.2f}", holds=d["knn"]["lmbda"] > r_short["knn"]["lmbda"],
              holds_t1=d_t1["lmbda"] > w_t1["lmbda"]),
     ]
-    md = [f"{STRONG_DOMAIN} test: {d['tokens']:,} tokens ({d['words']:,} words), λ and T tuned on {d['valid']['tokens']:,} "
-          f"valid tokens. {STRONG_DOMAIN}: λ {d['knn']['lmbda']:.2f}, T {d['knn']['temperature']:.3g} (at T = 1: λ "
+    md = [f"{STRONG_DOMAIN} test: {d['tokens']:,} tokens ({d['words']:,} words), λ and T tuned on "
+          f"{d['valid']['tokens']:,} valid tokens. {STRONG_DOMAIN}: λ {d['knn']['lmbda']:.2f}, T "
+          f"{d['knn']['temperature']:.3g} (at T = 1: λ "
           f"{d_t1['lmbda']:.2f}); WikiText-2 (default context): λ {r_short['knn']['lmbda']:.2f}, T "
           f"{r_short['knn']['temperature']:.3g} (at T = 1: λ {w_t1['lmbda']:.2f})."]
     return dict(claims=claims, md=md, table=dict(rows=t_d, knn=d["knn"], t1=d_t1, wiki_t1=w_t1))
