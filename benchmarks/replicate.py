@@ -57,6 +57,7 @@ class Scale:
     key_types: tuple  # Table 5's key types (the first is the default, with the main datastore)
     pq_factory: str  # the index at the paper's code precision (16 key dimensions per byte)
     pq_tokens: int  # valid and test tokens of that comparison
+    sweep_lm: tuple  # train.py overrides of the Table 3 sweep's LMs: evaluated often, stopped once valid stalls
     memorise_steps: int  # updates of Figure 8's dropout-free LM on its slice (valid scored only at the end)
     strong_tokens: int  # the strong LM's evaluations: valid tokens tuned on and test tokens scored (0: all)
     strong_window: tuple  # its long-context evaluation: (window, context), the context at least the cache's 1,024
@@ -65,14 +66,15 @@ class Scale:
 
 FULL = Scale("full", ("--config", "wt2"), quarter_steps=1000, domain_steps=600, k=1024, sweep_tokens=50_000,
              ngram_orders=(2, 3, 4, 5), key_types=KEY_TYPES, pq_factory="IVF2048,PQ16", pq_tokens=40_000,
-             memorise_steps=4000, strong_tokens=100_000, strong_window=(2048, 1024), strong_pq="IVF4096,PQ36")
+             sweep_lm=("--set", "eval_every=100", "--set", "patience=3"), memorise_steps=4000, strong_tokens=100_000,
+             strong_window=(2048, 1024), strong_pq="IVF4096,PQ36")
 TINY = Scale("tiny", ("--config", "tiny", "--set", "num_layers=1", "--set", "d_model=16", "--set", "num_heads=2",
                       "--set", "d_ff=32", "--set", "cutoffs=8,20", "--set", "tokens_per_sample=16", "--set",
                       "batch_size=4", "--set", "eval_batch_size=4", "--set", "max_steps=4", "--set", "warmup_steps=2",
                       "--set", "eval_every=4", "--set", "checkpoint_every=4", "--set", "log_every=1"),
              quarter_steps=2, domain_steps=2, k=8, sweep_tokens=300, ngram_orders=(2, 3), key_types=KEY_TYPES[:2],
-             pq_factory="PQ1", pq_tokens=300, memorise_steps=4, strong_tokens=300, strong_window=(32, 16),
-             strong_pq="PQ1")  # the test's: every step kind, fewer of some
+             pq_factory="PQ1", pq_tokens=300, sweep_lm=("--set", "eval_every=2", "--set", "patience=1"),
+             memorise_steps=4, strong_tokens=300, strong_window=(32, 16), strong_pq="PQ1")  # the test's: every step kind, fewer of some
 SCALES = {s.name: s for s in (FULL, TINY)}
 
 
@@ -253,7 +255,7 @@ def mechanism_steps(scale: Scale, data: str, root: str, alone) -> list[Step]:
         run = os.path.join(root, f"wiki-lm-{tag}")
         steps += [
             Step(f"train-lm-{tag}", f"Table 3 sweep: an LM on {tag.replace('_', '/')} of WikiText-2 train, kept at "
-                 "its best valid", tool("train.py", *scale.lm, "--workdir", run, "--data_dir",
+                 "its best valid", tool("train.py", *scale.lm, *scale.sweep_lm, "--workdir", run, "--data_dir",
                                         fraction_dir(data, root, tag), "--vocab", vocab)),
             Step(f"build-lm-{tag}", "its datastore over all of WikiText-2 train",
                  **build(run, "wt2-all", "--corpus", os.path.join(data, WIKI))),

@@ -331,8 +331,8 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                      + (f"was {'still falling' if curve[-1] < curve[-2] else 'not falling'} at its last update "
                         f"({curve[-2]:.1f} at {curve_steps[-2]:,}, {curve[-1]:.1f} at {curve_steps[-1]:,})"
                         if len(curve) > 1 else f"was scored once ({curve[-1]:.1f} at {curve_steps[-1]:,})")
-                     + ". The Table 3 sweep below trains each fraction's LM longer, keeps its best valid, and "
-                       "measures the gap against the ratio"),
+                     + ". The Table 3 sweep below trains each fraction's LM until its valid perplexity stops "
+                       "falling, keeps its best valid, and measures the gap against the ratio"),
             dict(claim="perplexity falls monotonically as the datastore grows (Figure 2a)",
                  paper="monotone, no saturation at 3B", ours=" → ".join(f"{p:.2f}" for p in ppl),
                  holds=all(b < a for a, b in zip(ppl, ppl[1:]))),
@@ -502,7 +502,8 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                ["ngram"], ngram)
     experiment("table3_sweep", "Table 3 as a mechanism: LMs on less data, each with the all-train datastore",
                "LMs of the Wikipedia LM's architecture and vocabulary trained on the first 1/16, 1/8, 1/4 and 1/2 "
-               "of WikiText-2 train for the config's updates, each kept at its best valid checkpoint (their valid "
+               "of WikiText-2 train for at most the config's updates, stopped once valid stops improving "
+               f"(`{' '.join(scale.sweep_lm[1::2])}`), each kept at its best valid checkpoint (their valid "
                "curves below), each with a datastore over all of train; test, λ and T tuned on valid. The ratio "
                "is the datastore's tokens over the LM's training tokens: the paper's Table 3 point is 30× (WIKI-3B "
                "over WIKI-100M).",

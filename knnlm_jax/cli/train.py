@@ -42,7 +42,8 @@ def main(argv=None) -> int:
         if "dry_run" in result:
             print(result["dry_run"])
             return 0
-        print(f"valid perplexity {result['valid_ppl']:.2f} (best {result['best_valid_ppl']:.2f} "
+        stopped = f"stopped early at step {result['steps']}; " if result.get("stopped_early") else ""
+        print(f"{stopped}valid perplexity {result['valid_ppl']:.2f} (best {result['best_valid_ppl']:.2f} "
               f"at step {result['best_step']}); add-one unigram {result['unigram_valid_ppl']:.2f}; "
               f"ratio {result['valid_ppl'] / result['unigram_valid_ppl']:.3f}; "
               f"{result['valid_tokens']} valid tokens, word level")

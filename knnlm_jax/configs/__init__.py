@@ -100,6 +100,8 @@ def validate(config: ConfigDict) -> ConfigDict:
     for key in UNIT_INTERVAL:
         if key in config and not 0 <= config[key] < 1:
             raise ConfigError(f"{key} = {config[key]!r}: must be in [0, 1)")
+    if "patience" in config and not (is_int(config.patience) and config.patience >= 0):
+        raise ConfigError(f"patience = {config.patience!r}: must be a non-negative integer (0: never stop early)")
     if "lr" in config and not config.lr > 0:
         raise ConfigError(f"lr = {config.lr!r}: must be > 0")
     if "vocab_size" in config and not (is_int(config.vocab_size) and (config.vocab_size == 0

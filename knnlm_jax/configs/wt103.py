@@ -68,6 +68,9 @@ def get_config() -> ConfigDict:
     c.log_every = 100
     c.checkpoint_every = 2000
     c.keep_checkpoints = 2
+    # early stopping: stop after this many evaluations in a row without a better valid perplexity
+    # (0: never); the learning-rate schedule still spans max_steps, so a stopped run is a prefix of a full one
+    c.patience = 0
     # datastore (build.py): windows of build_window tokens, each stored entry with at least
     # build_context tokens of prior context (paper: 3072 and 1536 on WikiText-103)
     c.build_window = 0  # 0 = tokens_per_sample

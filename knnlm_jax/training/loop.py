@@ -205,7 +205,8 @@ class _Loop:
         rows = StepRows(setup.train_blocks, BatchOrder(setup.order.n_blocks, setup.order.per_update, c.seed),
                         c.update_freq, c.batch_size, processes.index, processes.count)
         self.batches = step_batches(rows, start_step, c.max_steps)  # its own order: read in another thread
-        for step in range(start_step, c.max_steps):
+        last = start_step if self._patience_spent(start_step) else c.max_steps  # a stopped run trains no further
+        for step in range(start_step, last):
             metrics = self._update(step)
             done = step + 1
             bar.update(1)
@@ -218,14 +219,26 @@ class _Loop:
                 self._log(step, metrics, bar)
             if is_eval:
                 valid_ppl = self._evaluate(done, bar)
-            if is_save:
+            stop = is_eval and self._patience_spent(done)
+            if is_save or stop:  # the stopped run's last checkpoint: its meta says it stopped
                 self._save(done)
+            if stop:
+                if self.files.main:
+                    bar.write(f"stopped early at update {done}: no better valid perplexity in {c.patience} "
+                              f"evaluations (best {self.meta['best_valid_ppl']:.2f} at {self.meta['best_step']})")
+                break
         bar.close()
         if valid_ppl is None:  # nothing left to train: report the final model
             valid_ppl = self._valid_ppl()
             if not math.isfinite(valid_ppl):
                 raise _diverged("valid perplexity", int(self.state["step"]), self.files, c)
         return valid_ppl
+
+    def _patience_spent(self, done: int) -> bool:
+        """Early stopping: after ``done`` updates, ``patience`` evaluations in a row found no better model."""
+        c = self.config
+        return (c.get("patience", 0) > 0 and done > 0 and done % c.eval_every == 0
+                and done - self.meta["best_step"] >= c.patience * c.eval_every)
 
     def _update(self, step: int) -> dict:
         """One update: ``update_freq`` micro-batches of ``batch_size`` blocks."""
@@ -302,6 +315,7 @@ def _finish(config, setup: _Setup, files: _RunFiles, state: dict, meta: dict, va
     result = {
         "config": config.name,
         "steps": int(state["step"]),
+        "stopped_early": int(state["step"]) < config.max_steps,
         "valid_ppl": valid_ppl,
         "best_valid_ppl": meta["best_valid_ppl"],
         "best_step": meta["best_step"],

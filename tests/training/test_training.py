@@ -44,6 +44,33 @@ def test_resume_after_losing_the_last_checkpoint_gives_identical_results(tmp_pat
     assert steps.count(5) == 1  # the lost steps are logged once, not twice
 
 
+def _valid_curve(run: str) -> tuple[list, list]:
+    records = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+    evals = [(r["step"], r["valid_ppl"]) for r in records if "valid_ppl" in r and "event" not in r]
+    return [s for s, _ in evals], [p for _, p in evals]
+
+
+def test_training_stops_once_valid_stalls_for_patience_evaluations_and_a_rerun_stays_stopped(tmp_path, wikitext_dir):
+    # a high learning rate without dropout: valid stops improving well before max_steps on the tiny corpus
+    config = tiny_config(wikitext_dir, max_steps=80, eval_every=2, patience=2, lr=5e-2, dropout=0.0, d_model=32,
+                         d_ff=64, checkpoint_every=100)
+    run = str(tmp_path / "r")
+    result = train(config, run, **QUIET)
+    steps, ppl = _valid_curve(run)
+    best_before = [min(range(i + 1), key=ppl.__getitem__) for i in range(len(ppl))]  # first minimum so far
+    first_stall = next(i for i in range(len(ppl)) if i - best_before[i] >= config.patience)
+    assert result["stopped_early"] and result["steps"] == steps[first_stall] == steps[-1] < config.max_steps
+    assert result["best_step"] == steps[best_before[-1]] and result["best_valid_ppl"] == min(ppl)
+    messages = []
+    again = train(config, run, progress=False, log=messages.append)
+    assert any(f"resumed from step {result['steps']}" in m for m in messages)
+    assert again["steps"] == result["steps"] and again["valid_ppl"] == result["valid_ppl"]
+    assert _valid_curve(run) == (steps, ppl)  # it trained and evaluated no further
+    never = train(tiny_config(wikitext_dir, max_steps=8, eval_every=2, patience=0, lr=5e-2, dropout=0.0),
+                  str(tmp_path / "full"), **QUIET)
+    assert never["steps"] == 8 and not never["stopped_early"]
+
+
 def test_a_changed_config_does_not_continue_an_old_run(tmp_path, wikitext_dir):
     train(tiny_config(wikitext_dir, max_steps=2), str(tmp_path / "r"), **QUIET)
     with pytest.raises(ValueError, match="different config"):

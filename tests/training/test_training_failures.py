@@ -119,6 +119,7 @@ def test_impossible_values_are_refused_before_anything_is_written(tmp_path, over
     ("eval_batch_size", -4), ("update_freq", 0), ("max_steps", -5), ("vocab_size", -3), ("vocab_size", 3),
     ("lr", -1e-3), ("lr", float("nan")), ("dropout", 1.0), ("attention_dropout", -0.1), ("momentum", 1.5),
     ("clip_norm", -1.0), ("warmup_steps", -1), ("cutoffs", (0, 10)), ("d_model", 30), ("optimizer", "sgd"),
+    ("patience", -1), ("patience", 1.5),
 ])
 def test_validate_names_the_field(key, value):
     config = get_config("tiny")
