@@ -24,13 +24,14 @@ def valid_curve(run: str) -> tuple[list, list]:
     return steps, [by_step[s] for s in steps]
 
 
-def table3_sweep(root: str, doc_dir: str, rows_of, load, plot) -> dict:
-    """Per LM fraction: LM alone and with the all-train datastore (test), against the LM trained on all."""
+def table3_sweep(root: str, doc_dir: str, rows_of, load, plot, done: set) -> dict:
+    """Per LM fraction whose evaluation is ``done``: LM alone and with the all-train datastore (test), against
+    the LM trained on all."""
     from replicate import LM_FRACTIONS
 
     on_all = rows_of(load(os.path.join(root, "wiki", "eval", "table1", "results.json")))["base LM"]
     points, curves = [], {}
-    for tag, fraction in LM_FRACTIONS:
+    for tag, fraction in (f for f in LM_FRACTIONS if f"eval-lm-{f[0]}" in done):
         run = os.path.join(root, f"wiki-lm-{tag}")
         r = load(os.path.join(run, "eval", "table3", "results.json"))
         t = rows_of(r)
@@ -68,7 +69,8 @@ def table3_sweep(root: str, doc_dir: str, rows_of, load, plot) -> dict:
            + (f"Here the kNN-LM beats the LM trained on all at {win_ratios} (the smallest: {crossover:.0f}×)." if wins else
               "Here no ratio measured gets the kNN-LM below the LM trained on all.")]
     return dict(claims=[{k: v for k, v in c.items() if v is not None} for c in claims], md=md,
-                table=dict(points=points, lm_trained_on_all=on_all, crossover_ratio=crossover,
+                table=dict(points=points, valid_curves={f: dict(step=c[0], valid_ppl=c[1]) for f, c in curves.items()},
+                           lm_trained_on_all=on_all, crossover_ratio=crossover,
                            paper=dict(ratio=PAPER_RATIO, gap=PAPER_GAP)),
                 figures=["fig_table3_sweep.png"])
 

@@ -107,22 +107,28 @@ def _commands(steps, names) -> list[str]:
 
 def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
     """Each experiment's claims, ours beside the paper's, from the suite's outputs (``None`` if pending)."""
-    from replicate import DOMAINS, FRACTIONS
+    from replicate import DOMAINS, FRACTIONS, LM_FRACTIONS
 
     done = {s.name for s in steps if os.path.isfile(os.path.join(root, "done", f"{s.name}.json"))}
     wiki, quarter = os.path.join(root, "wiki"), os.path.join(root, "wiki-quarter")
     out = []
 
-    def experiment(name, title, setup, needs, build):
-        """``needs``: step names, or prefixes ending in ``-``."""
-        names = [s.name for s in steps if any(s.name == p or (p.endswith("-") and s.name.startswith(p))
-                                              for p in needs)]
+    def matching(prefixes):
+        return [s.name for s in steps if any(s.name == p or (p.endswith("-") and s.name.startswith(p))
+                                             for p in prefixes)]
+
+    def experiment(name, title, setup, needs, build, parts=()):
+        """``needs``: step names, or prefixes ending in ``-``. ``parts``: groups of those step names, each a part
+        the experiment can report alone: it is built once the other steps and at least one part are done,
+        naming the steps left ``unfinished``."""
+        names = matching(needs)
         pending = [n for n in names if n not in done]
+        later = [n for part in parts for n in part if n in pending]
         entry = dict(name=name, title=title, setup=setup, steps=names, commands=_commands(steps, names))
-        if pending:
+        if len(later) < len(pending) or (parts and not any(set(part) <= done for part in parts)):
             entry.update(pending=pending)
         else:
-            entry.update(build())
+            entry.update(build(), **(dict(unfinished=later) if later else {}))
         out.append(entry)
 
     def table1():
@@ -508,7 +514,9 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                "is the datastore's tokens over the LM's training tokens: the paper's Table 3 point is 30× (WIKI-3B "
                "over WIKI-100M).",
                ["data-lm-fractions", "train-lm-", "build-lm-", "eval-lm-", "eval-table1"],
-               lambda: mechanism.table3_sweep(root, doc_dir, _rows, _load, _plot))
+               lambda: mechanism.table3_sweep(root, doc_dir, _rows, _load, _plot, done),
+               parts=[matching([f"{kind}-lm-{tag}" for kind in ("train", "build", "eval")])
+                      for tag, _ in LM_FRACTIONS])
     experiment("figure8", "Figure 8: a memorising LM",
                "An LM of the same architecture without dropout, trained on the first 1/8 of WikiText-2 train for "
                f"{scale.memorise_steps:,} updates (its last checkpoint), interpolated with the Wikipedia LM (λ "
@@ -600,7 +608,11 @@ def markdown(exps, scale, results_dir: str, doc_dir: str) -> str:
             lines += [f"Carried from `{rel}/{e['name']}.json` (written {e.get('written', 'by an earlier report')}): "
                       f"its steps {', '.join(e['carried'])} are not done in this suite's root now (run them to "
                       "measure it again).", ""]
-        lines += [e["setup"], ""] + e.get("md", []) + ["", f"Data: `{rel}/{e['name']}.json`."]
+        lines += [e["setup"], ""] + e.get("md", [])
+        if e.get("unfinished"):
+            lines += ["", f"Still to run: steps {', '.join(e['unfinished'])} (run the suite again); the rows above "
+                          "are the parts done, and its claims are read on them alone."]
+        lines += ["", f"Data: `{rel}/{e['name']}.json`."]
         for fig in e.get("figures", []):
             lines += ["", f"![{fig}]({fig})"]
         lines += ["", "Commands:", "", "```"] + e["commands"] + ["```"]

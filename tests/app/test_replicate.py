@@ -79,8 +79,10 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
         assert payload["claims"] and all(c["ours"] and isinstance(c["holds"], bool) for c in payload["claims"])
         assert payload["commands"] and all(c.startswith("python ") for c in payload["commands"])
         assert payload["setup"] in text
-    sweep = json.loads((results / "table3_sweep.json").read_text())["table"]["points"]
+    sweep_table = json.loads((results / "table3_sweep.json").read_text())["table"]
+    sweep, curves = sweep_table["points"], sweep_table["valid_curves"]
     assert [p["ratio"] for p in sweep] == [16, 8, 4, 2]
+    assert all(p["best_valid_ppl"] == min(curves[p["fraction"]]["valid_ppl"]) for p in sweep)  # its curve, committed
     memorised = json.loads((results / "figure8.json").read_text())["table"]["memorise"]
     assert 0 <= memorised["lmbda"] <= 1 and memorised["test_ppl"] <= max(memorised["wiki_test_ppl"],
                                                                          memorised["memorised_test_ppl"])
@@ -109,8 +111,10 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     both = subprocess.run(cmd + ["--report", "--step", "ngram"], capture_output=True, text=True, env=env, timeout=60)
     assert both.returncode == 2 and "not allowed with argument --report" in both.stderr
 
-    # one strong-LM experiment's step undone: the others are reported from the runs, it is carried
+    # one strong-LM experiment's step undone: the others are reported from the runs, it is carried; one
+    # fraction of the Table 3 sweep undone: the sweep reports the fractions done and names the step left
     (root / "done" / "eval-strong-domain.json").unlink()
+    (root / "done" / "eval-lm-1_2.json").unlink()
     written = {n: json.loads((results / f"{n}.json").read_text())["written"] for n in STRONG}
     os.utime(results / "strong.json", ns=(0, 0))
     report = subprocess.run(cmd + ["--report"], capture_output=True, text=True, env=env, timeout=300)
@@ -119,6 +123,9 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert {n: json.loads((results / f"{n}.json").read_text())["written"] for n in STRONG} == written
     assert "Carried from `../results/strong_domain.json`" in doc.read_text()
     assert doc.read_text().count("Carried from") == 1
+    assert "Still to run: steps eval-lm-1_2 (run the suite again)" in doc.read_text()
+    points = json.loads((results / "table3_sweep.json").read_text())["table"]["points"]
+    assert [p["ratio"] for p in points] == [16, 8, 4]
 
 
 def benchmarks():
