@@ -248,15 +248,21 @@ def mechanism_steps(scale: Scale, data: str, root: str, alone) -> list[Step]:
     Wikipedia LM, against the Wikipedia LM with a datastore of that slice)."""
     wiki = os.path.join(root, "wiki")
     vocab, k = os.path.join(wiki, "vocab.txt"), ("--k", scale.k)
-    steps = [Step("data-lm-fractions", "prefixes of WikiText-2 train for the LM sweep (1/16 ... 1/2)",
-                  func=lambda: write_fractions(os.path.join(data, WIKI), os.path.join(root, "data"), LM_FRACTIONS),
-                  shown=alone("data-lm-fractions"))]
+    # the sweep's vocabulary is built from all of train as the Wikipedia LM's is, so the sweep runs without that LM
+    sweep_vocab = os.path.join(root, "data", f"{WIKI}-vocab.txt")
+
+    def sweep_data():
+        write_fractions(os.path.join(data, WIKI), os.path.join(root, "data"), LM_FRACTIONS)
+        write_vocab(os.path.join(data, WIKI), sweep_vocab, lm_config(scale).vocab_size)
+
+    steps = [Step("data-lm-fractions", "prefixes of WikiText-2 train for the LM sweep (1/16 ... 1/2) and the "
+                  "vocabulary of all of train", func=sweep_data, shown=alone("data-lm-fractions"))]
     for tag, _ in LM_FRACTIONS:
         run = os.path.join(root, f"wiki-lm-{tag}")
         steps += [
             Step(f"train-lm-{tag}", f"Table 3 sweep: an LM on {tag.replace('_', '/')} of WikiText-2 train, kept at "
                  "its best valid", tool("train.py", *scale.lm, *scale.sweep_lm, "--workdir", run, "--data_dir",
-                                        fraction_dir(data, root, tag), "--vocab", vocab)),
+                                        fraction_dir(data, root, tag), "--vocab", sweep_vocab)),
             Step(f"build-lm-{tag}", "its datastore over all of WikiText-2 train",
                  **build(run, "wt2-all", "--corpus", os.path.join(data, WIKI))),
             pruned(Step(f"eval-lm-{tag}", "Table 3 sweep: it with and without that datastore on test (tuned on valid)",
@@ -337,6 +343,14 @@ def write_fractions(source: str, out_root: str, fractions=FRACTIONS) -> None:
         with open(os.path.join(directory, "train.txt.tmp"), "w", encoding="utf-8") as f:
             f.writelines(lines[: int(len(lines) * fraction)])
         os.replace(os.path.join(directory, "train.txt.tmp"), os.path.join(directory, "train.txt"))
+
+
+def write_vocab(source: str, path: str, max_size) -> None:
+    """``path``: the vocabulary train.py builds from ``source``'s train split (at most ``max_size`` words)."""
+    from knnlm_jax.data import corpus
+    from knnlm_jax.data.vocab import Vocab
+
+    Vocab.build(corpus.read_split(source, "train").lines(), max_size=max_size).save(path)  # atomic
 
 
 def ngram_experiment(workdir: str, eval_dir: str, orders, out: str, corpus: str | None = None) -> None:

@@ -105,7 +105,21 @@ def _commands(steps, names) -> list[str]:
     return [command_line(s) for s in steps if s.name in names]
 
 
-def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
+def _trained_on_all(root: str, results_dir: str, scale) -> dict:
+    """The Wikipedia LM's test perplexity (Table 1's base LM) from its run, or, its run gone, from Table 1's
+    report JSON at this scale (the Table 3 sweep is then run without retraining that LM)."""
+    r = _load(os.path.join(root, "wiki", "eval", "table1", "results.json"))
+    if r:
+        path = os.path.join(root, "wiki", "eval", "table1", "results.json")
+        return dict(ppl=_rows(r)["base LM"], source=os.path.relpath(path, ROOT))
+    path = os.path.join(results_dir, "table1.json")
+    old = _load(path) or {}
+    if old.get("scale") != scale.name or "table" not in old:
+        raise FileNotFoundError(f"the Table 3 sweep needs Table 1's base LM: run its steps (no {path} at this scale)")
+    return dict(ppl=old["table"]["test"]["base LM"], source=os.path.relpath(path, ROOT))
+
+
+def experiments(root: str, steps, scale, doc_dir: str, results_dir: str) -> list[dict]:
     """Each experiment's claims, ours beside the paper's, from the suite's outputs (``None`` if pending)."""
     from replicate import DOMAINS, FRACTIONS, LM_FRACTIONS
 
@@ -513,8 +527,9 @@ def experiments(root: str, steps, scale, doc_dir: str) -> list[dict]:
                "curves below), each with a datastore over all of train; test, λ and T tuned on valid. The ratio "
                "is the datastore's tokens over the LM's training tokens: the paper's Table 3 point is 30× (WIKI-3B "
                "over WIKI-100M).",
-               ["data-lm-fractions", "train-lm-", "build-lm-", "eval-lm-", "eval-table1"],
-               lambda: mechanism.table3_sweep(root, doc_dir, _rows, _load, _plot, done),
+               ["data-lm-fractions", "train-lm-", "build-lm-", "eval-lm-"],
+               lambda: mechanism.table3_sweep(root, doc_dir, _rows, _load, _plot, done,
+                                              _trained_on_all(root, results_dir, scale)),
                parts=[matching([f"{kind}-lm-{tag}" for kind in ("train", "build", "eval")])
                       for tag, _ in LM_FRACTIONS])
     experiment("figure8", "Figure 8: a memorising LM",
@@ -538,7 +553,7 @@ def write(root: str, steps, scale, results_dir: str, doc: str) -> None:
     doc_dir = os.path.dirname(os.path.abspath(doc))
     os.makedirs(results_dir, exist_ok=True)
     os.makedirs(doc_dir, exist_ok=True)
-    exps = [carried(results_dir, e, scale) or e for e in experiments(root, steps, scale, doc_dir)]
+    exps = [carried(results_dir, e, scale) or e for e in experiments(root, steps, scale, doc_dir, results_dir)]
     for e in exps:
         if e.get("carried"):  # its committed JSON stays as it is
             continue

@@ -56,7 +56,7 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert listing.count("done  ") == len(listing.splitlines()) >= 30
 
     wiki_vocab = (root / "wiki" / "vocab.txt").read_text()
-    for run in ("wiki-quarter", "tinyshakespeare", "python-docs"):  # trained with train.py --vocab
+    for run in ("wiki-quarter", "tinyshakespeare", "python-docs", "wiki-lm-1_16"):  # trained with train.py --vocab
         assert (root / run / "vocab.txt").read_text() == wiki_vocab
 
     # the evaluations whose neighbour files the report never reads keep only their results and log-probs
@@ -112,9 +112,12 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert both.returncode == 2 and "not allowed with argument --report" in both.stderr
 
     # one strong-LM experiment's step undone: the others are reported from the runs, it is carried; one
-    # fraction of the Table 3 sweep undone: the sweep reports the fractions done and names the step left
+    # fraction of the Table 3 sweep undone: the sweep reports the fractions done and names the step left;
+    # Table 1's run gone: it is carried, and the sweep reads the LM trained on all from its JSON
     (root / "done" / "eval-strong-domain.json").unlink()
     (root / "done" / "eval-lm-1_2.json").unlink()
+    (root / "done" / "eval-table1.json").unlink()
+    (root / "wiki" / "eval" / "table1" / "results.json").unlink()
     written = {n: json.loads((results / f"{n}.json").read_text())["written"] for n in STRONG}
     os.utime(results / "strong.json", ns=(0, 0))
     report = subprocess.run(cmd + ["--report"], capture_output=True, text=True, env=env, timeout=300)
@@ -122,10 +125,12 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert (results / "strong.json").stat().st_mtime_ns > 0  # rewritten from the runs
     assert {n: json.loads((results / f"{n}.json").read_text())["written"] for n in STRONG} == written
     assert "Carried from `../results/strong_domain.json`" in doc.read_text()
-    assert doc.read_text().count("Carried from") == 1
+    assert doc.read_text().count("Carried from") == 3  # and Table 1 with the precision rows that read its run
     assert "Still to run: steps eval-lm-1_2 (run the suite again)" in doc.read_text()
-    points = json.loads((results / "table3_sweep.json").read_text())["table"]["points"]
-    assert [p["ratio"] for p in points] == [16, 8, 4]
+    swept = json.loads((results / "table3_sweep.json").read_text())["table"]
+    assert [p["ratio"] for p in swept["points"]] == [16, 8, 4]
+    assert swept["lm_trained_on_all"] == table1["test"]["base LM"]
+    assert swept["lm_trained_on_all_from"] == os.path.relpath(results / "table1.json", ROOT)
 
 
 def benchmarks():
