@@ -105,13 +105,12 @@ def _commands(steps, names) -> list[str]:
     return [command_line(s) for s in steps if s.name in names]
 
 
-def _trained_on_all(root: str, results_dir: str, scale) -> dict:
-    """The Wikipedia LM's test perplexity (Table 1's base LM) from its run, or, its run gone, from Table 1's
-    report JSON at this scale (the Table 3 sweep is then run without retraining that LM)."""
-    r = _load(os.path.join(root, "wiki", "eval", "table1", "results.json"))
-    if r:
+def _trained_on_all(root: str, results_dir: str, scale, done: set) -> dict:
+    """The Wikipedia LM's test perplexity (Table 1's base LM) from its run, or, that step not done (a new
+    checkout), from Table 1's report JSON at this scale: the Table 3 sweep then runs without retraining it."""
+    if "eval-table1" in done:
         path = os.path.join(root, "wiki", "eval", "table1", "results.json")
-        return dict(ppl=_rows(r)["base LM"], source=os.path.relpath(path, ROOT))
+        return dict(ppl=_rows(_load(path))["base LM"], source=os.path.relpath(path, ROOT))
     path = os.path.join(results_dir, "table1.json")
     old = _load(path) or {}
     if old.get("scale") != scale.name or "table" not in old:
@@ -529,7 +528,7 @@ def experiments(root: str, steps, scale, doc_dir: str, results_dir: str) -> list
                "over WIKI-100M).",
                ["data-lm-fractions", "train-lm-", "build-lm-", "eval-lm-"],
                lambda: mechanism.table3_sweep(root, doc_dir, _rows, _load, _plot, done,
-                                              _trained_on_all(root, results_dir, scale)),
+                                              _trained_on_all(root, results_dir, scale, done)),
                parts=[matching([f"{kind}-lm-{tag}" for kind in ("train", "build", "eval")])
                       for tag, _ in LM_FRACTIONS])
     experiment("figure8", "Figure 8: a memorising LM",

@@ -113,11 +113,10 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
 
     # one strong-LM experiment's step undone: the others are reported from the runs, it is carried; one
     # fraction of the Table 3 sweep undone: the sweep reports the fractions done and names the step left;
-    # Table 1's run gone: it is carried, and the sweep reads the LM trained on all from its JSON
+    # Table 1's evaluation undone: it is carried, and the sweep reads the LM trained on all from its JSON
     (root / "done" / "eval-strong-domain.json").unlink()
     (root / "done" / "eval-lm-1_2.json").unlink()
     (root / "done" / "eval-table1.json").unlink()
-    (root / "wiki" / "eval" / "table1" / "results.json").unlink()
     written = {n: json.loads((results / f"{n}.json").read_text())["written"] for n in STRONG}
     os.utime(results / "strong.json", ns=(0, 0))
     report = subprocess.run(cmd + ["--report"], capture_output=True, text=True, env=env, timeout=300)
