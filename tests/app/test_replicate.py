@@ -81,7 +81,9 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
         assert payload["setup"] in text
     sweep_table = json.loads((results / "table3_sweep.json").read_text())["table"]
     sweep, curves = sweep_table["points"], sweep_table["valid_curves"]
-    assert [p["ratio"] for p in sweep] == [16, 8, 4, 2]
+    assert [p["fraction"] for p in sweep] == ["1/16", "1/8", "1/4", "1/2"]
+    for p, n in zip(sweep, (16, 8, 4, 2)):  # datastore entries over the LM's training tokens, the lines' share
+        assert abs(p["ratio"] / n - 1) < 0.2, (p["ratio"], n)
     assert all(p["best_valid_ppl"] == min(curves[p["fraction"]]["valid_ppl"]) for p in sweep)  # its curve, committed
     memorised = json.loads((results / "figure8.json").read_text())["table"]["memorise"]
     assert 0 <= memorised["lmbda"] <= 1 and memorised["test_ppl"] <= max(memorised["wiki_test_ppl"],
@@ -127,7 +129,7 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert doc.read_text().count("Carried from") == 3  # and Table 1 with the precision rows that read its run
     assert "Still to run: steps eval-lm-1_2 (run the suite again)" in doc.read_text()
     swept = json.loads((results / "table3_sweep.json").read_text())["table"]
-    assert [p["ratio"] for p in swept["points"]] == [16, 8, 4]
+    assert [p["fraction"] for p in swept["points"]] == ["1/16", "1/8", "1/4"]
     assert swept["lm_trained_on_all"] == table1["test"]["base LM"]
     assert swept["lm_trained_on_all_from"] == os.path.relpath(results / "table1.json", ROOT)
 
