@@ -106,11 +106,13 @@ def _commands(steps, names) -> list[str]:
 
 
 def _trained_on_all(root: str, results_dir: str, scale, done: set) -> dict:
-    """The Wikipedia LM's test perplexity (Table 1's base LM) from its run, or, that step not done (a new
-    checkout), from Table 1's report JSON at this scale: the Table 3 sweep then runs without retraining it."""
+    """The Wikipedia LM's test perplexity (Table 1's base LM) and its per-token log-probs (``logp``, for paired
+    intervals) from its run, or, that step not done (a new checkout), its perplexity alone from Table 1's report
+    JSON at this scale: the Table 3 sweep then runs without retraining it."""
     if "eval-table1" in done:
         path = os.path.join(root, "wiki", "eval", "table1", "results.json")
-        return dict(ppl=_rows(_load(path))["base LM"], source=os.path.relpath(path, ROOT))
+        r = _load(path)
+        return dict(ppl=_rows(r)["base LM"], source=os.path.relpath(path, ROOT), logp=checks.per_token(r)["lm"])
     path = os.path.join(results_dir, "table1.json")
     old = _load(path) or {}
     if old.get("scale") != scale.name or "table" not in old:

@@ -85,7 +85,12 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     for p, n in zip(sweep, (16, 8, 4, 2)):  # datastore entries over the LM's training tokens, the lines' share
         assert abs(p["ratio"] / n - 1) < 0.2, (p["ratio"], n)
     assert all(p["best_valid_ppl"] == min(curves[p["fraction"]]["valid_ppl"]) for p in sweep)  # its curve, committed
-    memorised = json.loads((results / "figure8.json").read_text())["table"]["memorise"]
+    # each gap paired token by token with the LM trained on all: the same test tokens, so the same change
+    assert all(abs(p["interval"]["change"] - p["gap_to_all"]) < 1e-5 for p in sweep)
+    figure8 = json.loads((results / "figure8.json").read_text())["table"]
+    assert abs(figure8["interval"]["change"] - (figure8["wiki_slice_datastore"] / figure8["memorise"]["test_ppl"] - 1)) < 1e-5
+    assert figure8["memorised_train_loss"] > 0
+    memorised = figure8["memorise"]
     assert 0 <= memorised["lmbda"] <= 1 and memorised["test_ppl"] <= max(memorised["wiki_test_ppl"],
                                                                          memorised["memorised_test_ppl"])
     tables = {n: json.loads((results / f"{n}.json").read_text())["table"] for n in ("strong", "strong_ngram",
@@ -132,6 +137,7 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert [p["fraction"] for p in swept["points"]] == ["1/16", "1/8", "1/4"]
     assert swept["lm_trained_on_all"] == table1["test"]["base LM"]
     assert swept["lm_trained_on_all_from"] == os.path.relpath(results / "table1.json", ROOT)
+    assert not any("interval" in p for p in swept["points"]) and "no per-token file, so no intervals" in doc.read_text()
 
 
 def benchmarks():
