@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from knnlm_jax.core import distributed
+from knnlm_jax.core.environment import package_versions
 from knnlm_jax.models.adaptive import band_edges, capacities_for_batches
 from knnlm_jax.core.checkpoint import CheckpointError, Checkpointer, NonFiniteState, abstract_like
 from knnlm_jax.configs import validate
@@ -323,6 +324,7 @@ def _finish(config, setup: _Setup, files: _RunFiles, state: dict, meta: dict, va
         "valid_tokens": int(valid_mask.sum()),
         "vocab_size": len(setup.data.vocab),
         "parameters": count_params_of(state["params"]),
+        "versions": package_versions(),
     }
     files.append(dict(result, step=int(state["step"]), event="end", time=time.time()))
     return result

@@ -25,6 +25,7 @@ def test_training_lowers_valid_perplexity_below_unigram(tmp_path, wikitext_dir):
     config = tiny_config(wikitext_dir, max_steps=40, eval_every=20, d_model=32, d_ff=64, lr=5e-3, dropout=0.0)
     result = train(config, str(tmp_path / "run"), **QUIET)
     assert result["valid_ppl"] < 0.5 * result["unigram_valid_ppl"]
+    assert result["versions"]["jax"] == jax.__version__ and result["versions"]["numpy"] == np.__version__
     records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     evals = [r["valid_ppl"] for r in records if "valid_ppl" in r and "event" not in r]
     assert len(evals) == 2 and evals[1] < evals[0]
