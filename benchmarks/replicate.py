@@ -39,6 +39,7 @@ KEY_TYPES = ("ffn_input_after_ln", "ffn_input_before_ln", "attn_output", "block_
 FRACTIONS = (("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2), ("all", 1.0))
 LM_FRACTIONS = (("1_16", 1 / 16), ("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2))  # Table 3 as a mechanism
 MEMORISED = "1_8"  # Figure 8: the slice a dropout-free LM memorises
+MEMORISE_K = 8  # only the memorising LM's own log-probs are read: a small k keeps its evaluation to the forward
 STRONG_DOMAIN = "ptb"  # the strong LM's domain: Penn Treebank as the LM benchmark ships it (lower case, no
 # punctuation, <unk> and N for numbers), a form of text web pretraining rarely holds even where its news does
 
@@ -278,8 +279,8 @@ def mechanism_steps(scale: Scale, data: str, root: str, alone) -> list[Step]:
              tool("train.py", *scale.lm, *no_dropout, "--workdir", memorise, "--data_dir", part, "--vocab", vocab)),
         Step("build-memorise", "its datastore over that slice (for its per-token files)", **build(memorise, "slice")),
         Step("eval-memorise", "Figure 8: the memorising LM on valid and test",
-             tool("evaluate.py", "--workdir", memorise, "--datastore", "slice", "--split", "test", *k,
-                  "--out", os.path.join(memorise, "eval", "slice"))),
+             tool("evaluate.py", "--workdir", memorise, "--datastore", "slice", "--split", "test", "--k",
+                  MEMORISE_K, "--out", os.path.join(memorise, "eval", "slice"))),
         Step("build-wiki-slice", "the Wikipedia LM's datastore over the same slice",
              **build(wiki, f"wt2-{MEMORISED}", "--corpus", part)),
         Step("eval-wiki-slice", "Figure 8: the Wikipedia LM + that datastore on test (tuned on valid)",

@@ -193,3 +193,18 @@ def test_a_report_without_the_runs_keeps_the_complete_results_it_finds(tmp_path)
     assert "| a claim measured before (table1) | p | o |" in text and "| our row | 1.00 |" in text
     assert "Carried from `../results/table1.json` (written 2026-01-02): its steps train-wiki," in text
     assert text.count("Pending: steps") == len(EXPERIMENTS) - 1 - len(STRONG)  # all but table1 (strong: none here)
+
+
+def test_the_report_says_when_table1_was_retrained_beside_carried_sections():
+    _, replicate_report = benchmarks()
+
+    def exps(now, then, table1_carried=False):
+        return [dict(name="table1", table={"test": {"base LM": now}}, **({"carried": ["eval-table1"]}
+                                                                         if table1_carried else {})),
+                dict(name="table3", carried=["eval-quarter"], written="2026-12-04",
+                     table={"test": {"lm_trained_on_all": then}})]
+
+    said = " ".join(replicate_report._retrained(exps(151.2035, 151.5479)))
+    assert "scores 151.20 on test, not the 151.55" in said and "(written 2026-12-04)" in said
+    assert replicate_report._retrained(exps(151.5479, 151.5479)) == []  # reproduced: nothing to say
+    assert replicate_report._retrained(exps(151.2035, 151.5479, table1_carried=True)) == []  # both earlier
