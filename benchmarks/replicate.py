@@ -39,7 +39,7 @@ KEY_TYPES = ("ffn_input_after_ln", "ffn_input_before_ln", "attn_output", "block_
 FRACTIONS = (("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2), ("all", 1.0))
 LM_FRACTIONS = (("1_16", 1 / 16), ("1_8", 1 / 8), ("1_4", 1 / 4), ("1_2", 1 / 2))  # Table 3 as a mechanism
 MEMORISED = "1_8"  # Figure 8: the slice a dropout-free LM memorises
-MEMORISE_K = 8  # only the memorising LM's own log-probs are read: a small k keeps its evaluation to the forward
+MEMORISE_K = 8  # only the memorising LM's own log-probs are read: a small k keeps its search and re-ranking cheap
 STRONG_DOMAIN = "ptb"  # the strong LM's domain: Penn Treebank as the LM benchmark ships it (lower case, no
 # punctuation, <unk> and N for numbers), a form of text web pretraining rarely holds even where its news does
 
