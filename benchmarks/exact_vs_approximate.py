@@ -5,7 +5,9 @@ The paper quantizes 1024-dim keys to 64 bytes (16 dimensions per byte) and finds
 re-ranking with full-precision L2 helps (WikiText-103 16.5 -> 16.06). This builds an
 in-memory index of the datastore with the requested factory (default ``IVF2048,PQ16``:
 16 dimensions per byte for 256-dim keys), evaluates the first ``--max-tokens`` targets of
-valid and test in both modes, tunes λ and T on valid for each mode and reports test.
+valid and test in both modes, tunes λ and T on valid for each mode and reports test. Each mode's
+per-token test log-probs (at its tuned λ and T) are saved beside the JSON (``<out>-tokens.npz``:
+``targets``, ``lm``, ``exact``, ``approximate``) so that a report can pair the two modes token by token.
 
   python benchmarks/exact_vs_approximate.py --workdir runs/wt2 --data_dir ../shared/data/wikitext-2
 """
@@ -14,6 +16,8 @@ import argparse
 import os
 import sys
 import tempfile
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -53,6 +57,7 @@ def main(argv=None) -> int:
     window, context = eval_window_sizes(config)
     result = dict(factory=args.factory, index_seconds=info["seconds"], k=args.k, nprobe=args.nprobe,
                   tokens={s: len(t) for s, t in tokens.items()}, datastore_entries=store.size, dim=store.dim)
+    logprobs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode, exact in (("exact", True), ("approximate", False)):
             retriever = Retriever(store, index, args.k, exact, args.nprobe)
@@ -63,13 +68,25 @@ def main(argv=None) -> int:
             best = tune_knn(files["valid"])
             test = files["test"]
             knn = knn_log_probs(test, [best["temperature"]])[0]
+            logprobs[mode] = np.asarray(mix(test.logp_lm, knn, best["lmbda"]), np.float64)
+            logprobs.setdefault("lm", np.asarray(test.logp_lm, np.float64))
+            logprobs.setdefault("targets", np.array(test.targets))
             result[mode] = dict(lmbda=best["lmbda"], temperature=best["temperature"], valid_ppl=best["ppl"],
-                                test_base_ppl=perplexity(test.logp_lm),
-                                test_knn_ppl=perplexity(mix(test.logp_lm, knn, best["lmbda"])))
+                                test_base_ppl=perplexity(test.logp_lm), test_knn_ppl=perplexity(logprobs[mode]))
             print(mode, result[mode])
     result["exact_minus_approximate_test_ppl"] = result["exact"]["test_knn_ppl"] - result["approximate"]["test_knn_ppl"]
+    result["files"] = dict(logprobs=save_logprobs(args.out, logprobs))
     write_json(args.out, result)
     return 0
+
+
+def save_logprobs(out: str, logprobs: dict) -> str:
+    """``<out>-tokens.npz`` written under a temporary name, then renamed; its path, as the JSON records it."""
+    path = os.path.splitext(out)[0] + "-tokens.npz"
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **logprobs)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 if __name__ == "__main__":

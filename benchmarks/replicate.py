@@ -523,7 +523,11 @@ def main(argv=None) -> int:
             return 0
     import replicate_report
 
-    replicate_report.write(root, steps, scale, args.results, args.doc)
+    try:
+        replicate_report.write(root, steps, scale, args.results, args.doc)
+    except FileNotFoundError as err:  # a done step's output the report needs is gone or from an older version
+        print(f"replicate.py: error: {err}", file=sys.stderr)
+        return 1
     print(f"report: {args.doc}")
     return 0
 

@@ -87,6 +87,13 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert all(p["best_valid_ppl"] == min(curves[p["fraction"]]["valid_ppl"]) for p in sweep)  # its curve, committed
     # each gap paired token by token with the LM trained on all: the same test tokens, so the same change
     assert all(abs(p["interval"]["change"] - p["gap_to_all"]) < 1e-5 for p in sweep)
+    for name in ("precision", "strong_approx"):  # exact and approximate paired on the same test tokens
+        table = json.loads((results / f"{name}.json").read_text())["table"]
+        q = table["paper_precision"]
+        assert abs(table["interval"]["change"] - (q["exact"]["test_knn_ppl"] / q["approximate"]["test_knn_ppl"] - 1)) < 1e-9
+    table5 = json.loads((results / "table5.json").read_text())["table"]
+    worst = max(table5["rows"].values(), key=lambda r: r["knn"])  # the worst key type against the LM alone
+    assert abs(table5["intervals"]["worst_vs_lm"]["change"] - (worst["knn"] / worst["base"] - 1)) < 1e-5
     figure8 = json.loads((results / "figure8.json").read_text())["table"]
     assert abs(figure8["interval"]["change"] - (figure8["wiki_slice_datastore"] / figure8["memorise"]["test_ppl"] - 1)) < 1e-5
     assert figure8["memorised_train_loss"] > 0
@@ -208,3 +215,17 @@ def test_the_report_says_when_table1_was_retrained_beside_carried_sections():
     assert "scores 151.20 on test, not the 151.55" in said and "(written 2026-12-04)" in said
     assert replicate_report._retrained(exps(151.5479, 151.5479)) == []  # reproduced: nothing to say
     assert replicate_report._retrained(exps(151.2035, 151.5479, table1_carried=True)) == []  # both earlier
+
+
+def test_an_exact_vs_approximate_result_without_its_per_token_file_names_the_fix(tmp_path):
+    sys.path[:0] = [os.path.join(ROOT, "benchmarks")]
+    try:
+        import replicate_checks
+    finally:
+        del sys.path[0]
+    older = dict(factory="IVF2048,PQ16", exact={}, approximate={})  # as the benchmark wrote it before saving them
+    with pytest.raises(FileNotFoundError, match="no per-token file .*run that step again"):
+        replicate_checks.exact_vs_approximate(older)
+    gone = dict(older, files=dict(logprobs=str(tmp_path / "gone-tokens.npz")))
+    with pytest.raises(FileNotFoundError, match="gone-tokens.npz"):
+        replicate_checks.exact_vs_approximate(gone)
