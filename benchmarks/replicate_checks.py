@@ -85,6 +85,16 @@ def per_k(eval_dir: str, results: dict, ks) -> list[dict]:
     return analysis.per_k(valid, [k for k in ks if k <= valid.k])
 
 
+def small_k(eval_dir: str, row: dict) -> dict:
+    """The kNN-LM with only ``row["k"]`` neighbours, at the λ and T re-tuned for it (``per_k``'s row),
+    against the LM alone on the same valid tokens: the change with its interval."""
+    from knnlm_jax.evaluation.mixing import knn_log_probs, mix
+
+    valid = token_files(eval_dir, "valid")
+    knn_N = knn_log_probs(valid, [row["temperature"]], [row["k"]])[0]
+    return interval(valid.logp_lm, mix(valid.logp_lm, knn_N, row["lmbda"]))
+
+
 def frequency(eval_dir: str, results: dict, counts_V) -> list[dict]:
     """Test perplexity of the LM and the kNN-LM by the target's training count, <unk> apart."""
     from knnlm_jax.evaluation import analysis

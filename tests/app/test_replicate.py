@@ -72,6 +72,8 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     assert sum("t1" in c for c in claims) >= 10  # the paper's T = 1 beside the tuned T
     table1 = json.loads((results / "table1.json").read_text())["table"]
     assert table1["t1"]["lmbda"] >= 0 and [r["k"] for r in table1["k_retuned"]] == [1, 2, 4, 8]
+    small = table1["k_retuned"][-1]  # k = 8 paired with the LM alone on valid, at its re-tuned λ and T
+    assert abs(table1["intervals"]["small_k"]["change"] - (small["valid_ppl"] / table1["sweeps"]["k"]["base_ppl"] - 1)) < 1e-4
     assert abs(sum(b["share"] for b in table1["frequency"]) - 1) < 1e-9 and all(b["tokens"] for b in table1["frequency"])
     for name in EXPERIMENTS:
         payload = json.loads((results / f"{name}.json").read_text())
