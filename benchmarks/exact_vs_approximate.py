@@ -81,12 +81,13 @@ def main(argv=None) -> int:
 
 
 def save_logprobs(out: str, logprobs: dict) -> str:
-    """``<out>-tokens.npz`` written under a temporary name, then renamed; its path, as the JSON records it."""
+    """``<out>-tokens.npz`` written under a temporary name, then renamed; its name, which the JSON records
+    (beside it, so that the pair can move together)."""
     path = os.path.splitext(out)[0] + "-tokens.npz"
     with open(path + ".tmp", "wb") as f:
         np.savez(f, **logprobs)
     os.replace(path + ".tmp", path)
-    return path
+    return os.path.basename(path)
 
 
 if __name__ == "__main__":

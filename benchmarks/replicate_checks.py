@@ -52,13 +52,14 @@ def interval(a_N, b_N) -> dict:
     return analysis.paired_bootstrap(a_N, b_N)
 
 
-def exact_vs_approximate(result: dict) -> dict:
+def exact_vs_approximate(json_path: str, result: dict) -> dict:
     """``benchmarks/exact_vs_approximate.py``'s two modes paired on the same test tokens: the change from
-    FAISS's distances to exact L2 with its interval (a result without its per-token file: rerun that step)."""
-    path = result.get("files", {}).get("logprobs")
+    FAISS's distances to exact L2 with its interval, from the per-token file beside its JSON."""
+    name = result.get("files", {}).get("logprobs")
+    path = os.path.join(os.path.dirname(json_path), name) if name else None
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"exact vs approximate at {result['factory']}: no per-token file {path or ''} (an "
-                                "older run's: remove its step's marker under done/ and run that step again)")
+        raise FileNotFoundError(f"{json_path}: no per-token file {path or ''} beside it (an older run's: remove its "
+                                "step's marker under done/ and run that step again)")
     with np.load(path) as saved:
         return interval(saved["approximate"], saved["exact"])
 

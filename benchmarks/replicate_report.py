@@ -248,9 +248,10 @@ def experiments(root: str, steps, scale, doc_dir: str, results_dir: str) -> list
         knn = _rows(_load(os.path.join(wiki, "eval", "table1", "results.json")))["+kNN-LM"]
         a = _load(os.path.join(wiki, "eval", "table1-approx", "results.json"))
         approx = _rows(a)["+kNN-LM"]
-        q = _load(os.path.join(root, "exact_vs_approximate.json"))
+        q_path = os.path.join(root, "exact_vs_approximate.json")
+        q = _load(q_path)
         per_byte = q["dim"] // int(q["factory"].split("PQ")[-1])
-        paired = checks.exact_vs_approximate(q)
+        paired = checks.exact_vs_approximate(q_path, q)
         pq = re.search(r"PQ(\d+)", a["index"])
         codes = f"{q['dim'] // int(pq.group(1))} key dimensions per byte" if pq else f"{a['index']}, uncompressed"
         claims = [  # only at the paper's own precision: our default codes are finer than any the paper used

@@ -102,8 +102,9 @@ def table1(run: str, model: str, rows_of, load) -> dict:
 def approximate(root: str, run: str, model: str, rows_of, load) -> dict:
     exact = rows_of(_short(run, load))["+kNN-LM"]
     approx = rows_of(load(os.path.join(run, "eval", "table1-approx", "results.json")))["+kNN-LM"]
-    q = load(os.path.join(root, "exact_vs_approximate_strong.json"))
-    paired = checks.exact_vs_approximate(q)
+    q_path = os.path.join(root, "exact_vs_approximate_strong.json")
+    q = load(q_path)
+    paired = checks.exact_vs_approximate(q_path, q)
     claims = [dict(claim=f"exact L2 beats FAISS's quantised distances at the paper's code precision ({q['factory']}; "
                          "Section 5)" + _tag(model), paper="16.06 vs 16.5 (valid)",
                    ours=f"{q['exact']['test_knn_ppl']:.2f} vs {q['approximate']['test_knn_ppl']:.2f} (first "

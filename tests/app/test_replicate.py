@@ -127,6 +127,13 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     both = subprocess.run(cmd + ["--report", "--step", "ngram"], capture_output=True, text=True, env=env, timeout=60)
     assert both.returncode == 2 and "not allowed with argument --report" in both.stderr
 
+    # a done step's per-token file gone (as an older version left it): one line naming the fix, exit 1
+    saved = root / json.loads((root / "exact_vs_approximate.json").read_text())["files"]["logprobs"]
+    saved.rename(saved.with_suffix(".away"))
+    stale = subprocess.run(cmd + ["--report"], capture_output=True, text=True, env=env, timeout=300)
+    assert stale.returncode == 1 and stale.stderr.count("\n") == 1 and "run that step again" in stale.stderr
+    saved.with_suffix(".away").rename(saved)
+
     # one strong-LM experiment's step undone: the others are reported from the runs, it is carried; one
     # fraction of the Table 3 sweep undone: the sweep reports the fractions done and names the step left;
     # Table 1's evaluation undone: it is carried, and the sweep reads the LM trained on all from its JSON
@@ -220,14 +227,10 @@ def test_the_report_says_when_table1_was_retrained_beside_carried_sections():
 
 
 def test_an_exact_vs_approximate_result_without_its_per_token_file_names_the_fix(tmp_path):
-    sys.path[:0] = [os.path.join(ROOT, "benchmarks")]
-    try:
-        import replicate_checks
-    finally:
-        del sys.path[0]
+    _, replicate_report = benchmarks()
     older = dict(factory="IVF2048,PQ16", exact={}, approximate={})  # as the benchmark wrote it before saving them
     with pytest.raises(FileNotFoundError, match="no per-token file .*run that step again"):
-        replicate_checks.exact_vs_approximate(older)
-    gone = dict(older, files=dict(logprobs=str(tmp_path / "gone-tokens.npz")))
-    with pytest.raises(FileNotFoundError, match="gone-tokens.npz"):
-        replicate_checks.exact_vs_approximate(gone)
+        replicate_report.checks.exact_vs_approximate(str(tmp_path / "e.json"), older)
+    gone = dict(older, files=dict(logprobs="e-tokens.npz"))
+    with pytest.raises(FileNotFoundError, match="e-tokens.npz beside it"):
+        replicate_report.checks.exact_vs_approximate(str(tmp_path / "e.json"), gone)
