@@ -195,12 +195,13 @@ def stopped_peers(wait_s: float = 2.0) -> list[int]:
 
 
 def lost_peer(err: BaseException) -> str | None:
-    """If ``err`` is a collective that failed because a peer went away, which process stopped (in words)."""
-    if not _CURRENT.multi or not any(s in str(err) for s in _PEER_LOST):
+    """If ``err`` came from a peer going away, which process stopped (in words). The heartbeats decide:
+    the runtime's wording for a vanished peer varies with the call that meets it."""
+    if not _CURRENT.multi:
         return None
     stopped = stopped_peers()
     if not stopped:
-        return "a peer process stopped"
+        return "a peer process stopped" if any(s in str(err) for s in _PEER_LOST) else None
     names = [f"{p} (the coordinator)" if p == 0 else str(p) for p in stopped]  # the supervisor's wording
     return f"process{'es' if len(stopped) > 1 else ''} {', '.join(names)} stopped"
 
