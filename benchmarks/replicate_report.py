@@ -415,6 +415,7 @@ def experiments(root: str, steps, scale, doc_dir: str, results_dir: str) -> list
                                     ("wiki_lm", w_saved, "lm"), ("wiki_lm_domain_datastore", w_saved, "mixed"))},
                                 intervals=dict(wiki=checks.interval(w_saved["lm"], w_saved["mixed"]),
                                                in_domain=checks.interval(d_saved["lm"], d_saved["mixed"]),
+                                               worse=checks.interval(d_saved["lm"], w_saved["lm"]),
                                                trails=checks.interval(d_saved["lm"], w_saved["mixed"])))
             r = rows[domain]
             gaps = r["intervals"]
@@ -432,7 +433,7 @@ def experiments(root: str, steps, scale, doc_dir: str, results_dir: str) -> list
                      holds=r["wiki_lmbda"] > r["in_domain_lmbda"]),
                 dict(claim=f"the Wikipedia LM does much worse on {domain} than an in-domain LM (Table 4)",
                      paper="Books: 34.84 vs 11.89", ours=f"{r['wiki_lm']:.1f} vs {r['in_domain_lm']:.1f}",
-                     holds=r["wiki_lm"] > r["in_domain_lm"]),
+                     holds=r["wiki_lm"] > r["in_domain_lm"], interval=gaps["worse"]),
                 dict(claim=f"... and with the {domain} datastore it still trails the in-domain LM (Table 4)",
                      paper="Books: 20.47 vs 11.89", ours=f"{r['wiki_lm_domain_datastore']:.1f} vs "
                      f"{r['in_domain_lm']:.1f}", holds=r["wiki_lm_domain_datastore"] > r["in_domain_lm"],

@@ -96,6 +96,8 @@ def test_the_suite_runs_resumes_after_kill_9_and_reports(tmp_path):
     table5 = json.loads((results / "table5.json").read_text())["table"]
     worst = max(table5["rows"].values(), key=lambda r: r["knn"])  # the worst key type against the LM alone
     assert abs(table5["intervals"]["worst_vs_lm"]["change"] - (worst["knn"] / worst["base"] - 1)) < 1e-5
+    for r in json.loads((results / "table4.json").read_text())["table"].values():  # both LMs alone, same tokens
+        assert abs(r["intervals"]["worse"]["change"] - (r["wiki_lm"] / r["in_domain_lm"] - 1)) < 1e-5
     figure8 = json.loads((results / "figure8.json").read_text())["table"]
     assert abs(figure8["interval"]["change"] - (figure8["wiki_slice_datastore"] / figure8["memorise"]["test_ppl"] - 1)) < 1e-5
     assert figure8["memorised_train_loss"] > 0
