@@ -650,9 +650,10 @@ def markdown(exps, scale, results_dir: str, doc_dir: str) -> str:
             lines.append(f"Pending: steps {', '.join(e['pending'])} are not done yet (run the suite again).")
             continue
         if e.get("carried"):
+            one = len(e["carried"]) == 1
             lines += [f"Carried from `{rel}/{e['name']}.json` (written {e.get('written', 'by an earlier report')}): "
-                      f"its steps {', '.join(e['carried'])} are not done in this suite's root now (run them to "
-                      "measure it again).", ""]
+                      f"its step{'' if one else 's'} {', '.join(e['carried'])} {'is' if one else 'are'} not done in "
+                      f"this suite's root now (run {'it' if one else 'them'} to measure it again).", ""]
         lines += [e["setup"], ""] + e.get("md", [])
         if e.get("unfinished"):
             lines += ["", f"Still to run: steps {', '.join(e['unfinished'])} (run the suite again); the rows above "
