@@ -636,7 +636,10 @@ def markdown(exps, scale, results_dir: str, doc_dir: str) -> str:
     lines += ["", "Ours: λ and T tuned on valid (T is this project's choice); at T = 1: the paper's exp(−d), λ alone "
                   "tuned on valid. Intervals: the relative perplexity change between the two systems a claim compares, "
                   "on the same tokens, with a 95% paired bootstrap over blocks of 1,024 tokens (at least 30 blocks); a claim whose interval "
-                  "covers zero is *within noise*, and one that holds only at the tuned T says so."]
+                  "covers zero is *within noise*, and one that holds only at the tuned T says so. Perplexities: the "
+                  "word-level LMs' per word (their tokens are WikiText's words), SmolLM2's (rows marked with it) per "
+                  "token of its tokenizer; on test, except Figures 2 and 4, Table 5 and the k = 8 row, which read "
+                  "valid (each section below names its tokens)."]
     reasons = [c for e in exps for c in e.get("claims", []) if not c["holds"] and c.get("why")]
     if reasons:
         lines += ["", "Where a claim does not hold here, the likely reason:", ""]

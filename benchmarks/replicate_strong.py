@@ -107,7 +107,7 @@ def approximate(root: str, run: str, model: str, rows_of, load) -> dict:
     paired = checks.exact_vs_approximate(q_path, q)
     claims = [dict(claim=f"exact L2 beats FAISS's quantised distances at the paper's code precision ({q['factory']}; "
                          "Section 5)" + _tag(model), paper="16.06 vs 16.5 (valid)",
-                   ours=f"{q['exact']['test_knn_ppl']:.2f} vs {q['approximate']['test_knn_ppl']:.2f} (first "
+                   ours=f"{q['exact']['test_knn_ppl']:.2f} vs {q['approximate']['test_knn_ppl']:.2f} per token (first "
                         f"{q['tokens']['test']:,} test tokens)",
                    holds=q["exact"]["test_knn_ppl"] < q["approximate"]["test_knn_ppl"], interval=paired)]
     md = [f"At {q['factory']}, exact L2 against FAISS's distances on the same test tokens (each at its own λ and T "
